@@ -1,0 +1,3 @@
+#![deny(unsafe_code)]
+
+fn main() {}

@@ -1,0 +1,316 @@
+//! Link endpoints named by URL, and the streams they give.
+//!
+//! `unix:///path`, `tcp://127.0.0.1:port`, `vsock://CID:PORT` (`vsock://:PORT`
+//! listens on any CID), `fd://N` (an inherited, already-connected socket),
+//! `hvsock://VMGUID:PORT` and `npipe://./pipe/NAME` (Windows). Every kind
+//! dials or listens to the same [`LinkStream`], so the code above does not
+//! care how frames travel.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::sys;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+    /// `cid: None` means any CID (listen side).
+    Vsock { cid: Option<u32>, port: u32 },
+    Fd(i32),
+    HvSock { vm: String, port: u32 },
+    Npipe(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid endpoint {url:?}: {reason}")]
+pub struct EndpointError {
+    pub url: String,
+    pub reason: String,
+}
+
+impl FromStr for Endpoint {
+    type Err = EndpointError;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let err = |reason: &str| EndpointError { url: url.to_string(), reason: reason.to_string() };
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| err("expected SCHEME://…"))?;
+        match scheme {
+            "unix" => {
+                if rest.is_empty() {
+                    return Err(err("empty socket path"));
+                }
+                Ok(Endpoint::Unix(PathBuf::from(rest)))
+            }
+            "tcp" => rest.parse().map(Endpoint::Tcp).map_err(|_| err("expected tcp://IP:PORT")),
+            "vsock" => {
+                let (cid, port) = rest.rsplit_once(':').ok_or_else(|| err("expected vsock://CID:PORT"))?;
+                let port = port.parse().map_err(|_| err("bad vsock port"))?;
+                let cid = if cid.is_empty() || cid == "any" {
+                    None
+                } else {
+                    Some(cid.parse().map_err(|_| err("bad vsock CID"))?)
+                };
+                Ok(Endpoint::Vsock { cid, port })
+            }
+            "fd" => rest
+                .parse::<i32>()
+                .ok()
+                .filter(|fd| *fd >= 0)
+                .map(Endpoint::Fd)
+                .ok_or_else(|| err("expected fd://N")),
+            "hvsock" => {
+                let (vm, port) = rest.rsplit_once(':').ok_or_else(|| err("expected hvsock://VMGUID:PORT"))?;
+                let port = port.parse().map_err(|_| err("bad hvsock port"))?;
+                if vm.is_empty() {
+                    return Err(err("missing VM GUID"));
+                }
+                Ok(Endpoint::HvSock { vm: vm.to_string(), port })
+            }
+            "npipe" => {
+                if rest.is_empty() {
+                    return Err(err("empty pipe name"));
+                }
+                Ok(Endpoint::Npipe(rest.to_string()))
+            }
+            _ => Err(err("unknown scheme (unix, tcp, vsock, fd, hvsock, npipe)")),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
+            Endpoint::Vsock { cid: Some(c), port } => write!(f, "vsock://{c}:{port}"),
+            Endpoint::Vsock { cid: None, port } => write!(f, "vsock://:{port}"),
+            Endpoint::Fd(n) => write!(f, "fd://{n}"),
+            Endpoint::HvSock { vm, port } => write!(f, "hvsock://{vm}:{port}"),
+            Endpoint::Npipe(n) => write!(f, "npipe://{n}"),
+        }
+    }
+}
+
+/// A connected byte stream, whatever the endpoint kind.
+pub enum LinkStream {
+    Tcp(tokio::net::TcpStream),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+    Sys(sys::SysStream),
+}
+
+impl fmt::Debug for LinkStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkStream::Tcp(_) => f.write_str("LinkStream::Tcp"),
+            #[cfg(unix)]
+            LinkStream::Unix(_) => f.write_str("LinkStream::Unix"),
+            LinkStream::Sys(_) => f.write_str("LinkStream::Sys"),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            LinkStream::Tcp($s) => $e,
+            #[cfg(unix)]
+            LinkStream::Unix($s) => $e,
+            LinkStream::Sys($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for LinkStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for LinkStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            LinkStream::Tcp(s) => s.is_write_vectored(),
+            #[cfg(unix)]
+            LinkStream::Unix(s) => s.is_write_vectored(),
+            LinkStream::Sys(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// Connects to `ep`. `fd://N` takes ownership of that inherited descriptor.
+pub async fn dial(ep: &Endpoint) -> io::Result<LinkStream> {
+    match ep {
+        Endpoint::Tcp(addr) => {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            Ok(LinkStream::Tcp(s))
+        }
+        #[cfg(unix)]
+        Endpoint::Unix(path) => Ok(LinkStream::Unix(tokio::net::UnixStream::connect(path).await?)),
+        other => sys::dial(other).await.map(LinkStream::Sys),
+    }
+}
+
+/// A listening endpoint.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    #[cfg(unix)]
+    Unix { listener: tokio::net::UnixListener, path: PathBuf },
+    Sys(sys::SysListener),
+}
+
+impl Listener {
+    pub async fn accept(&self) -> io::Result<(LinkStream, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok((LinkStream::Tcp(s), format!("tcp://{peer}")))
+            }
+            #[cfg(unix)]
+            Listener::Unix { listener, path } => {
+                let (s, _) = listener.accept().await?;
+                Ok((LinkStream::Unix(s), format!("unix://{}", path.display())))
+            }
+            Listener::Sys(l) => l.accept().await,
+        }
+    }
+}
+
+#[cfg(unix)]
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Listens on `ep`. A stale unix socket file is replaced; the file is
+/// removed again when the listener is dropped.
+pub async fn listen(ep: &Endpoint) -> io::Result<Listener> {
+    match ep {
+        Endpoint::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
+        #[cfg(unix)]
+        Endpoint::Unix(path) => {
+            remove_stale_socket(path)?;
+            let listener = tokio::net::UnixListener::bind(path)?;
+            Ok(Listener::Unix { listener, path: path.clone() })
+        }
+        Endpoint::Fd(_) => Err(io::Error::new(io::ErrorKind::InvalidInput, "cannot listen on fd://")),
+        other => sys::listen(other).await.map(Listener::Sys),
+    }
+}
+
+/// Removes `path` if it is a socket nobody answers on; refuses to remove
+/// anything else, so a typo cannot delete a regular file.
+#[cfg(unix)]
+pub fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by another process", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)
+        }
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        for url in [
+            "unix:///run/x.sock",
+            "tcp://127.0.0.1:1234",
+            "tcp://[::1]:80",
+            "vsock://2:6656",
+            "vsock://:6669",
+            "fd://3",
+            "hvsock://00000000-0000-0000-0000-000000000000:6656",
+            "npipe://./pipe/x",
+        ] {
+            let ep: Endpoint = url.parse().unwrap();
+            assert_eq!(ep.to_string(), url);
+        }
+        assert_eq!("vsock://:6669".parse::<Endpoint>().unwrap(), Endpoint::Vsock { cid: None, port: 6669 });
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for url in ["", "unix://", "tcp://localhost", "vsock://2", "fd://-1", "fd://x", "http://x", "/path"] {
+            assert!(url.parse::<Endpoint>().is_err(), "{url}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn unix_listen_dial_and_stale_file() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("rdnet-ep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        // A stale socket file from a dead process.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let ep = Endpoint::Unix(path.clone());
+        let l = listen(&ep).await.unwrap();
+        let (mut a, b) = tokio::join!(dial(&ep), l.accept());
+        let (mut b, _) = b.unwrap();
+        a.as_mut().unwrap().write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        b.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        // A second listener must not steal a live socket.
+        assert!(listen(&ep).await.is_err());
+        drop(l);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn regular_file_is_not_replaced() {
+        let path = std::env::temp_dir().join(format!("rdnet-ep-file-{}", std::process::id()));
+        std::fs::write(&path, "keep").unwrap();
+        assert!(remove_stale_socket(&path).is_err());
+        assert!(path.exists());
+        let _ = std::fs::remove_file(&path);
+    }
+}

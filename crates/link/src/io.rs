@@ -1,0 +1,164 @@
+//! Async frame reading and writing over any byte stream.
+//!
+//! The reader pulls as many bytes as one `read` gives (up to its buffer) and
+//! hands out every complete frame in them before reading again, so a busy
+//! link costs one syscall per batch, not per frame. The writer collects
+//! prefix and frame into one buffer so a batch leaves in one `write`.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::codec::{Decoder, FrameError, Framing, encode_frame};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("link I/O failed")]
+    Io(#[from] io::Error),
+    #[error("framing error")]
+    Frame(#[from] FrameError),
+    #[error("link closed in the middle of a frame")]
+    Truncated,
+}
+
+pub struct FrameReader<R> {
+    inner: R,
+    decoder: Decoder,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R, decoder: Decoder) -> Self {
+        // Room for a maximal frame plus a good batch of small ones.
+        let cap = (decoder.max_frame() + 8).max(64 * 1024) * 2;
+        FrameReader { inner, decoder, buf: vec![0; cap].into_boxed_slice(), start: 0, end: 0 }
+    }
+
+    /// True if a complete frame is already buffered (no read needed).
+    pub fn has_buffered_frame(&self) -> bool {
+        matches!(self.decoder.decode(&self.buf[self.start..self.end]), Ok(Some(_)) | Err(_))
+    }
+
+    /// The next frame; `Ok(None)` on a clean end of stream.
+    pub async fn next_frame(&mut self) -> Result<Option<&[u8]>, LinkError> {
+        loop {
+            let found = self.decoder.decode(&self.buf[self.start..self.end])?.map(|(f, used)| (f.len(), used));
+            if let Some((len, used)) = found {
+                let frame_start = self.start + used - len;
+                self.start += used;
+                return Ok(Some(&self.buf[frame_start..frame_start + len]));
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            } else if self.end == self.buf.len() {
+                // Make room: keep the partial frame at the front.
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = self.inner.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                return if self.start == self.end { Ok(None) } else { Err(LinkError::Truncated) };
+            }
+            self.end += n;
+        }
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+pub struct FrameWriter<W> {
+    inner: W,
+    framing: Framing,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(inner: W, framing: Framing) -> Self {
+        FrameWriter { inner, framing, buf: Vec::with_capacity(128 * 1024) }
+    }
+
+    /// Queues one frame; nothing is written until [`flush`](Self::flush).
+    pub fn push(&mut self, frame: &[u8]) -> Result<(), FrameError> {
+        encode_frame(self.framing, frame, &mut self.buf)
+    }
+
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.inner.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    pub async fn send(&mut self, frame: &[u8]) -> Result<(), LinkError> {
+        self.push(frame)?;
+        self.flush().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn many_frames_through_a_pipe() {
+        let (a, b) = tokio::io::duplex(4096);
+        let writer = tokio::spawn(async move {
+            let mut w = FrameWriter::new(a, Framing::U16Le);
+            for i in 0..1000u32 {
+                let len = 1 + (i as usize * 37) % 1514;
+                w.push(&vec![i as u8; len]).unwrap();
+                if i % 7 == 0 {
+                    w.flush().await.unwrap();
+                }
+            }
+            w.flush().await.unwrap();
+        });
+        let mut r = FrameReader::new(b, Decoder::new(Framing::U16Le, 1514));
+        for i in 0..1000u32 {
+            let f = r.next_frame().await.unwrap().unwrap();
+            assert_eq!(f.len(), 1 + (i as usize * 37) % 1514);
+            assert!(f.iter().all(|b| *b == i as u8));
+        }
+        writer.await.unwrap();
+        assert!(r.next_frame().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn maximal_frames_fit() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut w = FrameWriter::new(a, Framing::U16Le);
+        for _ in 0..5 {
+            w.push(&[1u8; 65535]).unwrap();
+        }
+        let t = tokio::spawn(async move {
+            w.flush().await.unwrap();
+        });
+        let mut r = FrameReader::new(b, Decoder::new(Framing::U16Le, 65535));
+        for _ in 0..5 {
+            assert_eq!(r.next_frame().await.unwrap().unwrap().len(), 65535);
+        }
+        t.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_prefix_and_truncation_are_errors() {
+        let mut r = FrameReader::new(&[0u8, 0, 1, 2][..], Decoder::new(Framing::U16Le, 1514));
+        assert!(matches!(r.next_frame().await, Err(LinkError::Frame(FrameError::Empty))));
+        let mut r = FrameReader::new(&[0xffu8, 0x7f][..], Decoder::new(Framing::U16Le, 1514));
+        assert!(matches!(r.next_frame().await, Err(LinkError::Frame(FrameError::TooLong { .. }))));
+        let mut r = FrameReader::new(&[10u8, 0, 1, 2][..], Decoder::new(Framing::U16Le, 1514));
+        assert!(matches!(r.next_frame().await, Err(LinkError::Truncated)));
+    }
+}

@@ -1,0 +1,13 @@
+//! How frames travel between vm-switch and host-switch: codecs, endpoints
+//! by URL, async frame I/O, and (later) the vsock handshake.
+#![deny(unsafe_code)]
+
+pub mod codec;
+pub mod endpoint;
+pub mod io;
+#[allow(unsafe_code)]
+pub mod sys;
+
+pub use codec::{Decoder, FrameError, Framing, MAX_U16_FRAME, encode_frame};
+pub use endpoint::{Endpoint, EndpointError, LinkStream, Listener, dial, listen};
+pub use io::{FrameReader, FrameWriter, LinkError};

@@ -1,0 +1,284 @@
+//! End-to-end test worlds (TESTING.md).
+//!
+//! A test builds its own namespaces, links, files and processes through the
+//! guards here; each guard undoes its part on drop, also when the test
+//! panics. Processes are ended by PID (SIGTERM, then SIGKILL), namespaces are
+//! emptied by PID before deletion, and names carry the test process's PID and
+//! a counter so tests can run in parallel.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// True when the test may run. Outside CI a missing privilege skips with one
+/// line; in CI (`CI=true`) it fails, so a broken runner cannot pass silently.
+pub fn privileged() -> bool {
+    // SAFETY-free check: effective uid via /proc avoids libc here.
+    let root = unsafe_free_euid() == Some(0);
+    let tun = Path::new("/dev/net/tun").exists();
+    let ip = Command::new("ip").arg("-V").output().is_ok();
+    if root && tun && ip {
+        return true;
+    }
+    let why = format!("needs root, /dev/net/tun and iproute2 (root={root}, tun={tun}, ip={ip})");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("end-to-end test cannot run in CI: {why}");
+    }
+    eprintln!("skipping end-to-end test: {why}");
+    false
+}
+
+fn unsafe_free_euid() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// A name unique to this test process: `prefix` + pid + counter. Kept short
+/// enough (≤ 15 bytes for short prefixes) to serve as an interface name.
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// Path of a workspace binary built by `cargo build --bins` next to the
+/// test executable (`target/<profile>/NAME`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --bins` before the tests", path.display());
+    path
+}
+
+/// Runs a command to completion and fails the test if it fails.
+pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{program} {:?} failed: {}\n{}",
+            args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(&format!("rdnet-{prefix}-")));
+        fs::create_dir_all(&path).expect("create temp dir");
+        TempDir { path }
+    }
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A network namespace with only `lo` (up), its own resolv.conf, deleted on
+/// drop after every process left in it has been ended by PID.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        // Its own resolv.conf, so `ip netns exec` never shows the machine's.
+        let etc = Path::new("/etc/netns").join(&name);
+        fs::create_dir_all(&etc).expect("create /etc/netns dir");
+        fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").expect("write netns resolv.conf");
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec_ok("ip", &["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command line prefixed with `ip netns exec NAME`.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    pub fn exec<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Output {
+        self.command(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"))
+    }
+
+    /// Like [`exec`](Self::exec) but fails the test on a non-zero exit.
+    pub fn exec_ok<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Output {
+        let out = self.exec(program, args);
+        assert!(
+            out.status.success(),
+            "in {}: {program} {:?} failed: {}\nstdout: {}\nstderr: {}",
+            self.name,
+            args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Standard output of a successful command, as text.
+    pub fn stdout<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> String {
+        String::from_utf8_lossy(&self.exec_ok(program, args).stdout).into_owned()
+    }
+
+    /// Starts a long-running process in this namespace.
+    pub fn spawn<S: AsRef<OsStr>>(&self, logs: &TempDir, program: impl AsRef<OsStr>, args: &[S]) -> Proc {
+        Proc::spawn(logs, self.command(program).args(args))
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            kill_pid(pid, "TERM");
+        }
+        wait_until(Duration::from_secs(3), || self.pids().is_empty());
+        for pid in self.pids() {
+            kill_pid(pid, "KILL");
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
+    }
+}
+
+fn kill_pid(pid: i32, signal: &str) {
+    let _ = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+}
+
+/// A child process ended (SIGTERM, then SIGKILL) by PID on drop. Its output
+/// goes to files under the test's temp dir and is printed when a test fails
+/// via [`Proc::logs`].
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    out_path: PathBuf,
+    err_path: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(logs: &TempDir, cmd: &mut Command) -> Proc {
+        let name = unique("proc");
+        let out_path = logs.join(format!("{name}.out"));
+        let err_path = logs.join(format!("{name}.err"));
+        let out = fs::File::create(&out_path).expect("create log");
+        let err = fs::File::create(&err_path).expect("create log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Proc { child, name: format!("{cmd:?}"), out_path, err_path }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything the process printed so far.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in [&self.out_path, &self.err_path] {
+            if let Ok(mut f) = fs::File::open(p) {
+                let _ = f.read_to_string(&mut s);
+            }
+        }
+        s
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        kill_pid(self.pid(), "TERM");
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.try_wait();
+            status.is_some()
+        });
+        status
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() && self.terminate(Duration::from_secs(3)).is_none() {
+            kill_pid(self.pid(), "KILL");
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- output of {} ---\n{}", self.name, self.logs());
+        }
+    }
+}
+
+/// A veth pair `a` (in `ns_a`) ↔ `b` (in `ns_b`), addressed and up. Deleting
+/// the namespaces deletes it; no separate guard is needed.
+pub fn veth(ns_a: &Netns, a: &str, addr_a: &str, ns_b: &Netns, b: &str, addr_b: &str) {
+    run("ip", &["link", "add", a, "netns", &ns_a.name, "type", "veth", "peer", "name", b, "netns", &ns_b.name]);
+    ns_a.exec_ok("ip", &["addr", "add", addr_a, "dev", a]);
+    ns_a.exec_ok("ip", &["link", "set", a, "up"]);
+    ns_b.exec_ok("ip", &["addr", "add", addr_b, "dev", b]);
+    ns_b.exec_ok("ip", &["link", "set", b, "up"]);
+}
+
+/// True once something accepts TCP connections on `addr` in the caller's
+/// namespace.
+pub fn tcp_ready(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// True once a unix socket file exists at `path`.
+pub fn socket_exists(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
