@@ -1,1 +1,16 @@
+//! The virtual network: switch, gateway services (ARP, ICMP, DHCP, DNS),
+//! NAT flow tables, port forwarding and the API. The core is sans-I/O and
+//! clock-free: frames in, frames out, `now` passed in.
 #![deny(unsafe_code)]
+
+pub mod config;
+pub mod dhcp_server;
+pub mod frame;
+pub mod network;
+pub mod ratelimit;
+pub mod stats;
+pub mod switch;
+
+pub use config::{ConfigError, NetConfig};
+pub use network::{FrameSink, Network, Upcall};
+pub use switch::PortId;

@@ -1,0 +1,554 @@
+//! The virtual network's core: the switch plus the gateway's own services.
+//!
+//! How this works: [`Network::handle_frame`] takes one frame from a VM port.
+//! The switch learns its source and forwards it (to one port, or floods a
+//! broadcast to all others). Frames for the gateway's MAC, and broadcasts,
+//! are also looked at by the gateway, which answers ARP (for itself and the
+//! host alias), ICMP echo to itself and DHCP directly from the parsed frame.
+//! Any other IPv4 packet for the gateway's MAC is handed back to the caller
+//! as an [`Upcall`] for the NAT, DNS and API layers. Everything the gateway
+//! sends goes through the same switch delivery. No I/O and no clock: frames
+//! leave through a [`FrameSink`], and `now` is a parameter.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Instant;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, Icmpv4Packet, Icmpv4Repr,
+    IpProtocol, Ipv4Packet, Ipv4Repr,
+};
+
+use crate::config::NetConfig;
+use crate::dhcp_server::{self, DhcpServer};
+use crate::frame::{self, ETH_HEADER};
+use crate::ratelimit::LogLimiter;
+use crate::stats::Stats;
+use crate::switch::{Learn, PortId, Switch};
+
+/// Where the network's outgoing frames go (one VM connection each).
+pub trait FrameSink {
+    fn send(&mut self, port: PortId, frame: &[u8]);
+}
+
+impl FrameSink for Vec<(PortId, Vec<u8>)> {
+    fn send(&mut self, port: PortId, frame: &[u8]) {
+        self.push((port, frame.to_vec()));
+    }
+}
+
+/// What the core could not finish by itself.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Upcall<'a> {
+    None,
+    /// A valid IPv4 packet routed to the gateway that is not ARP, DHCP or a
+    /// ping of the gateway: for NAT, DNS, the API.
+    Ipv4 {
+        src_mac: EthernetAddress,
+        header: Ipv4Repr,
+        packet: &'a [u8],
+    },
+}
+
+/// Remembered guest addresses (IP → MAC), bounded.
+const MAX_NEIGHBORS: usize = 4096;
+
+pub struct Network {
+    pub cfg: NetConfig,
+    pub switch: Switch,
+    pub dhcp: DhcpServer,
+    pub stats: Stats,
+    neighbors: HashMap<Ipv4Addr, EthernetAddress>,
+    logs: LogLimiter,
+    scratch: Vec<u8>,
+}
+
+impl Network {
+    pub fn new(cfg: NetConfig) -> Self {
+        let dhcp = DhcpServer::new(&cfg);
+        Network {
+            cfg,
+            switch: Switch::new(),
+            dhcp,
+            stats: Stats::default(),
+            neighbors: HashMap::new(),
+            logs: LogLimiter::default(),
+            scratch: Vec::with_capacity(2048),
+        }
+    }
+
+    pub fn add_port(&mut self) -> PortId {
+        self.switch.add_port()
+    }
+
+    pub fn remove_port(&mut self, port: PortId) {
+        self.switch.remove_port(port);
+    }
+
+    /// The guest MAC for an address in the subnet, if known.
+    pub fn neighbor(&self, ip: Ipv4Addr) -> Option<EthernetAddress> {
+        self.neighbors.get(&ip).copied()
+    }
+
+    /// Handles one frame received on `from`.
+    pub fn handle_frame<'a>(
+        &mut self,
+        from: PortId,
+        frame: &'a [u8],
+        now: Instant,
+        out: &mut impl FrameSink,
+    ) -> Upcall<'a> {
+        self.stats.frames_in += 1;
+        self.stats.bytes_in += frame.len() as u64;
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            self.stats.drops.malformed += 1;
+            return Upcall::None;
+        };
+        let (src, dst) = (eth.src_addr(), eth.dst_addr());
+        match self.switch.learn(src, from) {
+            Learn::Refused => {
+                self.stats.drops.mac_table_full += 1;
+                crate::limited_warn!(self.logs, now, "mac-table", port = from, mac = %src, "port has too many MAC addresses; not learning more");
+            }
+            Learn::Moved(old) => tracing::debug!(mac = %src, old, new = from, "MAC moved to another port"),
+            _ => {}
+        }
+        let for_gateway = if dst == self.cfg.gateway_mac {
+            true
+        } else if dst.is_broadcast() || dst.is_multicast() {
+            self.flood(Some(from), frame, out);
+            true
+        } else {
+            match self.switch.lookup(&dst) {
+                Some(port) if port != from => self.emit(port, frame, out),
+                Some(_) => {}
+                None => self.stats.drops.unknown_unicast += 1,
+            }
+            false
+        };
+        if !for_gateway {
+            return Upcall::None;
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Arp => {
+                self.handle_arp(&frame[ETH_HEADER..], now, out);
+                Upcall::None
+            }
+            EthernetProtocol::Ipv4 => {
+                self.handle_ipv4(src, dst == self.cfg.gateway_mac, &frame[ETH_HEADER..], now, out)
+            }
+            _ => {
+                if dst == self.cfg.gateway_mac {
+                    self.stats.drops.unsupported_protocol += 1;
+                }
+                Upcall::None
+            }
+        }
+    }
+
+    fn handle_arp(&mut self, payload: &[u8], now: Instant, out: &mut impl FrameSink) {
+        let Ok(pkt) = ArpPacket::new_checked(payload) else {
+            self.stats.drops.malformed += 1;
+            return;
+        };
+        let Ok(ArpRepr::EthernetIpv4 {
+            operation,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        }) = ArpRepr::parse(&pkt)
+        else {
+            self.stats.drops.malformed += 1;
+            return;
+        };
+        self.remember(source_protocol_addr, source_hardware_addr);
+        if operation != ArpOperation::Request || !self.cfg.is_gateway_owned(target_protocol_addr) {
+            return;
+        }
+        let reply = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: self.cfg.gateway_mac,
+            source_protocol_addr: target_protocol_addr,
+            target_hardware_addr: source_hardware_addr,
+            target_protocol_addr: source_protocol_addr,
+        };
+        let mut buf = std::mem::take(&mut self.scratch);
+        frame::ethernet(
+            &mut buf,
+            self.cfg.gateway_mac,
+            source_hardware_addr,
+            EthernetProtocol::Arp,
+            reply.buffer_len(),
+            |b| reply.emit(&mut ArpPacket::new_unchecked(b)),
+        );
+        self.stats.arp_replies += 1;
+        self.deliver(&buf, now, out);
+        self.scratch = buf;
+    }
+
+    fn handle_ipv4<'a>(
+        &mut self,
+        src_mac: EthernetAddress,
+        unicast_to_gateway: bool,
+        packet: &'a [u8],
+        now: Instant,
+        out: &mut impl FrameSink,
+    ) -> Upcall<'a> {
+        let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+            self.stats.drops.malformed += 1;
+            return Upcall::None;
+        };
+        let Ok(header) = Ipv4Repr::parse(&ip, &ChecksumCapabilities::default()) else {
+            self.stats.drops.malformed += 1;
+            return Upcall::None;
+        };
+        if ip.more_frags() || ip.frag_offset() != 0 {
+            self.stats.drops.unsupported_protocol += 1;
+            crate::limited_warn!(self.logs, now, "ipv4-fragment", src = %header.src_addr, "dropping IPv4 fragment");
+            return Upcall::None;
+        }
+        let hl = ip.header_len() as usize;
+        let Some(packet) = packet.get(..hl + header.payload_len) else {
+            self.stats.drops.malformed += 1;
+            return Upcall::None;
+        };
+        self.remember(header.src_addr, src_mac);
+        let to_gateway = header.dst_addr == self.cfg.gateway_ip;
+        let broadcast = header.dst_addr == Ipv4Addr::BROADCAST || header.dst_addr == self.cfg.broadcast();
+        if header.next_header == IpProtocol::Udp
+            && (to_gateway || broadcast)
+            && let Some((_, dst, data)) = frame::parse_udp_ip(packet)
+            && dst.port() == dhcp_server::SERVER_PORT
+        {
+            self.handle_dhcp(data, now, out);
+            return Upcall::None;
+        }
+        if !unicast_to_gateway || broadcast || header.dst_addr.is_multicast() {
+            return Upcall::None;
+        }
+        if to_gateway && header.next_header == IpProtocol::Icmp {
+            self.answer_ping(src_mac, &header, &packet[hl..], now, out);
+            return Upcall::None;
+        }
+        Upcall::Ipv4 { src_mac, header, packet }
+    }
+
+    fn answer_ping(
+        &mut self,
+        dst_mac: EthernetAddress,
+        req: &Ipv4Repr,
+        icmp: &[u8],
+        now: Instant,
+        out: &mut impl FrameSink,
+    ) {
+        let Ok(pkt) = Icmpv4Packet::new_checked(icmp) else {
+            self.stats.drops.malformed += 1;
+            return;
+        };
+        let Ok(Icmpv4Repr::EchoRequest { ident, seq_no, data }) =
+            Icmpv4Repr::parse(&pkt, &ChecksumCapabilities::default())
+        else {
+            return;
+        };
+        let reply = Icmpv4Repr::EchoReply { ident, seq_no, data };
+        let ip = Ipv4Repr {
+            src_addr: req.dst_addr,
+            dst_addr: req.src_addr,
+            next_header: IpProtocol::Icmp,
+            payload_len: reply.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = std::mem::take(&mut self.scratch);
+        frame::ipv4(&mut buf, self.cfg.gateway_mac, dst_mac, &ip, |b| {
+            reply.emit(&mut Icmpv4Packet::new_unchecked(b), &ChecksumCapabilities::default())
+        });
+        self.stats.icmp_replies += 1;
+        self.deliver(&buf, now, out);
+        self.scratch = buf;
+    }
+
+    fn handle_dhcp(&mut self, data: &[u8], now: Instant, out: &mut impl FrameSink) {
+        let reply = match self.dhcp.handle(data, now) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                self.stats.drops.dhcp_invalid += 1;
+                crate::limited_warn!(self.logs, now, "dhcp-invalid", error = %e, "ignoring DHCP message");
+                return;
+            }
+        };
+        if reply.payload.is_empty() {
+            return;
+        }
+        if !reply.dst_ip.is_broadcast() && !reply.dst_ip.is_unspecified() {
+            self.remember(reply.dst_ip, reply.dst_mac);
+        }
+        tracing::debug!(kind = ?reply.kind, ip = %reply.dst_ip, mac = %reply.dst_mac, "DHCP reply");
+        let mut buf = std::mem::take(&mut self.scratch);
+        frame::udp(
+            &mut buf,
+            self.cfg.gateway_mac,
+            reply.dst_mac,
+            SocketAddrV4::new(self.cfg.gateway_ip, dhcp_server::SERVER_PORT),
+            SocketAddrV4::new(reply.dst_ip, dhcp_server::CLIENT_PORT),
+            &reply.payload,
+        );
+        self.stats.dhcp_replies += 1;
+        self.deliver(&buf, now, out);
+        self.scratch = buf;
+    }
+
+    fn remember(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        if !mac.is_unicast() || !self.cfg.subnet.contains(&ip) || self.cfg.is_gateway_owned(ip) {
+            return;
+        }
+        if self.neighbors.len() >= MAX_NEIGHBORS && !self.neighbors.contains_key(&ip) {
+            return;
+        }
+        self.neighbors.insert(ip, mac);
+    }
+
+    /// Sends a frame the gateway built: to its destination MAC's port, or to
+    /// every port for a broadcast.
+    pub fn deliver(&mut self, frame: &[u8], _now: Instant, out: &mut impl FrameSink) {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return;
+        };
+        let dst = eth.dst_addr();
+        if dst.is_broadcast() || dst.is_multicast() {
+            self.flood(None, frame, out);
+        } else if let Some(port) = self.switch.lookup(&dst) {
+            self.emit(port, frame, out);
+        } else {
+            self.stats.drops.unknown_unicast += 1;
+        }
+    }
+
+    /// Sends a UDP datagram from `src` to a guest address.
+    pub fn send_udp_to_guest(
+        &mut self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: &[u8],
+        now: Instant,
+        out: &mut impl FrameSink,
+    ) -> bool {
+        let Some(mac) = self.neighbor(*dst.ip()) else {
+            self.stats.drops.unknown_unicast += 1;
+            return false;
+        };
+        let mut buf = std::mem::take(&mut self.scratch);
+        frame::udp(&mut buf, self.cfg.gateway_mac, mac, src, dst, payload);
+        self.deliver(&buf, now, out);
+        self.scratch = buf;
+        true
+    }
+
+    /// Sends a complete IPv4 packet (built by a TCP stack, say) to the guest
+    /// that owns its destination address.
+    pub fn send_ipv4_to_guest(&mut self, packet: &[u8], now: Instant, out: &mut impl FrameSink) -> bool {
+        let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+            return false;
+        };
+        let Some(mac) = self.neighbor(ip.dst_addr()) else {
+            self.stats.drops.unknown_unicast += 1;
+            return false;
+        };
+        let mut buf = std::mem::take(&mut self.scratch);
+        frame::ethernet(&mut buf, self.cfg.gateway_mac, mac, EthernetProtocol::Ipv4, packet.len(), |b| {
+            b.copy_from_slice(packet)
+        });
+        self.deliver(&buf, now, out);
+        self.scratch = buf;
+        true
+    }
+
+    fn flood(&mut self, except: Option<PortId>, frame: &[u8], out: &mut impl FrameSink) {
+        // Ports are few; collecting avoids borrowing the switch while emitting.
+        let ports: Vec<PortId> = self.switch.ports().filter(|p| Some(*p) != except).collect();
+        for port in ports {
+            self.emit(port, frame, out);
+        }
+    }
+
+    fn emit(&mut self, port: PortId, frame: &[u8], out: &mut impl FrameSink) {
+        self.stats.frames_out += 1;
+        self.stats.bytes_out += frame.len() as u64;
+        out.send(port, frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEVICE_MAC;
+    use dhcproto::v4::{DhcpOption, MessageType};
+
+    const GUEST2: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x22]);
+
+    fn net() -> Network {
+        Network::new(NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap())
+    }
+
+    fn arp_request(src_mac: EthernetAddress, src_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+        let repr = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: src_mac,
+            source_protocol_addr: src_ip,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: target,
+        };
+        let mut buf = Vec::new();
+        frame::ethernet(&mut buf, src_mac, EthernetAddress::BROADCAST, EthernetProtocol::Arp, repr.buffer_len(), |b| {
+            repr.emit(&mut ArpPacket::new_unchecked(b))
+        });
+        buf
+    }
+
+    #[test]
+    fn arp_for_gateway_and_host_alias_only() {
+        let mut n = net();
+        let p1 = n.add_port();
+        let p2 = n.add_port();
+        let now = Instant::now();
+        for (target, answered) in [
+            (Ipv4Addr::new(192, 168, 127, 1), true),
+            (Ipv4Addr::new(192, 168, 127, 254), true),
+            (Ipv4Addr::new(192, 168, 127, 9), false),
+        ] {
+            let mut out = Vec::new();
+            n.handle_frame(p1, &arp_request(DEVICE_MAC, Ipv4Addr::new(192, 168, 127, 2), target), now, &mut out);
+            // The broadcast request is flooded to the other port.
+            assert!(out.iter().any(|(p, _)| *p == p2));
+            let replies: Vec<_> = out.iter().filter(|(p, _)| *p == p1).collect();
+            assert_eq!(replies.len(), answered as usize, "{target}");
+            if answered {
+                let eth = EthernetFrame::new_checked(&replies[0].1[..]).unwrap();
+                assert_eq!(eth.dst_addr(), DEVICE_MAC);
+                let ArpRepr::EthernetIpv4 { operation, source_hardware_addr, source_protocol_addr, .. } =
+                    ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).unwrap()).unwrap()
+                else {
+                    panic!()
+                };
+                assert_eq!(operation, ArpOperation::Reply);
+                assert_eq!(source_hardware_addr, n.cfg.gateway_mac);
+                assert_eq!(source_protocol_addr, target);
+            }
+        }
+    }
+
+    #[test]
+    fn ping_gateway_keeps_ident_and_seq() {
+        let mut n = net();
+        let p = n.add_port();
+        let req = Icmpv4Repr::EchoRequest { ident: 0x1234, seq_no: 7, data: b"payload" };
+        let ip = Ipv4Repr {
+            src_addr: Ipv4Addr::new(192, 168, 127, 2),
+            dst_addr: Ipv4Addr::new(192, 168, 127, 1),
+            next_header: IpProtocol::Icmp,
+            payload_len: req.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut f = Vec::new();
+        frame::ipv4(&mut f, DEVICE_MAC, n.cfg.gateway_mac, &ip, |b| {
+            req.emit(&mut Icmpv4Packet::new_unchecked(b), &ChecksumCapabilities::default())
+        });
+        let mut out = Vec::new();
+        assert_eq!(n.handle_frame(p, &f, Instant::now(), &mut out), Upcall::None);
+        assert_eq!(out.len(), 1);
+        let eth = EthernetFrame::new_checked(&out[0].1[..]).unwrap();
+        let ipp = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!(ipp.src_addr(), Ipv4Addr::new(192, 168, 127, 1));
+        let icmp = Icmpv4Packet::new_checked(ipp.payload()).unwrap();
+        assert_eq!(
+            Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).unwrap(),
+            Icmpv4Repr::EchoReply { ident: 0x1234, seq_no: 7, data: b"payload" }
+        );
+    }
+
+    #[test]
+    fn unicast_between_ports_and_unknown_dropped() {
+        let mut n = net();
+        let p1 = n.add_port();
+        let p2 = n.add_port();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        n.handle_frame(
+            p2,
+            &arp_request(GUEST2, Ipv4Addr::new(192, 168, 127, 3), Ipv4Addr::new(192, 168, 127, 2)),
+            now,
+            &mut out,
+        );
+        out.clear();
+        let mut f = Vec::new();
+        frame::ethernet(&mut f, DEVICE_MAC, GUEST2, EthernetProtocol::Ipv4, 20, |_| {});
+        n.handle_frame(p1, &f, now, &mut out);
+        assert_eq!(out.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![p2]);
+        out.clear();
+        frame::ethernet(&mut f, DEVICE_MAC, EthernetAddress([2, 7, 7, 7, 7, 7]), EthernetProtocol::Ipv4, 20, |_| {});
+        n.handle_frame(p1, &f, now, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(n.stats.drops.unknown_unicast, 1);
+        // After the port goes, its MACs are forgotten.
+        n.remove_port(p2);
+        frame::ethernet(&mut f, DEVICE_MAC, GUEST2, EthernetProtocol::Ipv4, 20, |_| {});
+        n.handle_frame(p1, &f, now, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn dhcp_over_frames() {
+        let mut n = net();
+        let p = n.add_port();
+        let msg = dhcp_server::client_message(
+            GUEST2,
+            MessageType::Discover,
+            9,
+            vec![DhcpOption::ParameterRequestList(vec![])],
+        );
+        let mut f = Vec::new();
+        frame::udp(
+            &mut f,
+            GUEST2,
+            EthernetAddress::BROADCAST,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
+            &msg,
+        );
+        let mut out = Vec::new();
+        n.handle_frame(p, &f, Instant::now(), &mut out);
+        assert_eq!(out.len(), 1);
+        let (mac, src, dst, _) = frame::parse_udp(&out[0].1).unwrap();
+        assert_eq!(mac, n.cfg.gateway_mac);
+        assert_eq!(src, SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 1), 67));
+        assert_eq!(dst, SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 3), 68));
+        assert_eq!(n.stats.dhcp_replies, 1);
+    }
+
+    #[test]
+    fn noise_never_panics() {
+        let mut n = net();
+        let p = n.add_port();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut f = Vec::new();
+        for i in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 200) as usize;
+            f.clear();
+            f.extend((0..len).map(|j| (x >> (j % 8 * 8)) as u8));
+            // Steer some frames at the gateway with plausible ethertypes.
+            if f.len() >= 14 && i % 2 == 0 {
+                f[..6].copy_from_slice(&n.cfg.gateway_mac.0);
+                f[12..14].copy_from_slice(if i % 4 == 0 { &[0x08, 0x00] } else { &[0x08, 0x06] });
+            }
+            let _ = n.handle_frame(p, &f, now, &mut out);
+            out.clear();
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Counters for `/stats`: traffic each way, drops by reason.
+
+use serde::Serialize;
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Stats {
+    /// Frames and bytes received from VM connections.
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    /// Frames and bytes sent to VM connections.
+    pub frames_out: u64,
+    pub bytes_out: u64,
+    pub drops: Drops,
+    pub dhcp_replies: u64,
+    pub arp_replies: u64,
+    pub icmp_replies: u64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Drops {
+    pub malformed: u64,
+    pub unknown_unicast: u64,
+    pub unsupported_protocol: u64,
+    pub mac_table_full: u64,
+    pub dhcp_invalid: u64,
+    pub link_errors: u64,
+    pub not_for_us: u64,
+}
