@@ -1,3 +1,158 @@
+//! host-switch: the host side of the virtual network (gvproxy-compatible).
 #![deny(unsafe_code)]
 
-fn main() {}
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use clap::Parser;
+use ipnet::Ipv4Net;
+use rdnet_cli::{LogOptions, error_chain, go_bool, init_logging, parse_go_args};
+use rdnet_link::{Endpoint, Framing, Listener, listen};
+use rdnet_vnet::forward::StaticForward;
+use rdnet_vnet::{Engine, NetConfig, Network};
+
+/// Virtual switch and gateway for a VM's network, with NAT onto the host's
+/// own sockets, DHCP, DNS and port forwarding.
+#[derive(Parser, Debug)]
+#[command(name = "host-switch", version)]
+struct Opts {
+    /// Debug logging.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = go_bool)]
+    debug: bool,
+    /// The virtual network (gateway = first address, VM = second, host alias = last).
+    #[arg(long, default_value = "192.168.127.0/24")]
+    subnet: Ipv4Net,
+    /// Static forward HostIP:Port=GuestIP:Port (optional udp: prefix); repeatable.
+    #[arg(long = "port-forward")]
+    port_forward: Vec<StaticForward>,
+    /// Where VMs connect: unix:///path, tcp://IP:PORT, vsock://:PORT; repeatable.
+    #[arg(long)]
+    listen: Vec<Endpoint>,
+    /// MTU of the virtual network (announced by DHCP), up to 65521.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
+    /// Log file (appended to); stderr when not given.
+    #[arg(long)]
+    logfile: Option<PathBuf>,
+    /// Upstream DNS resolver IP:PORT (repeatable); default: the host's resolv.conf.
+    #[arg(long = "dns-upstream")]
+    dns_upstream: Vec<SocketAddr>,
+    /// Length-prefix framing on stream links: u16le (default) or u32be (qemu).
+    #[arg(long, default_value = "u16le")]
+    framing: Framing,
+}
+
+const DEFAULT_LISTEN: &str = "vsock://:6656";
+
+fn main() -> ExitCode {
+    let opts: Opts = parse_go_args();
+    init_logging(&LogOptions { logfile: opts.logfile.clone(), debug: opts.debug });
+    match run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&*e));
+            eprintln!("host-switch: {}", error_chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
+    let mut cfg = NetConfig::new(opts.subnet, opts.mtu)?;
+    cfg.search_domains = host_search_domains();
+    raise_fd_limit();
+    let listen_on =
+        if opts.listen.is_empty() { vec![DEFAULT_LISTEN.parse::<Endpoint>()?] } else { opts.listen.clone() };
+    tracing::info!(
+        subnet = %cfg.subnet, gateway = %cfg.gateway_ip, host = %cfg.host_ip, mtu = cfg.mtu,
+        forwards = opts.port_forward.len(), "starting host-switch"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let engine = Engine::new(Network::new(cfg), opts.framing);
+        let mut listeners = Vec::new();
+        for ep in &listen_on {
+            let l = listen(ep).await.map_err(|e| format!("listening on {ep}: {e}"))?;
+            tracing::info!(endpoint = %ep, "listening for VMs");
+            listeners.push(Rc::new(l));
+        }
+        for l in &listeners {
+            tokio::task::spawn_local(accept_loop(engine.clone(), l.clone()));
+        }
+        wait_for_shutdown().await;
+        tracing::info!("shutting down");
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })
+}
+
+async fn accept_loop(engine: Rc<Engine>, listener: Rc<Listener>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::task::spawn_local(engine.clone().serve(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn wait_for_shutdown() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The host resolver's search list, for DHCP option 119.
+fn host_search_domains() -> Vec<String> {
+    #[cfg(unix)]
+    {
+        std::fs::read_to_string("/etc/resolv.conf")
+            .map(|text| {
+                text.lines()
+                    .filter_map(|l| l.trim().strip_prefix("search"))
+                    .flat_map(|rest| rest.split_whitespace().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    #[cfg(not(unix))]
+    {
+        Vec::new()
+    }
+}
+
+/// Many flows need many sockets: lift the soft open-file limit to the hard one.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+            && soft < hard
+        {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::debug!(from = soft, to = hard, "raised open-file limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise open-file limit"),
+            }
+        }
+    }
+}

@@ -13,7 +13,7 @@
 
 use std::ffi::OsString;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 
 /// Parses `std::env::args_os()`; on error or `-h` prints and exits like clap
 /// (and like Go's `flag.ExitOnError`: status 2 on a bad flag, 0 for help).
@@ -54,13 +54,7 @@ enum Kind {
 fn flag_kind(cmd: &clap::Command, name: &str) -> Option<Kind> {
     cmd.get_arguments()
         .find(|a| a.get_long() == Some(name) || a.get_all_aliases().is_some_and(|al| al.contains(&name)))
-        .map(|a| {
-            if a.is_require_equals_set() || !a.get_action().takes_values() {
-                Kind::Bool
-            } else {
-                Kind::Value
-            }
-        })
+        .map(|a| if a.is_require_equals_set() || !a.get_action().takes_values() { Kind::Bool } else { Kind::Value })
 }
 
 fn rewrite(cmd: &clap::Command, args: Vec<OsString>) -> Vec<OsString> {

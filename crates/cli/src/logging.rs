@@ -57,11 +57,7 @@ impl LogWriter {
             }
         });
         LogWriter {
-            inner: Arc::new(Inner {
-                file,
-                path: path.map(Path::to_path_buf),
-                reported: AtomicBool::new(false),
-            }),
+            inner: Arc::new(Inner { file, path: path.map(Path::to_path_buf), reported: AtomicBool::new(false) }),
         }
     }
 

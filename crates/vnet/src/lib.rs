@@ -5,6 +5,8 @@
 
 pub mod config;
 pub mod dhcp_server;
+pub mod engine;
+pub mod forward;
 pub mod frame;
 pub mod network;
 pub mod ratelimit;
@@ -12,5 +14,6 @@ pub mod stats;
 pub mod switch;
 
 pub use config::{ConfigError, NetConfig};
+pub use engine::Engine;
 pub use network::{FrameSink, Network, Upcall};
 pub use switch::PortId;

@@ -209,12 +209,8 @@ impl Proc {
         let err_path = logs.join(format!("{name}.err"));
         let out = fs::File::create(&out_path).expect("create log");
         let err = fs::File::create(&err_path).expect("create log");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let child =
+            cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         Proc { child, name: format!("{cmd:?}"), out_path, err_path }
     }
 
@@ -281,4 +277,127 @@ pub fn tcp_ready(addr: SocketAddr) -> bool {
 pub fn socket_exists(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// The standard test world (TESTING.md): host-switch in a "host" namespace
+/// that has only `lo`, listening on a unix socket; guests are further
+/// namespaces whose vm-switch connects to that socket.
+// Fields drop in declaration order: processes before their namespaces,
+// and the directory holding their logs last.
+pub struct World {
+    pub guests: Vec<Guest>,
+    pub host_switch: Option<Proc>,
+    pub host: Netns,
+    pub socket: PathBuf,
+    pub dir: TempDir,
+}
+
+pub struct Guest {
+    pub vm_switch: Option<Proc>,
+    pub ns: Netns,
+    pub resolv_conf: PathBuf,
+    pub mac: String,
+}
+
+pub const GATEWAY: &str = "192.168.127.1";
+pub const HOST_ALIAS: &str = "192.168.127.254";
+pub const DEVICE_MAC: &str = "5a:94:ef:e4:0c:ee";
+
+impl World {
+    /// Starts host-switch with `extra` flags and waits for its socket.
+    pub fn new(extra: &[&str]) -> World {
+        let dir = TempDir::new("world");
+        let host = Netns::new("rdh");
+        let socket = dir.join("host-switch.sock");
+        let mut world = World { dir, host, host_switch: None, socket, guests: Vec::new() };
+        world.start_host_switch(extra);
+        world
+    }
+
+    pub fn start_host_switch(&mut self, extra: &[&str]) {
+        let listen = format!("unix://{}", self.socket.display());
+        let mut args = vec!["--listen", &listen, "-debug"];
+        args.extend_from_slice(extra);
+        let p = self.host.spawn(&self.dir, bin("host-switch"), &args);
+        let sock = self.socket.clone();
+        assert!(
+            wait_until(Duration::from_secs(10), || socket_exists(&sock)),
+            "host-switch did not listen:\n{}",
+            p.logs()
+        );
+        self.host_switch = Some(p);
+    }
+
+    pub fn host_switch(&mut self) -> &mut Proc {
+        self.host_switch.as_mut().expect("host-switch running")
+    }
+
+    /// Adds a guest namespace whose vm-switch (with `extra` flags) dials
+    /// host-switch; returns its index.
+    pub fn add_guest(&mut self, mac: &str, extra: &[&str]) -> usize {
+        let ns = Netns::new("rdg");
+        let resolv_conf = self.dir.join(format!("{}.resolv.conf", ns.name));
+        let mut guest = Guest { ns, vm_switch: None, resolv_conf, mac: mac.to_string() };
+        self.start_vm_switch(&mut guest, extra);
+        self.guests.push(guest);
+        self.guests.len() - 1
+    }
+
+    pub fn start_vm_switch(&self, guest: &mut Guest, extra: &[&str]) {
+        let connect = format!("unix://{}", self.socket.display());
+        let resolv = guest.resolv_conf.display().to_string();
+        let mut args = vec![
+            "--connect",
+            &connect,
+            "-tap-mac-address",
+            &guest.mac,
+            "--resolv-conf",
+            &resolv,
+            "-logfile",
+            "/dev/stdout",
+            "-debug",
+        ];
+        args.extend_from_slice(extra);
+        guest.vm_switch = Some(guest.ns.spawn(&self.dir, bin("vm-switch"), &args));
+    }
+
+    pub fn guest(&self, i: usize) -> &Guest {
+        &self.guests[i]
+    }
+
+    /// Everything the world's processes printed, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Some(p) = &self.host_switch {
+            s += &format!("--- host-switch ---\n{}\n", p.logs());
+        }
+        for g in &self.guests {
+            if let Some(p) = &g.vm_switch {
+                s += &format!("--- vm-switch in {} ---\n{}\n", g.ns.name, p.logs());
+            }
+        }
+        s
+    }
+}
+
+impl Guest {
+    /// The IPv4 address/prefix on `eth0`, once DHCP has set one.
+    pub fn address(&self) -> Option<String> {
+        let out = self.ns.exec("ip", &["-4", "-o", "addr", "show", "dev", "eth0"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace().skip_while(|w| *w != "inet").nth(1).map(str::to_string)
+    }
+
+    pub fn wait_for_address(&self, timeout: Duration) -> Option<String> {
+        let mut addr = None;
+        wait_until(timeout, || {
+            addr = self.address();
+            addr.is_some()
+        });
+        addr
+    }
+
+    pub fn ping(&self, ip: &str) -> bool {
+        self.ns.exec("ping", &["-c", "2", "-i", "0.2", "-W", "2", ip]).status.success()
+    }
 }

@@ -1,0 +1,168 @@
+//! Issue 2's end-to-end checks: DHCP both ends, the switch, ARP/ICMP,
+//! busybox udhcpc against our server, junk on the link.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use rdnet_e2e::{DEVICE_MAC, GATEWAY, World, bin, privileged, wait_until};
+
+const LEASE_WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn guest_gets_lease_route_mtu_dns_and_pings_gateway() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&[]);
+    let g = world.add_guest(DEVICE_MAC, &[]);
+    let guest = world.guest(g);
+    let addr = guest.wait_for_address(LEASE_WAIT);
+    assert_eq!(addr.as_deref(), Some("192.168.127.2/24"), "{}", world.logs());
+
+    let routes = guest.ns.stdout("ip", &["-4", "route", "show", "default"]);
+    assert!(routes.contains("default via 192.168.127.1 dev eth0"), "routes: {routes}\n{}", world.logs());
+    let link = guest.ns.stdout("ip", &["-o", "link", "show", "dev", "eth0"]);
+    assert!(link.contains("mtu 1500"), "{link}");
+    assert!(link.contains(DEVICE_MAC), "{link}");
+
+    let mut resolv = String::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            resolv = std::fs::read_to_string(&guest.resolv_conf).unwrap_or_default();
+            resolv.contains("nameserver 192.168.127.1")
+        }),
+        "resolv.conf: {resolv:?}\n{}",
+        world.logs()
+    );
+    assert!(guest.ping(GATEWAY), "ping gateway failed\n{}", world.logs());
+    // The host alias answers ARP at the gateway's MAC.
+    let neigh = guest.ns.exec("ping", &["-c", "1", "-W", "1", "192.168.127.254"]);
+    let _ = neigh; // the NAT answers pings later; ARP must resolve regardless
+    let n = guest.ns.stdout("ip", &["neigh", "show", "192.168.127.254"]);
+    assert!(n.contains("5a:94:ef:e4:0c:dd"), "neighbour entry: {n}");
+    assert!(world.host_switch().try_wait().is_none(), "host-switch exited");
+}
+
+#[test]
+fn mtu_flag_is_announced() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&["--mtu", "9000"]);
+    let g = world.add_guest(DEVICE_MAC, &["--mtu", "9000"]);
+    let guest = world.guest(g);
+    assert!(guest.wait_for_address(LEASE_WAIT).is_some(), "{}", world.logs());
+    assert!(
+        wait_until(Duration::from_secs(5), || guest
+            .ns
+            .stdout("ip", &["-o", "link", "show", "dev", "eth0"])
+            .contains("mtu 9000")),
+        "{}",
+        world.logs()
+    );
+    // A ping larger than 1500 bytes crosses unfragmented.
+    let out = guest.ns.exec("ping", &["-c", "1", "-W", "2", "-M", "do", "-s", "8000", GATEWAY]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), world.logs());
+}
+
+#[test]
+fn two_guests_get_distinct_leases_and_reach_each_other() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&[]);
+    let a = world.add_guest(DEVICE_MAC, &[]);
+    let b = world.add_guest("02:00:00:aa:bb:03", &[]);
+    assert_eq!(world.guest(a).wait_for_address(LEASE_WAIT).as_deref(), Some("192.168.127.2/24"), "{}", world.logs());
+    assert_eq!(world.guest(b).wait_for_address(LEASE_WAIT).as_deref(), Some("192.168.127.3/24"), "{}", world.logs());
+    assert!(world.guest(a).ping("192.168.127.3"), "a→b\n{}", world.logs());
+    assert!(world.guest(b).ping("192.168.127.2"), "b→a\n{}", world.logs());
+}
+
+#[test]
+fn busybox_udhcpc_gets_a_lease_from_our_server() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&[]);
+    let g = world.add_guest(DEVICE_MAC, &["-dhcp=false"]);
+    let guest = world.guest(g);
+    assert!(
+        wait_until(Duration::from_secs(10), || guest.ns.exec("ip", &["link", "show", "eth0", "up"]).stdout.len() > 0),
+        "tap never came up\n{}",
+        world.logs()
+    );
+    // -s /bin/true: report the lease but leave the interface alone.
+    let out =
+        guest.ns.exec("busybox", &["udhcpc", "-f", "-q", "-n", "-i", "eth0", "-t", "5", "-T", "1", "-s", "/bin/true"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "udhcpc failed: {text}\n{}", world.logs());
+    assert!(text.contains("lease of 192.168.127.2 obtained"), "udhcpc said: {text}");
+    // vm-switch's own client stayed off.
+    assert!(guest.address().is_none());
+}
+
+#[test]
+fn junk_on_one_link_does_not_disturb_others() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&[]);
+    let g = world.add_guest(DEVICE_MAC, &[]);
+    assert!(world.guest(g).wait_for_address(LEASE_WAIT).is_some(), "{}", world.logs());
+
+    let junk: [&[u8]; 3] = [
+        &[0, 0, 1, 2, 3],          // zero length
+        &[0xff, 0xff, 0, 0, 0, 0], // longer than the maximum frame
+        b"\x10\x00random bytes that are not a frame at all",
+    ];
+    for bytes in junk {
+        let mut rogue = UnixStream::connect(&world.socket).expect("connect rogue");
+        let _ = rogue.write_all(bytes);
+        let _ = rogue.flush();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Random but well-framed frames.
+    let mut rogue = UnixStream::connect(&world.socket).expect("connect rogue");
+    let mut x: u32 = 7;
+    for _ in 0..2000 {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let len = 14 + (x % 200) as usize;
+        let mut buf = (len as u16).to_le_bytes().to_vec();
+        buf.extend((0..len).map(|i| (x >> (i % 24)) as u8));
+        if rogue.write_all(&buf).is_err() {
+            break;
+        }
+    }
+    drop(rogue);
+    assert!(world.host_switch().try_wait().is_none(), "host-switch died\n{}", world.logs());
+    assert!(world.guest(g).ping(GATEWAY), "guest disturbed\n{}", world.logs());
+    let logs = world.host_switch().logs();
+    assert!(logs.contains("zero-length frame"), "{logs}");
+    assert!(logs.contains("exceeds the maximum"), "{logs}");
+}
+
+#[test]
+fn host_switch_refuses_a_too_small_subnet() {
+    let out = Command::new(bin("host-switch"))
+        .args(["-subnet", "10.0.0.0/30", "--listen", "unix:///nonexistent/x.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("too small"), "{err}");
+}
+
+#[test]
+fn help_lists_flags_with_defaults() {
+    for prog in ["host-switch", "vm-switch"] {
+        for flag in ["-h", "--help"] {
+            let out = Command::new(bin(prog)).arg(flag).output().unwrap();
+            assert!(out.status.success(), "{prog} {flag}");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("--subnet") && text.contains("192.168.127.0/24"), "{prog}: {text}");
+        }
+    }
+}
