@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use rdnet_cli::{LogOptions, error_chain, go_bool, init_logging, parse_go_args};
 use rdnet_link::{Endpoint, Framing, Listener, listen};
 use rdnet_vnet::forward::StaticForward;
-use rdnet_vnet::{Engine, NetConfig, Network};
+use rdnet_vnet::{Engine, EngineConfig, NetConfig, Network};
 
 /// Virtual switch and gateway for a VM's network, with NAT onto the host's
 /// own sockets, DHCP, DNS and port forwarding.
@@ -40,6 +40,16 @@ struct Opts {
     /// Upstream DNS resolver IP:PORT (repeatable); default: the host's resolv.conf.
     #[arg(long = "dns-upstream")]
     dns_upstream: Vec<SocketAddr>,
+    /// Allow NAT to link-local 169.254.0.0/16 (cloud metadata lives there).
+    #[arg(long = "allow-link-local", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = go_bool)]
+    allow_link_local: bool,
+    /// Most concurrent TCP flows; new connections beyond it are reset.
+    #[arg(long = "max-flows", default_value_t = 32768)]
+    max_flows: usize,
+    /// Most concurrent UDP flows (least recently used evicted first).
+    #[arg(long = "max-udp-flows", default_value_t = 4096)]
+    max_udp_flows: usize,
     /// Length-prefix framing on stream links: u16le (default) or u32be (qemu).
     #[arg(long, default_value = "u16le")]
     framing: Framing,
@@ -73,7 +83,15 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let engine = Engine::new(Network::new(cfg), opts.framing);
+        let engine_cfg = EngineConfig {
+            framing: opts.framing,
+            allow_link_local: opts.allow_link_local,
+            dns_upstreams: opts.dns_upstream.clone(),
+            max_udp_flows: opts.max_udp_flows,
+            max_tcp_flows: opts.max_flows,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(Network::new(cfg), engine_cfg);
         let mut listeners = Vec::new();
         for ep in &listen_on {
             let l = listen(ep).await.map_err(|e| format!("listening on {ep}: {e}"))?;

@@ -14,15 +14,47 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdnet_link::{Decoder, FrameReader, Framing, LinkError, LinkStream, encode_frame};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
+use smoltcp::wire::{EthernetAddress, IpProtocol, Ipv4Repr};
+
+use crate::dns::DnsServer;
+use crate::icmp_nat::IcmpNat;
+use crate::nat::NatPolicy;
 use crate::network::{FrameSink, Network, Upcall};
 use crate::switch::PortId;
+use crate::udp_nat::UdpNat;
+
+/// Settings of the I/O shell (the network's own live in `NetConfig`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub framing: Framing,
+    pub allow_link_local: bool,
+    /// Upstream resolvers; empty means the host's own configuration.
+    pub dns_upstreams: Vec<SocketAddr>,
+    pub max_udp_flows: usize,
+    pub udp_idle_timeout: Duration,
+    pub max_tcp_flows: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            framing: Framing::U16Le,
+            allow_link_local: false,
+            dns_upstreams: Vec::new(),
+            max_udp_flows: 4096,
+            udp_idle_timeout: Duration::from_secs(90),
+            max_tcp_flows: 32768,
+        }
+    }
+}
 
 /// A port whose peer stops reading may queue at most this much; beyond it,
 /// frames for that port are dropped rather than growing memory without end.
@@ -58,15 +90,25 @@ impl FrameSink for Ports {
 pub struct Engine {
     pub net: RefCell<Network>,
     ports: RefCell<Ports>,
-    framing: Framing,
+    pub config: EngineConfig,
+    pub nat: NatPolicy,
+    pub udp: RefCell<UdpNat>,
+    pub icmp: RefCell<IcmpNat>,
+    pub dns: Rc<DnsServer>,
 }
 
 impl Engine {
-    pub fn new(net: Network, framing: Framing) -> Rc<Self> {
+    pub fn new(net: Network, config: EngineConfig) -> Rc<Self> {
+        let nat = NatPolicy::new(&net.cfg, config.allow_link_local);
+        let dns = Rc::new(DnsServer::new(&net.cfg, config.dns_upstreams.clone()));
         Rc::new(Engine {
+            ports: RefCell::new(Ports { framing: config.framing, map: HashMap::new(), overflow_drops: 0 }),
+            udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout)),
+            icmp: RefCell::new(IcmpNat::new()),
+            dns,
+            nat,
             net: RefCell::new(net),
-            ports: RefCell::new(Ports { framing, map: HashMap::new(), overflow_drops: 0 }),
-            framing,
+            config,
         })
     }
 
@@ -85,14 +127,54 @@ impl Engine {
     }
 
     /// Feeds one frame from `port` into the network.
-    pub fn handle_frame(&self, port: PortId, frame: &[u8]) {
+    pub fn handle_frame(self: &Rc<Self>, port: PortId, frame: &[u8]) {
         let now = Instant::now();
+        let upcall = {
+            let mut net = self.net.borrow_mut();
+            let mut ports = self.ports.borrow_mut();
+            net.handle_frame(port, frame, now, &mut *ports)
+        };
+        if let Upcall::Ipv4 { src_mac, header, packet } = upcall {
+            self.route_ipv4(src_mac, &header, packet, now);
+        }
+    }
+
+    /// IPv4 the gateway must route: its own services or the NAT.
+    fn route_ipv4(self: &Rc<Self>, src_mac: EthernetAddress, header: &Ipv4Repr, packet: &[u8], now: Instant) {
+        let gateway = self.net.borrow().cfg.gateway_ip;
+        match header.next_header {
+            IpProtocol::Udp => {
+                let Some((src, dst, payload)) = crate::frame::parse_udp_ip(packet) else {
+                    self.net.borrow_mut().stats.drops.malformed += 1;
+                    return;
+                };
+                if *dst.ip() == gateway {
+                    if dst.port() == crate::dns::DNS_PORT {
+                        self.dns.clone().serve_udp(self, src, dst, payload);
+                    } else {
+                        self.net.borrow_mut().stats.drops.not_for_us += 1;
+                    }
+                    return;
+                }
+                UdpNat::send(self, src, dst, payload, now);
+            }
+            IpProtocol::Icmp => IcmpNat::handle(self, src_mac, header, packet, now),
+            _ => self.net.borrow_mut().stats.drops.unsupported_protocol += 1,
+        }
+    }
+
+    /// Sends a UDP datagram to a guest (NAT replies, DNS answers).
+    pub fn send_udp_to_guest(&self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> bool {
         let mut net = self.net.borrow_mut();
         let mut ports = self.ports.borrow_mut();
-        match net.handle_frame(port, frame, now, &mut *ports) {
-            Upcall::None => {}
-            Upcall::Ipv4 { .. } => net.stats.drops.not_for_us += 1,
-        }
+        net.send_udp_to_guest(src, dst, payload, Instant::now(), &mut *ports)
+    }
+
+    /// Sends a complete IPv4 packet to the guest owning its destination.
+    pub fn send_ipv4_to_guest(&self, packet: &[u8]) -> bool {
+        let mut net = self.net.borrow_mut();
+        let mut ports = self.ports.borrow_mut();
+        net.send_ipv4_to_guest(packet, Instant::now(), &mut *ports)
     }
 
     /// Serves one VM connection until it ends. Must run inside a `LocalSet`.
@@ -138,7 +220,7 @@ impl Engine {
             })
         };
 
-        let mut reader = FrameReader::new(read_half, Decoder::new(self.framing, self.max_frame()));
+        let mut reader = FrameReader::new(read_half, Decoder::new(self.config.framing, self.max_frame()));
         let result = loop {
             match reader.next_frame().await {
                 Ok(Some(frame)) => self.handle_frame(port, frame),

@@ -5,15 +5,19 @@
 
 pub mod config;
 pub mod dhcp_server;
+pub mod dns;
 pub mod engine;
 pub mod forward;
 pub mod frame;
+pub mod icmp_nat;
+pub mod nat;
 pub mod network;
 pub mod ratelimit;
 pub mod stats;
 pub mod switch;
+pub mod udp_nat;
 
 pub use config::{ConfigError, NetConfig};
-pub use engine::Engine;
+pub use engine::{Engine, EngineConfig};
 pub use network::{FrameSink, Network, Upcall};
 pub use switch::PortId;
