@@ -1,3 +1,65 @@
+//! vm-switch: the guest end of the virtual network. It creates a tap device
+//! in its network namespace and pumps Ethernet frames between it and the
+//! host link (u16-LE framed), and configures the tap with its own DHCP
+//! client. Flags follow the Go original (spec/COMPAT.md §1, §5).
 #![deny(unsafe_code)]
 
-fn main() {}
+#[cfg(target_os = "linux")]
+mod switch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "vm-switch", about = "Connects a tap device to the host's virtual network")]
+pub struct Opts {
+    /// Debug logging.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = rdnet_cli::go_bool)]
+    pub debug: bool,
+    /// Name of the tap device to create.
+    #[arg(long = "tap-interface", default_value = "eth0")]
+    pub tap_interface: String,
+    /// MAC address of the tap device.
+    #[arg(long = "tap-mac-address", default_value = "5a:94:ef:e4:0c:ee")]
+    pub tap_mac_address: String,
+    /// The virtual network (must match host-switch).
+    #[arg(long, default_value = "192.168.127.0/24")]
+    pub subnet: String,
+    /// Log file, opened for append.
+    #[arg(long, default_value = "/var/log/vm-switch.log")]
+    pub logfile: PathBuf,
+    /// Inherited, already-connected host link (unused with --connect).
+    #[arg(long = "vsock-fd", default_value_t = 3)]
+    pub vsock_fd: i32,
+    /// Dial the host link at this URL (unix://, tcp://, vsock://) and redial
+    /// whenever it drops, instead of using the inherited descriptor.
+    #[arg(long)]
+    pub connect: Option<String>,
+    /// Where the DHCP client writes the DNS settings.
+    #[arg(long = "resolv-conf", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    /// Configure the tap with the built-in DHCP client (-dhcp=false leaves
+    /// addressing to another program).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "true",
+          default_missing_value = "true", value_parser = rdnet_cli::go_bool)]
+    pub dhcp: bool,
+    /// MTU of the tap; the largest frame on the link is MTU + 14.
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: u32,
+}
+
+#[cfg(target_os = "linux")]
+fn main() -> ExitCode {
+    let opts: Opts = rdnet_cli::parse_go_args();
+    switch::main(opts)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main() -> ExitCode {
+    let _opts: Opts = rdnet_cli::parse_go_args();
+    eprintln!("vm-switch: only Linux guests are supported");
+    ExitCode::FAILURE
+}

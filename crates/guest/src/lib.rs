@@ -1,1 +1,26 @@
+//! The guest side of the virtual network (Linux): the tap device, netlink
+//! configuration, network namespaces, and vm-switch's own DHCP client.
+//!
+//! The pure parts ([`frame`], [`dhcp_client`], [`resolv`]) build on every
+//! platform and are unit-tested without privileges; the rest is Linux-only.
+//! `unsafe` code lives only in the `sys` module.
 #![deny(unsafe_code)]
+
+pub mod dhcp_client;
+pub mod frame;
+pub mod resolv;
+
+#[cfg(target_os = "linux")]
+pub mod configure;
+#[cfg(target_os = "linux")]
+pub mod netlink;
+#[cfg(target_os = "linux")]
+pub mod netns;
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+mod sys;
+#[cfg(target_os = "linux")]
+pub mod tap;
+
+pub use dhcp_client::{ClientConfig, DhcpClient, Lease, Output, State};
+pub use frame::{Mac, parse_mac};

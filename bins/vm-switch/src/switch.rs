@@ -1,0 +1,563 @@
+//! How this works: everything runs on one current-thread tokio runtime.
+//! At start the tap is created (never reused: an existing name is an error),
+//! given its MAC and MTU, and brought up together with `lo`. The tap
+//! outlives link sessions. A session owns one connection to the host, split
+//! into two halves that run concurrently in one task: "up" waits for the tap
+//! to be readable, drains every frame already queued into the link writer
+//! (plus any frames the DHCP client wants sent) and then flushes them in one
+//! write; "down" takes frames from the link reader and writes each to the
+//! tap, except DHCP replies for us (UDP to port 68, to our MAC or broadcast)
+//! when -dhcp is on, which go to the DHCP task instead. The DHCP task owns
+//! the sans-I/O client, its timers, and the netlink/resolv.conf side effects;
+//! it talks to sessions over bounded channels, so the packet path never
+//! waits on it (frames it sends while no link is up are dropped, and it is
+//! told when a link comes up so it retransmits at once). With the inherited
+//! descriptor (`-vsock-fd`) the program ends with its only session: status
+//! 0 on EOF, 1 on an error. With `--connect` a lost link is redialled with
+//! backoff (100 ms doubling to 2 s), keeping the same tap. SIGTERM and
+//! SIGINT end the program cleanly; the tap goes away with its descriptor.
+
+use std::future::pending;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use rdnet_cli::{LogOptions, error_chain, init_logging};
+use rdnet_guest::configure::{apply_lease, remove_lease, write_resolv_conf};
+use rdnet_guest::dhcp_client::{ClientConfig, DhcpClient, Output};
+use rdnet_guest::frame::{Mac, MacDisplay, is_dhcp_client_frame, parse_mac};
+use rdnet_guest::netlink::{Netlink, NetlinkError};
+use rdnet_guest::tap::{Tap, TapError};
+use rdnet_link::{Decoder, Endpoint, EndpointError, FrameReader, FrameWriter, Framing, LinkError, LinkStream, dial};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, error, info, warn};
+
+use crate::Opts;
+
+/// Bytes queued for the link before a flush even if the tap has more.
+const BATCH_BYTES: usize = 256 * 1024;
+const REDIAL_MIN: Duration = Duration::from_millis(100);
+const REDIAL_MAX: Duration = Duration::from_secs(2);
+const ETH_HEADER: u32 = 14;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid -tap-mac-address {0:?}: expected six hex bytes such as 5a:94:ef:e4:0c:ee")]
+    BadMac(String),
+    #[error("invalid -tap-interface {0:?}")]
+    BadTapName(String),
+    #[error("invalid -subnet {0:?}: {1}")]
+    BadSubnet(String, String),
+    #[error("invalid --mtu {0}: must be between 68 and 65521")]
+    BadMtu(u32),
+    #[error("invalid --connect URL")]
+    BadUrl(#[source] EndpointError),
+    #[error("-vsock-fd {fd}: no such open descriptor (was the host link passed?)")]
+    NoFd { fd: i32 },
+    #[error("tap interface {0} already exists; refusing to start")]
+    TapExists(String),
+    #[error("cannot create the tap device")]
+    Tap(#[source] TapError),
+    #[error("cannot configure the network")]
+    Netlink(#[from] NetlinkError),
+    #[error("cannot start the event loop")]
+    Runtime(#[source] io::Error),
+    #[error("cannot install the signal handlers")]
+    Signal(#[source] io::Error),
+    #[error("cannot use the host link {url}")]
+    Dial {
+        url: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading from the host link failed")]
+    LinkRead(#[source] LinkError),
+    #[error("writing to the host link failed")]
+    LinkWrite(#[source] io::Error),
+    #[error("reading from the tap device failed")]
+    TapRead(#[source] io::Error),
+}
+
+impl Error {
+    /// Errors that end a link session but not the program (with --connect).
+    fn is_link_error(&self) -> bool {
+        matches!(self, Error::LinkRead(_) | Error::LinkWrite(_))
+    }
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+struct Config {
+    tap: String,
+    mac: Mac,
+    subnet: Ipv4Net,
+    endpoint: Endpoint,
+    redial: bool,
+    resolv_conf: PathBuf,
+    dhcp: bool,
+    mtu: u32,
+}
+
+impl Config {
+    fn from_opts(o: &Opts) -> Result<Config, Error> {
+        let mac = parse_mac(&o.tap_mac_address).ok_or_else(|| Error::BadMac(o.tap_mac_address.clone()))?;
+        if !rdnet_guest::tap::valid_ifname(&o.tap_interface) {
+            return Err(Error::BadTapName(o.tap_interface.clone()));
+        }
+        let subnet: Ipv4Net =
+            o.subnet.parse().map_err(|e: ipnet::AddrParseError| Error::BadSubnet(o.subnet.clone(), e.to_string()))?;
+        // Gateway, device and host alias must fit (spec/COMPAT.md §2).
+        if subnet.prefix_len() > 29 {
+            return Err(Error::BadSubnet(o.subnet.clone(), "prefix too small (at most /29)".into()));
+        }
+        if !(68..=65521).contains(&o.mtu) {
+            return Err(Error::BadMtu(o.mtu));
+        }
+        let (endpoint, redial) = match &o.connect {
+            Some(url) => (url.parse().map_err(Error::BadUrl)?, true),
+            None => {
+                if o.vsock_fd < 0 {
+                    return Err(Error::NoFd { fd: o.vsock_fd });
+                }
+                (Endpoint::Fd(o.vsock_fd), false)
+            }
+        };
+        Ok(Config {
+            tap: o.tap_interface.clone(),
+            mac,
+            subnet: subnet.trunc(),
+            endpoint,
+            redial,
+            resolv_conf: o.resolv_conf.clone(),
+            dhcp: o.dhcp,
+            mtu: o.mtu,
+        })
+    }
+
+    fn max_frame(&self) -> usize {
+        (self.mtu + ETH_HEADER).min(u16::MAX as u32) as usize
+    }
+}
+
+pub fn main(opts: Opts) -> ExitCode {
+    // The inherited link descriptor must be checked before anything (the
+    // log file, the runtime) could be given its number.
+    let inherited_ok = opts.connect.is_some() || fd_is_open(opts.vsock_fd);
+    init_logging(&LogOptions { logfile: Some(opts.logfile.clone()), debug: opts.debug });
+    let result = if inherited_ok { run(&opts) } else { Err(Error::NoFd { fd: opts.vsock_fd }) };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = error_chain(&e);
+            error!("{msg}");
+            eprintln!("vm-switch: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fd_is_open(fd: i32) -> bool {
+    fd >= 0 && std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_ok()
+}
+
+fn run(opts: &Opts) -> Result<ExitCode, Error> {
+    let cfg = Config::from_opts(opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+    rt.block_on(async {
+        let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+        tokio::select! {
+            r = switch(cfg) => r,
+            _ = sigterm.recv() => {
+                info!("SIGTERM: exiting");
+                Ok(ExitCode::SUCCESS)
+            }
+            _ = sigint.recv() => {
+                info!("SIGINT: exiting");
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+async fn switch(cfg: Config) -> Result<ExitCode, Error> {
+    // The inherited descriptor is claimed first, before the tap or netlink
+    // open anything.
+    let mut first_link = if cfg.redial {
+        None
+    } else {
+        let link = dial(&cfg.endpoint).await.map_err(|source| Error::Dial { url: cfg.endpoint.to_string(), source })?;
+        Some(link)
+    };
+
+    let nl = Netlink::new()?;
+    if nl.link_exists(&cfg.tap).await? {
+        return Err(Error::TapExists(cfg.tap.clone()));
+    }
+    let tap = Tap::create(&cfg.tap).map_err(|e| match e {
+        TapError::Exists(name) => Error::TapExists(name),
+        e => Error::Tap(e),
+    })?;
+    nl.set_mac(&cfg.tap, cfg.mac).await?;
+    nl.set_mtu(&cfg.tap, cfg.mtu).await?;
+    nl.set_up(&cfg.tap).await?;
+    nl.set_up("lo").await?;
+    info!(
+        "tap {} up (mac {}, mtu {}), subnet {}, link {}, dhcp {}",
+        cfg.tap,
+        MacDisplay(&cfg.mac),
+        cfg.mtu,
+        cfg.subnet,
+        cfg.endpoint,
+        if cfg.dhcp { "on" } else { "off" }
+    );
+
+    let mut dhcp = cfg.dhcp.then(|| spawn_dhcp(&cfg, nl.clone()));
+
+    if let Some(link) = first_link.take() {
+        return match session(link, &tap, dhcp.as_mut(), &cfg).await {
+            Ok(()) => {
+                info!("host link closed: exiting");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => Err(e),
+        };
+    }
+
+    let mut delay = REDIAL_MIN;
+    let mut failures = 0u32;
+    loop {
+        match dial(&cfg.endpoint).await {
+            Ok(link) => {
+                info!("connected to {}", cfg.endpoint);
+                failures = 0;
+                let started = Instant::now();
+                match session(link, &tap, dhcp.as_mut(), &cfg).await {
+                    Ok(()) => info!("host link closed; redialling {}", cfg.endpoint),
+                    Err(e) if e.is_link_error() => warn!("host link lost: {}; redialling", error_chain(&e)),
+                    Err(e) => return Err(e),
+                }
+                if started.elapsed() > Duration::from_secs(1) {
+                    delay = REDIAL_MIN;
+                }
+            }
+            Err(e) => {
+                if failures == 0 {
+                    warn!("cannot connect to {}: {e}; retrying", cfg.endpoint);
+                } else {
+                    debug!("cannot connect to {}: {e}; retrying in {delay:?}", cfg.endpoint);
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(REDIAL_MAX);
+    }
+}
+
+/// The session side of the DHCP task.
+struct DhcpLink {
+    /// Frames from the link for the client.
+    to_client: mpsc::Sender<Vec<u8>>,
+    /// Frames the client wants on the link.
+    from_client: mpsc::Receiver<Vec<u8>>,
+    link_up: Arc<Notify>,
+}
+
+async fn recv_or_pending(rx: &mut Option<&mut mpsc::Receiver<Vec<u8>>>) -> Option<Vec<u8>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => pending().await,
+    }
+}
+
+/// One connection to the host: pumps frames both ways until the link ends
+/// (`Ok` on a clean EOF) or something fails.
+async fn session(link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: &Config) -> Result<(), Error> {
+    let max_frame = cfg.max_frame();
+    let (rd, wr) = tokio::io::split(link);
+    let mut reader = FrameReader::new(rd, Decoder::new(Framing::U16Le, max_frame));
+    let mut writer = FrameWriter::new(wr, Framing::U16Le);
+
+    let (to_client, mut from_client, link_up) = match dhcp {
+        Some(d) => {
+            // Whatever the client said while no link was up is stale.
+            while d.from_client.try_recv().is_ok() {}
+            (Some(d.to_client.clone()), Some(&mut d.from_client), Some(d.link_up.clone()))
+        }
+        None => (None, None, None),
+    };
+    if let Some(n) = link_up {
+        n.notify_one();
+    }
+
+    let up = async {
+        let mut buf = vec![0u8; 65536];
+        let mut oversized = RateLimit::new();
+        loop {
+            tokio::select! {
+                guard = tap.readable() => {
+                    let mut guard = guard.map_err(Error::TapRead)?;
+                    while writer.pending() < BATCH_BYTES {
+                        match guard.try_read(&mut buf) {
+                            None => break,
+                            Some(Ok(len)) if len == 0 || len > max_frame => {
+                                if oversized.allow() {
+                                    warn!("dropping a {len}-byte frame from the tap (link maximum {max_frame})");
+                                }
+                            }
+                            Some(Ok(len)) => {
+                                // Cannot fail: len ≤ max_frame ≤ 65535.
+                                let _ = writer.push(&buf[..len]);
+                            }
+                            Some(Err(e)) => return Err(Error::TapRead(e)),
+                        }
+                    }
+                }
+                Some(frame) = recv_or_pending(&mut from_client) => {
+                    let _ = writer.push(&frame);
+                    if let Some(rx) = from_client.as_mut() {
+                        while let Ok(f) = rx.try_recv() {
+                            let _ = writer.push(&f);
+                        }
+                    }
+                }
+            }
+            writer.flush().await.map_err(Error::LinkWrite)?;
+        }
+    };
+
+    let down = async {
+        let mut tap_errors = RateLimit::new();
+        let mut dhcp_full = RateLimit::new();
+        loop {
+            match reader.next_frame().await {
+                Ok(Some(frame)) => {
+                    if let Some(tx) = &to_client
+                        && is_dhcp_client_frame(frame, &cfg.mac)
+                    {
+                        if tx.try_send(frame.to_vec()).is_err() && dhcp_full.allow() {
+                            debug!("DHCP client busy: dropping a DHCP frame");
+                        }
+                        continue;
+                    }
+                    if let Err(e) = tap.write(frame).await
+                        && tap_errors.allow()
+                    {
+                        warn!("writing a {}-byte frame to the tap failed: {e}", frame.len());
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Error::LinkRead(e)),
+            }
+        }
+    };
+
+    tokio::select! {
+        r = up => r,
+        r = down => r,
+    }
+}
+
+fn spawn_dhcp(cfg: &Config, nl: Netlink) -> DhcpLink {
+    let (to_client, rx) = mpsc::channel(64);
+    let (tx, from_client) = mpsc::channel(64);
+    let link_up = Arc::new(Notify::new());
+    let mut ccfg = ClientConfig::new(cfg.mac);
+    ccfg.max_message_size = u16::try_from(cfg.mtu).unwrap_or(u16::MAX);
+    let client = DhcpClient::new(ccfg, Instant::now());
+    let task = DhcpTask {
+        client,
+        nl,
+        ifname: cfg.tap.clone(),
+        resolv_conf: cfg.resolv_conf.clone(),
+        max_mtu: cfg.mtu,
+        subnet: cfg.subnet,
+        current: None,
+    };
+    tokio::spawn(task.run(rx, tx, link_up.clone()));
+    DhcpLink { to_client, from_client, link_up }
+}
+
+struct DhcpTask {
+    client: DhcpClient,
+    nl: Netlink,
+    ifname: String,
+    resolv_conf: PathBuf,
+    max_mtu: u32,
+    subnet: Ipv4Net,
+    /// The lease last applied.
+    current: Option<rdnet_guest::Lease>,
+}
+
+/// Whether a renewal changed nothing that is applied or logged.
+fn same_settings(a: &rdnet_guest::Lease, b: &rdnet_guest::Lease) -> bool {
+    (a.address, a.prefix_len, a.router, &a.dns, &a.search, a.mtu, a.lease_time)
+        == (b.address, b.prefix_len, b.router, &b.dns, &b.search, b.mtu, b.lease_time)
+}
+
+impl DhcpTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Vec<u8>>, tx: mpsc::Sender<Vec<u8>>, link_up: Arc<Notify>) {
+        loop {
+            while let Some(out) = self.client.poll_output() {
+                match out {
+                    // Dropped when no link takes it; the client retransmits.
+                    Output::Transmit(frame) => {
+                        let _ = tx.try_send(frame);
+                    }
+                    Output::Configure(lease) => {
+                        let same = self.current.as_ref().is_some_and(|c| same_settings(c, &lease));
+                        if same {
+                            debug!("lease renewed: {lease}");
+                        } else {
+                            info!("lease {lease}");
+                        }
+                        self.current = Some(lease.clone());
+                        if !self.subnet.contains(&lease.address) {
+                            warn!("leased address {} is outside -subnet {}", lease.address, self.subnet);
+                        }
+                        match apply_lease(&self.nl, &self.ifname, &lease, Some(self.max_mtu)).await {
+                            Ok(Some(mtu)) if lease.mtu.is_some_and(|m| u32::from(m) != mtu) => {
+                                warn!("DHCP MTU {} capped at --mtu {mtu}", lease.mtu.unwrap_or_default())
+                            }
+                            Ok(_) => {}
+                            Err(e) => warn!("applying the lease to {} failed: {}", self.ifname, error_chain(&e)),
+                        }
+                        self.write_dns(&lease);
+                    }
+                    Output::Deconfigure(lease) => {
+                        self.current = None;
+                        info!("lease {}/{} ended: removing the address", lease.address, lease.prefix_len);
+                        if let Err(e) = remove_lease(&self.nl, &self.ifname, &lease).await {
+                            warn!("removing the lease from {} failed: {}", self.ifname, error_chain(&e));
+                        }
+                    }
+                }
+            }
+            let deadline = self.client.poll_timeout();
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => pending().await,
+                }
+            };
+            tokio::select! {
+                frame = rx.recv() => match frame {
+                    Some(f) => {
+                        self.client.handle_frame(Instant::now(), &f);
+                    }
+                    None => return,
+                },
+                _ = timer => self.client.handle_timeout(Instant::now()),
+                _ = link_up.notified() => self.client.link_restored(Instant::now()),
+            }
+        }
+    }
+
+    fn write_dns(&self, lease: &rdnet_guest::Lease) {
+        match write_resolv_conf(Path::new(&self.resolv_conf), lease) {
+            Ok(true) => debug!("wrote {}", self.resolv_conf.display()),
+            Ok(false) => {}
+            Err(e) => warn!("{}", error_chain(&e)),
+        }
+    }
+}
+
+/// Allows one log line per interval, so nothing the guest or host sends can
+/// flood the log.
+struct RateLimit {
+    last: Option<Instant>,
+}
+
+impl RateLimit {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        RateLimit { last: None }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < Self::INTERVAL) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(args: &[&str]) -> Opts {
+        rdnet_cli::parse_go_args_from(std::iter::once("vm-switch").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_match_the_go_original() {
+        let o = opts(&[]);
+        assert!(!o.debug && o.dhcp);
+        assert_eq!(o.tap_interface, "eth0");
+        assert_eq!(o.tap_mac_address, "5a:94:ef:e4:0c:ee");
+        assert_eq!(o.subnet, "192.168.127.0/24");
+        assert_eq!(o.logfile, PathBuf::from("/var/log/vm-switch.log"));
+        assert_eq!(o.vsock_fd, 3);
+        assert_eq!(o.resolv_conf, PathBuf::from("/etc/resolv.conf"));
+        assert_eq!(o.mtu, 1500);
+        let c = Config::from_opts(&o).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Fd(3));
+        assert!(!c.redial);
+        assert_eq!(c.max_frame(), 1514);
+    }
+
+    #[test]
+    fn go_style_flags() {
+        let o = opts(&[
+            "-debug",
+            "-tap-interface",
+            "tap9",
+            "--tap-mac-address=02:00:00:00:00:01",
+            "-subnet=10.0.0.0/16",
+            "-dhcp=false",
+            "--connect",
+            "unix:///tmp/x.sock",
+            "-mtu",
+            "65521",
+        ]);
+        assert!(o.debug && !o.dhcp);
+        let c = Config::from_opts(&o).unwrap();
+        assert_eq!(c.tap, "tap9");
+        assert_eq!(c.mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(c.endpoint, Endpoint::Unix("/tmp/x.sock".into()));
+        assert!(c.redial);
+        assert_eq!(c.max_frame(), 65535);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            &["-tap-mac-address", "nope"][..],
+            &["-subnet", "10.0.0.0"],
+            &["-subnet", "10.0.0.0/30"],
+            &["-subnet", "fd00::/64"],
+            &["--mtu", "65522"],
+            &["--mtu", "67"],
+            &["--connect", "ftp://x"],
+            &["-tap-interface", "a/b"],
+        ] {
+            assert!(Config::from_opts(&opts(args)).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn rate_limit() {
+        let mut r = RateLimit::new();
+        assert!(r.allow());
+        assert!(!r.allow());
+    }
+}

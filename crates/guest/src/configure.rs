@@ -1,0 +1,150 @@
+//! Applying a DHCP [`Lease`] to an interface, and taking it away again.
+//!
+//! How this works: applying is idempotent, so a renewed lease is applied
+//! the same way as a new one: the MTU (option 26, never above `max_mtu`)
+//! is set, the address is added with "replace" semantics, the default route
+//! via the router is replaced (marked on-link when the router lies outside
+//! the leased subnet), and the DNS servers and search domains are written
+//! to the resolv.conf path. Removing deletes the default route and the
+//! address; resolv.conf is left as it is. Nothing here runs on the packet
+//! path: vm-switch calls it from its DHCP task.
+
+use std::io;
+use std::path::Path;
+
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::dhcp_client::Lease;
+use crate::netlink::{Netlink, NetlinkError};
+use crate::resolv;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigureError {
+    #[error("invalid leased prefix {0}")]
+    BadPrefix(String),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("cannot write {path}")]
+    Resolv {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn lease_net(lease: &Lease) -> Result<Ipv4Net, ConfigureError> {
+    Ipv4Net::new(lease.address, lease.prefix_len)
+        .map_err(|_| ConfigureError::BadPrefix(format!("{}/{}", lease.address, lease.prefix_len)))
+}
+
+/// Applies the lease's MTU (clamped to `max_mtu`), address and default route
+/// to `ifname`. Returns the MTU set, if any.
+pub async fn apply_lease(
+    nl: &Netlink,
+    ifname: &str,
+    lease: &Lease,
+    max_mtu: Option<u32>,
+) -> Result<Option<u32>, ConfigureError> {
+    let net = lease_net(lease)?;
+    let mtu = lease.mtu.map(|m| max_mtu.map_or(u32::from(m), |max| u32::from(m).min(max)));
+    if let Some(mtu) = mtu {
+        nl.set_mtu(ifname, mtu).await?;
+    }
+    nl.replace_address(ifname, IpNet::V4(net)).await?;
+    if let Some(router) = lease.router {
+        let onlink = !net.contains(&router);
+        nl.replace_default_route(router, Some(ifname), onlink).await?;
+    }
+    Ok(mtu)
+}
+
+/// Removes the lease's default route and address from `ifname`.
+pub async fn remove_lease(nl: &Netlink, ifname: &str, lease: &Lease) -> Result<(), ConfigureError> {
+    let net = lease_net(lease)?;
+    if let Some(router) = lease.router {
+        // Usually already gone with the address; ignore "not found".
+        let _ = nl.del_default_route(router, Some(ifname)).await;
+    }
+    nl.del_address(ifname, IpNet::V4(net)).await?;
+    Ok(())
+}
+
+/// Writes the lease's DNS servers and search domains to `path`. Returns
+/// false (and writes nothing) when the lease has neither.
+pub fn write_resolv_conf(path: &Path, lease: &Lease) -> Result<bool, ConfigureError> {
+    let Some(text) = resolv::render(&lease.dns, &lease.search, Some(lease.server_id)) else {
+        return Ok(false);
+    };
+    resolv::write_atomic(path, &text)
+        .map_err(|source| ConfigureError::Resolv { path: path.display().to_string(), source })?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netns::NetNs;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    fn lease() -> Lease {
+        Lease {
+            address: Ipv4Addr::new(192, 168, 127, 2),
+            prefix_len: 24,
+            router: Some(Ipv4Addr::new(192, 168, 127, 1)),
+            dns: vec![Ipv4Addr::new(192, 168, 127, 1)],
+            search: vec!["example.internal".into()],
+            mtu: Some(9000),
+            server_id: Ipv4Addr::new(192, 168, 127, 1),
+            server_mac: [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd],
+            lease_time: Some(Duration::from_secs(3600)),
+            renew_after: Duration::from_secs(1800),
+            rebind_after: Duration::from_secs(3150),
+        }
+    }
+
+    #[test]
+    fn resolv_conf_from_lease() {
+        let dir = std::env::temp_dir().join(format!("rdnet-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("resolv.conf");
+        assert!(write_resolv_conf(&path, &lease()).unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("search example.internal\nnameserver 192.168.127.1\n"), "{text}");
+        let mut empty = lease();
+        empty.dns.clear();
+        empty.search.clear();
+        assert!(!write_resolv_conf(&dir.join("other"), &empty).unwrap());
+        assert!(!dir.join("other").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn apply_and_remove_in_a_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: needs root");
+            return;
+        }
+        let ns = NetNs::new_anonymous().unwrap();
+        ns.block_on(|| async {
+            let nl = Netlink::new().unwrap();
+            nl.create_veth("cf-a", "cf-b", None).await.unwrap();
+            nl.set_up("cf-a").await.unwrap();
+            nl.set_up("cf-b").await.unwrap();
+            let l = lease();
+            assert_eq!(apply_lease(&nl, "cf-a", &l, Some(1500)).await.unwrap(), Some(1500));
+            // Applying twice (a renewal) is fine.
+            apply_lease(&nl, "cf-a", &l, Some(1500)).await.unwrap();
+            assert_eq!(nl.link_info("cf-a").await.unwrap().unwrap().mtu, Some(1500));
+            assert_eq!(nl.addresses("cf-a").await.unwrap(), vec!["192.168.127.2/24".parse::<Ipv4Net>().unwrap()]);
+            remove_lease(&nl, "cf-a", &l).await.unwrap();
+            assert!(nl.addresses("cf-a").await.unwrap().is_empty());
+            // A router outside the subnet is on-link.
+            let mut far = l.clone();
+            far.router = Some(Ipv4Addr::new(10, 0, 0, 1));
+            apply_lease(&nl, "cf-a", &far, None).await.unwrap();
+            assert_eq!(nl.link_info("cf-a").await.unwrap().unwrap().mtu, Some(9000));
+        })
+        .unwrap();
+    }
+}
