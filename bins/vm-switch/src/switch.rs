@@ -160,8 +160,12 @@ pub fn main(opts: Opts) -> ExitCode {
     }
 }
 
+/// Whether descriptor `fd` is open (without /proc, dialing will tell).
 fn fd_is_open(fd: i32) -> bool {
-    fd >= 0 && std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_ok()
+    if fd < 0 {
+        return false;
+    }
+    !Path::new("/proc/self/fd").is_dir() || std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_ok()
 }
 
 fn run(opts: &Opts) -> Result<ExitCode, Error> {
@@ -552,6 +556,13 @@ mod tests {
         ] {
             assert!(Config::from_opts(&opts(args)).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn inherited_descriptor_check() {
+        assert!(fd_is_open(0) || fd_is_open(1) || fd_is_open(2));
+        assert!(!fd_is_open(-1));
+        assert!(!fd_is_open(1_000_000));
     }
 
     #[test]
