@@ -265,7 +265,8 @@ fn open_icmp(target: IpAddr, known: Option<Mode>) -> io::Result<(UdpSocket, Mode
         Some(Mode::Raw) => (Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?, Mode::Raw),
         _ => match Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)) {
             Ok(s) => (s, Mode::Ping),
-            Err(e) if known.is_none() && e.kind() == io::ErrorKind::PermissionDenied => {
+            // Not permitted (any more): raw sockets, if we are root.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 (Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?, Mode::Raw)
             }
             Err(e) => return Err(e),

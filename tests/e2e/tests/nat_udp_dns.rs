@@ -80,11 +80,50 @@ fn udp_round_trip_to_host_loopback() {
         world.logs()
     );
     // socat as a second, independent client: one datagram, its echo.
-    let out = world.guest(0).ns.exec(
-        "sh",
-        &["-c", &format!("echo socat-hello | timeout 5 socat -T 2 - UDP:{HOST_ALIAS}:7007")],
-    );
+    let out = world
+        .guest(0)
+        .ns
+        .exec("sh", &["-c", &format!("echo socat-hello | timeout 5 socat -T 2 - UDP:{HOST_ALIAS}:7007")]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "socat-hello", "{}", world.logs());
+}
+
+#[test]
+fn udp_jumbo_datagrams_at_mtu_9000() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&["--mtu", "9000", "--dns-upstream", "127.0.0.1:53"]);
+    let g = world.add_guest(DEVICE_MAC, &["--mtu", "9000"]);
+    assert!(world.guest(g).wait_for_address(LEASE_WAIT).is_some(), "{}", world.logs());
+    assert!(
+        wait_until(Duration::from_secs(5), || world
+            .guest(g)
+            .ns
+            .stdout("ip", &["-o", "link", "show", "dev", "eth0"])
+            .contains("mtu 9000")),
+        "{}",
+        world.logs()
+    );
+    let _server = udp_echo_server(&world, 7009);
+    // The largest datagram one 9000-byte packet carries, unfragmented.
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO\n\
+         s.settimeout(1.0)\n\
+         msg = bytes(i % 251 for i in range(8972))\n\
+         for attempt in range(10):\n\
+         \x20   s.sendto(msg, ('{HOST_ALIAS}', 7009))\n\
+         \x20   try:\n\
+         \x20       data = s.recv(65535)\n\
+         \x20       break\n\
+         \x20   except socket.timeout:\n\
+         \x20       continue\n\
+         else:\n\
+         \x20   raise SystemExit('no echo')\n\
+         print(len(data), data == msg)\n"
+    );
+    assert_eq!(guest_python(&world, &script).trim(), "8972 True");
 }
 
 #[test]
@@ -177,13 +216,13 @@ fn dns_local_zones() {
         world.logs()
     );
     assert_eq!(answers(&world, &["host.docker.internal"]), ["host.docker.internal. 0 IN A 192.168.127.254"]);
-    assert_eq!(answers(&world, &["HOST.Rancher-Desktop.Internal"]), ["HOST.Rancher-Desktop.Internal. 0 IN A 192.168.127.254"]);
+    assert_eq!(
+        answers(&world, &["HOST.Rancher-Desktop.Internal"]),
+        ["HOST.Rancher-Desktop.Internal. 0 IN A 192.168.127.254"]
+    );
     assert_eq!(answers(&world, &["gateway.docker.internal"]), ["gateway.docker.internal. 0 IN A 192.168.127.1"]);
     // Without EDNS too.
-    assert_eq!(
-        answers(&world, &["+noedns", "host.docker.internal"]),
-        ["host.docker.internal. 0 IN A 192.168.127.254"]
-    );
+    assert_eq!(answers(&world, &["+noedns", "host.docker.internal"]), ["host.docker.internal. 0 IN A 192.168.127.254"]);
     let aaaa = dig(&world, &["host.docker.internal", "AAAA"]);
     assert!(aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"), "{aaaa}");
     assert!(aaaa.contains("flags: qr aa rd ra"), "{aaaa}");
@@ -216,11 +255,18 @@ fn dnsmasq(world: &World) -> Proc {
             &txt,
             &big,
             "--mx-host=example.test,mail.example.test,10",
+            // More record types, under a domain --address does not cover.
+            "--host-record=h.more.test,10.9.9.9,fd00::9",
+            "--cname=alias.more.test,h.more.test",
+            "--srv-host=_http._tcp.more.test,h.more.test,8080,1,5",
+            "--ptr-record=7.0.0.10.in-addr.arpa,seven.more.test",
         ],
     );
     // Ready once it answers through the gateway.
     assert!(
-        wait_until(Duration::from_secs(10), || answers(world, &["example.test"]).iter().any(|l| l.ends_with("10.1.2.3"))),
+        wait_until(Duration::from_secs(10), || answers(world, &["example.test"])
+            .iter()
+            .any(|l| l.ends_with("10.1.2.3"))),
         "dnsmasq never answered\n{}\n--- dnsmasq ---\n{}",
         world.logs(),
         p.logs()
@@ -251,6 +297,16 @@ fn dns_forwarded_to_own_upstream_over_udp() {
     let mx = answers(&world, &["example.test", "MX"]);
     assert_eq!(mx.len(), 1, "{mx:?}");
     assert!(mx[0].ends_with("IN MX 10 mail.example.test."), "{mx:?}");
+
+    for (args, want) in [
+        (["h.more.test", "AAAA"], "h.more.test. 0 IN AAAA fd00::9"),
+        (["_http._tcp.more.test", "SRV"], "_http._tcp.more.test. 0 IN SRV 1 5 8080 h.more.test."),
+        (["-x", "10.0.0.7"], "7.0.0.10.in-addr.arpa. 0 IN PTR seven.more.test."),
+    ] {
+        assert_eq!(answers(&world, &args), [want], "{}", upstream.logs());
+    }
+    let cname = answers(&world, &["alias.more.test", "A"]);
+    assert_eq!(cname, ["alias.more.test. 0 IN CNAME h.more.test.", "h.more.test. 0 IN A 10.9.9.9"]);
 
     // The guest's ID comes back, and the answer is the upstream's.
     let full = dig(&world, &["+qid=4321", "example.test", "A"]);
