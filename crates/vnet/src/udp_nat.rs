@@ -511,6 +511,54 @@ mod tests {
         assert_eq!(t.order.len(), 100);
     }
 
+    /// The I/O shell on loopback: flows open, replies come back, the table
+    /// stays bounded, idle flows end.
+    #[test]
+    fn flows_open_reply_evict_and_expire() {
+        use crate::engine::EngineConfig;
+        use crate::{NetConfig, Network};
+
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
+            let idle = Duration::from_millis(300);
+            let config = EngineConfig { max_udp_flows: 2, udp_idle_timeout: idle, ..EngineConfig::default() };
+            let engine = Engine::new(Network::new(cfg), config);
+            // An echo server on this namespace's loopback, reached through
+            // the host alias.
+            let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let port = echo.local_addr().unwrap().port();
+            tokio::task::spawn_local(async move {
+                let mut buf = [0u8; 2048];
+                while let Ok((n, peer)) = echo.recv_from(&mut buf).await {
+                    let _ = echo.send_to(&buf[..n], peer).await;
+                }
+            });
+            let alias = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 254), port);
+            let guest = |p| SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2), p);
+            UdpNat::send(&engine, guest(1000), alias, b"one", Instant::now());
+            UdpNat::send(&engine, guest(1000), alias, b"two", Instant::now());
+            assert_eq!(engine.udp.borrow().len(), 1);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let stats = engine.udp.borrow().stats();
+            assert_eq!((stats.flows_opened, stats.datagrams_out, stats.datagrams_in), (1, 2, 2));
+            // A third flow evicts the least recently used one.
+            UdpNat::send(&engine, guest(1001), alias, b"x", Instant::now());
+            UdpNat::send(&engine, guest(1000), alias, b"y", Instant::now());
+            UdpNat::send(&engine, guest(1002), alias, b"z", Instant::now());
+            assert_eq!(engine.udp.borrow().len(), 2);
+            assert!(engine.udp.borrow().table.peek(&(guest(1001), alias)).is_none());
+            assert_eq!(engine.udp.borrow().stats().flows_evicted, 1);
+            // Refused destinations open nothing.
+            UdpNat::send(&engine, guest(1003), SocketAddrV4::new(Ipv4Addr::BROADCAST, 9), b"b", Instant::now());
+            assert_eq!(engine.udp.borrow().stats().refused, 1);
+            // Idle flows end by themselves.
+            tokio::time::sleep(idle * 3).await;
+            assert_eq!(engine.udp.borrow().len(), 0);
+            assert_eq!(engine.udp.borrow().stats().flows_expired, 2);
+        });
+    }
+
     #[test]
     fn port_unreachable_quotes_the_datagram() {
         let src = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2), 40000);
