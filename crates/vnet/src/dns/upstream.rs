@@ -14,7 +14,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
 
 use super::message::id_and_qr;
@@ -36,10 +36,24 @@ pub async fn exchange_udp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<
     sock.send(query).await?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
-        let n = sock.recv(&mut buf).await?;
-        if id_and_qr(&buf[..n]) == Some((id, true)) {
-            buf.truncate(n);
-            return Ok(buf);
+        // An ICMP error (nobody listening) only raises EPOLLERR, which a
+        // plain `recv().await` would not wake for: wait for either.
+        let ready = sock.ready(Interest::READABLE | Interest::ERROR).await?;
+        match sock.try_recv(&mut buf) {
+            Ok(n) if id_and_qr(&buf[..n]) == Some((id, true)) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if ready.is_error() {
+                    if let Some(e) = sock.take_error()? {
+                        return Err(e);
+                    }
+                    sock.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into())).ok();
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
 }
