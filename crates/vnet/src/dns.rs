@@ -162,7 +162,11 @@ impl DnsServer {
                 let limit = message::udp_limit(&parsed, self.link_udp_max);
                 let engine = engine.clone();
                 let query = query.to_vec();
+                // Counted now, not when the task first runs: a burst within
+                // one tick must meet the bound too.
+                self.in_flight.set(self.in_flight.get() + 1);
                 tokio::task::spawn_local(async move {
+                    let _guard = InFlight(&self.in_flight);
                     let reply = self.forward(&query, &parsed, false).await;
                     let reply = self.fit(reply, limit);
                     engine.send_udp_to_guest(server, client, &reply);
@@ -183,8 +187,6 @@ impl DnsServer {
     /// wins, else SERVFAIL. `tcp`: the guest asked over TCP, so a truncated
     /// UDP answer is fetched again over TCP.
     async fn forward(&self, query: &[u8], parsed: &Message, tcp: bool) -> Vec<u8> {
-        self.in_flight.set(self.in_flight.get() + 1);
-        let _guard = InFlight(&self.in_flight);
         let upstreams = self.upstreams.borrow_mut().current(Instant::now());
         let mut fallback = None;
         for up in upstreams {
@@ -257,7 +259,11 @@ impl DnsServer {
             let reply = match self.decide(&query) {
                 Decision::Drop => break,
                 Decision::Reply(r) => r,
-                Decision::Forward(parsed) => self.forward(&query, &parsed, true).await,
+                Decision::Forward(parsed) => {
+                    self.in_flight.set(self.in_flight.get() + 1);
+                    let _guard = InFlight(&self.in_flight);
+                    self.forward(&query, &parsed, true).await
+                }
             };
             let reply = message::fit_udp(reply, upstream::MAX_MESSAGE);
             let mut out = Vec::with_capacity(2 + reply.len());
