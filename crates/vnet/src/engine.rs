@@ -28,7 +28,9 @@ use crate::dns::DnsServer;
 use crate::icmp_nat::IcmpNat;
 use crate::nat::NatPolicy;
 use crate::network::{FrameSink, Network, Upcall};
+use crate::ratelimit::LogLimiter;
 use crate::switch::PortId;
+use crate::tcp::TcpNat;
 use crate::udp_nat::UdpNat;
 
 /// Settings of the I/O shell (the network's own live in `NetConfig`).
@@ -95,13 +97,20 @@ pub struct Engine {
     pub udp: RefCell<UdpNat>,
     pub icmp: RefCell<IcmpNat>,
     pub dns: Rc<DnsServer>,
+    pub tcp: RefCell<TcpNat>,
+    /// Rate limits for logs a guest can trigger from the shell's modules.
+    pub logs: RefCell<LogLimiter>,
 }
 
 impl Engine {
     pub fn new(net: Network, config: EngineConfig) -> Rc<Self> {
         let nat = NatPolicy::new(&net.cfg, config.allow_link_local);
         let dns = Rc::new(DnsServer::new(&net.cfg, config.dns_upstreams.clone()));
+        let tcp =
+            TcpNat::new(net.cfg.gateway_ip, net.cfg.subnet.prefix_len(), net.cfg.mtu.into(), config.max_tcp_flows);
         Rc::new(Engine {
+            tcp: RefCell::new(tcp),
+            logs: RefCell::new(LogLimiter::default()),
             ports: RefCell::new(Ports { framing: config.framing, map: HashMap::new(), overflow_drops: 0 }),
             udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout)),
             icmp: RefCell::new(IcmpNat::new()),
@@ -159,6 +168,7 @@ impl Engine {
                 UdpNat::send(self, src, dst, payload, now);
             }
             IpProtocol::Icmp => IcmpNat::handle(self, src_mac, header, packet, now),
+            IpProtocol::Tcp => crate::tcp::handle_guest_packet(self, header, packet),
             _ => self.net.borrow_mut().stats.drops.unsupported_protocol += 1,
         }
     }
@@ -168,6 +178,13 @@ impl Engine {
         let mut net = self.net.borrow_mut();
         let mut ports = self.ports.borrow_mut();
         net.send_udp_to_guest(src, dst, payload, Instant::now(), &mut *ports)
+    }
+
+    /// Sends an IPv4 packet placed after 14 bytes of headroom in `frame`.
+    pub fn send_ipv4_frame_to_guest(&self, frame: &mut [u8]) -> bool {
+        let mut net = self.net.borrow_mut();
+        let mut ports = self.ports.borrow_mut();
+        net.send_ipv4_frame_to_guest(frame, Instant::now(), &mut *ports)
     }
 
     /// Sends a complete IPv4 packet to the guest owning its destination.

@@ -15,6 +15,7 @@ pub mod network;
 pub mod ratelimit;
 pub mod stats;
 pub mod switch;
+pub mod tcp;
 pub mod udp_nat;
 
 pub use config::{ConfigError, NetConfig};

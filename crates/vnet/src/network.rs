@@ -365,6 +365,26 @@ impl Network {
         true
     }
 
+    /// Like [`send_ipv4_to_guest`](Self::send_ipv4_to_guest) for a packet
+    /// already placed after 14 bytes of headroom in `frame`, which this
+    /// fills with the Ethernet header: the TCP path builds in place, no copy.
+    pub fn send_ipv4_frame_to_guest(&mut self, frame: &mut [u8], now: Instant, out: &mut impl FrameSink) -> bool {
+        let Some(dst_ip) = frame.get(ETH_HEADER..).and_then(|p| Ipv4Packet::new_checked(p).ok()).map(|p| p.dst_addr())
+        else {
+            return false;
+        };
+        let Some(mac) = self.neighbor(dst_ip) else {
+            self.stats.drops.unknown_unicast += 1;
+            return false;
+        };
+        let mut eth = EthernetFrame::new_unchecked(&mut *frame);
+        eth.set_dst_addr(mac);
+        eth.set_src_addr(self.cfg.gateway_mac);
+        eth.set_ethertype(EthernetProtocol::Ipv4);
+        self.deliver(frame, now, out);
+        true
+    }
+
     fn flood(&mut self, except: Option<PortId>, frame: &[u8], out: &mut impl FrameSink) {
         // Ports are few; collecting avoids borrowing the switch while emitting.
         let ports: Vec<PortId> = self.switch.ports().filter(|p| Some(*p) != except).collect();

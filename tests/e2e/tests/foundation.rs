@@ -90,7 +90,7 @@ fn busybox_udhcpc_gets_a_lease_from_our_server() {
     let g = world.add_guest(DEVICE_MAC, &["-dhcp=false"]);
     let guest = world.guest(g);
     assert!(
-        wait_until(Duration::from_secs(10), || guest.ns.exec("ip", &["link", "show", "eth0", "up"]).stdout.len() > 0),
+        wait_until(Duration::from_secs(10), || !guest.ns.exec("ip", &["link", "show", "eth0", "up"]).stdout.is_empty()),
         "tap never came up\n{}",
         world.logs()
     );

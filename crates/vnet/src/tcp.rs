@@ -1,0 +1,670 @@
+//! TCP: guest connections terminated with smoltcp and bridged to host sockets.
+//!
+//! How this works.
+//!
+//! *Finding a flow.* A flow is keyed by (guest address, remote address), the
+//! guest's view of the 4-tuple. The table is a `HashMap` from that key to the
+//! flow, and every flow owns its own smoltcp `SocketSet` holding exactly one
+//! TCP socket; one shared smoltcp `Interface` (IP medium, AnyIP) is polled
+//! with that flow's set only. A packet therefore costs a hash lookup and the
+//! work of its own socket, O(1) in the number of flows, instead of smoltcp's
+//! usual scan of every socket.
+//!
+//! *Connect first.* A guest SYN with no flow creates one in the connecting
+//! state and starts a non-blocking host `connect()`; the SYN is kept. Guest
+//! retransmissions of it are ignored meanwhile. On success the smoltcp socket
+//! is put into listen state and fed the kept SYN, so the SYN-ACK only leaves
+//! when the host side is really there; a refusal sends the guest a RST at
+//! once; a timeout sends nothing, so the guest's own timers decide.
+//!
+//! *Timers.* Each flow runs one local task. It sleeps until the earliest of:
+//! its host socket becoming readable or writable (only asked for when there
+//! is room, or data, to move), a wake-up from the packet path, or smoltcp's
+//! own next deadline (`poll_delay`: retransmission, keep-alive, close).
+//! Tokio's timer wheel holds those deadlines, one per flow.
+//!
+//! *Back-pressure.* Nothing is dropped for lack of room. Host data is read
+//! only into free space of the socket's send buffer, so a slow guest stops
+//! the host socket from being read and the host's TCP pushes back. Guest data
+//! sits in the socket's receive buffer until the host socket takes it, and
+//! smoltcp advertises only the free part of that buffer as its window, so a
+//! slow host shrinks the guest's window.
+//!
+//! *Closing.* A guest FIN shuts down the host socket's write side once all
+//! data is written; a host EOF closes the smoltcp socket, which sends FIN
+//! after the data. A guest RST aborts the host socket with a RST (linger 0);
+//! a host error aborts the smoltcp socket, which sends RST. A flow is freed
+//! as soon as its socket is closed or reaches TIME-WAIT: TIME-WAIT holds no
+//! host resources.
+//!
+//! *Bounds.* At most `max_flows` flows and `max_connecting` half-open ones;
+//! a SYN beyond either gets a RST.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket,
+    TcpRepr, TcpSeqNumber,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::engine::Engine;
+use crate::frame::{ETH_HEADER, IPV4_HEADER};
+
+/// How long a host `connect()` may take before the flow is forgotten.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Socket buffer sizes (each direction). Zeroed pages are only committed
+/// when touched, so a quiet flow costs little of this.
+pub const RX_BUFFER: usize = 512 * 1024;
+pub const TX_BUFFER: usize = 512 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub guest: SocketAddrV4,
+    pub remote: SocketAddrV4,
+}
+
+enum Phase {
+    /// Host connect in progress; the guest's SYN waits here.
+    Connecting {
+        syn: Vec<u8>,
+    },
+    Open {
+        handle: SocketHandle,
+    },
+}
+
+struct FlowState {
+    sockets: SocketSet<'static>,
+    phase: Phase,
+    waker: Option<Waker>,
+}
+
+pub struct Flow {
+    key: FlowKey,
+    state: RefCell<FlowState>,
+}
+
+/// A gateway service reachable over TCP inside the virtual network (DNS on
+/// :53, the API on :80): gets one end of an in-memory stream per connection.
+pub type GatewayService = Rc<dyn Fn(tokio::io::DuplexStream, SocketAddrV4)>;
+
+pub struct TcpNat {
+    iface: Interface,
+    epoch: std::time::Instant,
+    flows: HashMap<FlowKey, Rc<Flow>>,
+    connecting: usize,
+    pub max_flows: usize,
+    pub max_connecting: usize,
+    mtu: usize,
+    tx_frame: Vec<u8>,
+    services: HashMap<u16, GatewayService>,
+    pub refused_syns: u64,
+}
+
+/// The one-packet device a flow is polled with.
+struct FlowDevice<'a> {
+    rx: Option<&'a [u8]>,
+    engine: &'a Engine,
+    tx_frame: &'a mut Vec<u8>,
+    mtu: usize,
+}
+
+struct FlowRx<'a>(&'a [u8]);
+struct FlowTx<'a> {
+    engine: &'a Engine,
+    tx_frame: &'a mut Vec<u8>,
+}
+
+impl RxToken for FlowRx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl TxToken for FlowTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        self.tx_frame.clear();
+        self.tx_frame.resize(ETH_HEADER + len, 0);
+        let r = f(&mut self.tx_frame[ETH_HEADER..]);
+        self.engine.send_ipv4_frame_to_guest(self.tx_frame);
+        r
+    }
+}
+
+impl Device for FlowDevice<'_> {
+    type RxToken<'b>
+        = FlowRx<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = FlowTx<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _: SmolInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let rx = self.rx.take()?;
+        Some((FlowRx(rx), FlowTx { engine: self.engine, tx_frame: self.tx_frame }))
+    }
+
+    fn transmit(&mut self, _: SmolInstant) -> Option<Self::TxToken<'_>> {
+        Some(FlowTx { engine: self.engine, tx_frame: self.tx_frame })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.mtu;
+        // The link is memory, not a wire: the guest kernel checksums what it
+        // sends and a guest that lies only hurts itself, so skip verifying.
+        let mut cs = ChecksumCapabilities::default();
+        cs.ipv4 = Checksum::Tx;
+        cs.tcp = Checksum::Tx;
+        caps.checksum = cs;
+        caps
+    }
+}
+
+impl TcpNat {
+    pub fn new(gateway: Ipv4Addr, prefix: u8, mtu: usize, max_flows: usize) -> Self {
+        let epoch = std::time::Instant::now();
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = epoch.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
+        let mut tx_frame = Vec::new();
+        let mut dummy = NullDevice { mtu };
+        let mut iface = Interface::new(config, &mut dummy, SmolInstant::from_micros(0));
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(gateway), prefix));
+        });
+        tx_frame.reserve(ETH_HEADER + mtu);
+        TcpNat {
+            iface,
+            epoch,
+            flows: HashMap::new(),
+            connecting: 0,
+            max_flows,
+            max_connecting: max_flows.clamp(1, 2048),
+            mtu,
+            tx_frame,
+            services: HashMap::new(),
+            refused_syns: 0,
+        }
+    }
+
+    pub fn register_service(&mut self, port: u16, service: GatewayService) {
+        self.services.insert(port, service);
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    pub fn connecting(&self) -> usize {
+        self.connecting
+    }
+
+    fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+}
+
+struct NullDevice {
+    mtu: usize,
+}
+
+impl Device for NullDevice {
+    type RxToken<'b>
+        = FlowRx<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = FlowRx<'b>
+    where
+        Self: 'b;
+    fn receive(&mut self, _: SmolInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        None
+    }
+    fn transmit(&mut self, _: SmolInstant) -> Option<Self::TxToken<'_>> {
+        None
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.mtu;
+        caps
+    }
+}
+
+impl TxToken for FlowRx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        f(&mut vec![0; len])
+    }
+}
+
+/// Polls the shared interface with one flow's sockets, optionally feeding
+/// it one packet from the guest.
+fn poll_flow(engine: &Engine, state: &mut FlowState, rx: Option<&[u8]>) {
+    let mut nat = engine.tcp.borrow_mut();
+    let now = nat.now();
+    let TcpNat { iface, tx_frame, mtu, .. } = &mut *nat;
+    let mut dev = FlowDevice { rx, engine, tx_frame, mtu: *mtu };
+    if rx.is_some() {
+        iface.poll(now, &mut dev, &mut state.sockets);
+    } else {
+        iface.poll_egress(now, &mut dev, &mut state.sockets);
+    }
+}
+
+/// Entry point for a TCP segment from the guest (an IPv4 packet).
+pub fn handle_guest_packet(engine: &Rc<Engine>, header: &Ipv4Repr, packet: &[u8]) {
+    let Ok(ip) = Ipv4Packet::new_checked(packet) else { return };
+    let hl = ip.header_len() as usize;
+    let Some(Ok(seg)) = packet.get(hl..).map(TcpPacket::new_checked) else {
+        engine.net.borrow_mut().stats.drops.malformed += 1;
+        return;
+    };
+    let key = FlowKey {
+        guest: SocketAddrV4::new(header.src_addr, seg.src_port()),
+        remote: SocketAddrV4::new(header.dst_addr, seg.dst_port()),
+    };
+    let existing = engine.tcp.borrow().flows.get(&key).cloned();
+    if let Some(flow) = existing {
+        let mut state = flow.state.borrow_mut();
+        match state.phase {
+            Phase::Connecting { .. } => {
+                if seg.rst() {
+                    // The guest gave up; the connect task notices the flow is gone.
+                    drop(state);
+                    remove_flow(engine, &flow);
+                }
+            }
+            Phase::Open { .. } => {
+                poll_flow(engine, &mut state, Some(packet));
+                let waker = state.waker.take();
+                drop(state);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }
+        }
+        return;
+    }
+    if seg.rst() {
+        return;
+    }
+    if !seg.syn() || seg.ack() {
+        // Not ours (a host-switch restart, or a long-gone flow): say so.
+        send_rst(engine, &key, &seg);
+        return;
+    }
+    open_flow(engine, key, &seg, packet);
+}
+
+fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: &[u8]) {
+    let gateway = engine.net.borrow().cfg.gateway_ip;
+    let target: Target = if *key.remote.ip() == gateway {
+        match engine.tcp.borrow().services.get(&key.remote.port()) {
+            Some(svc) => Target::Service(svc.clone()),
+            None => {
+                send_rst(engine, &key, seg);
+                return;
+            }
+        }
+    } else {
+        match engine.nat.translate(*key.remote.ip()) {
+            Ok(ip) => Target::Host(SocketAddr::new(ip, key.remote.port())),
+            Err(why) => {
+                crate::limited_warn!(engine.logs.borrow_mut(), std::time::Instant::now(), "tcp-refused",
+                    dst = %key.remote, reason = %why, "refusing TCP connection");
+                send_rst(engine, &key, seg);
+                return;
+            }
+        }
+    };
+    {
+        let mut nat = engine.tcp.borrow_mut();
+        if nat.flows.len() >= nat.max_flows || nat.connecting >= nat.max_connecting {
+            nat.refused_syns += 1;
+            drop(nat);
+            crate::limited_warn!(engine.logs.borrow_mut(), std::time::Instant::now(), "tcp-limit",
+                dst = %key.remote, "TCP flow limit reached; resetting new connection");
+            send_rst(engine, &key, seg);
+            return;
+        }
+        nat.connecting += 1;
+        let flow = Rc::new(Flow {
+            key,
+            state: RefCell::new(FlowState {
+                sockets: SocketSet::new(Vec::with_capacity(1)),
+                phase: Phase::Connecting { syn: packet.to_vec() },
+                waker: None,
+            }),
+        });
+        nat.flows.insert(key, flow.clone());
+        tokio::task::spawn_local(connect_and_run(engine.clone(), flow, target));
+    }
+}
+
+enum Target {
+    Host(SocketAddr),
+    Service(GatewayService),
+}
+
+async fn connect_and_run(engine: Rc<Engine>, flow: Rc<Flow>, target: Target) {
+    match target {
+        Target::Host(addr) => {
+            let result = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
+            engine.tcp.borrow_mut().connecting -= 1;
+            if !still_registered(&engine, &flow) {
+                return;
+            }
+            match result {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    let keepalive = socket2::TcpKeepalive::new()
+                        .with_time(Duration::from_secs(60))
+                        .with_interval(Duration::from_secs(10));
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+                    if accept_guest(&engine, &flow) {
+                        run_flow(engine, flow, stream, |s: &TcpStream| {
+                            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+                        })
+                        .await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(flow = ?flow.key, error = %e, "host connect failed; resetting guest");
+                    reset_connecting(&engine, &flow);
+                }
+                Err(_) => {
+                    tracing::debug!(flow = ?flow.key, "host connect timed out");
+                    remove_flow(&engine, &flow);
+                }
+            }
+        }
+        Target::Service(service) => {
+            engine.tcp.borrow_mut().connecting -= 1;
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            if accept_guest(&engine, &flow) {
+                service(theirs, flow.key.guest);
+                run_flow(engine, flow, ours, |_| {}).await;
+            }
+        }
+    }
+}
+
+fn still_registered(engine: &Engine, flow: &Rc<Flow>) -> bool {
+    engine.tcp.borrow().flows.get(&flow.key).is_some_and(|f| Rc::ptr_eq(f, flow))
+}
+
+/// Turns a connecting flow into an open one: a listening socket fed the
+/// guest's SYN, which answers with SYN-ACK.
+fn accept_guest(engine: &Engine, flow: &Rc<Flow>) -> bool {
+    let mut state = flow.state.borrow_mut();
+    let Phase::Connecting { syn } = std::mem::replace(&mut state.phase, Phase::Connecting { syn: Vec::new() }) else {
+        return false;
+    };
+    let mut socket =
+        tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; RX_BUFFER]), tcp::SocketBuffer::new(vec![0u8; TX_BUFFER]));
+    socket.set_nagle_enabled(false);
+    socket.set_ack_delay(None);
+    socket.set_congestion_control(tcp::CongestionControl::Cubic);
+    let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(*flow.key.remote.ip())), port: flow.key.remote.port() };
+    if socket.listen(local).is_err() {
+        return false;
+    }
+    let handle = state.sockets.add(socket);
+    state.phase = Phase::Open { handle };
+    poll_flow(engine, &mut state, Some(&syn));
+    true
+}
+
+fn reset_connecting(engine: &Engine, flow: &Rc<Flow>) {
+    let syn = match &flow.state.borrow().phase {
+        Phase::Connecting { syn } => syn.clone(),
+        Phase::Open { .. } => Vec::new(),
+    };
+    remove_flow(engine, flow);
+    let Ok(ip) = Ipv4Packet::new_checked(&syn[..]) else { return };
+    let hl = ip.header_len() as usize;
+    if let Some(Ok(seg)) = syn.get(hl..).map(TcpPacket::new_checked) {
+        send_rst(engine, &flow.key, &seg);
+    }
+}
+
+fn remove_flow(engine: &Engine, flow: &Rc<Flow>) {
+    let mut nat = engine.tcp.borrow_mut();
+    if nat.flows.get(&flow.key).is_some_and(|f| Rc::ptr_eq(f, flow)) {
+        nat.flows.remove(&flow.key);
+    }
+}
+
+/// Answers `seg` with a RST, as a closed port would (RFC 793 reset generation).
+fn send_rst(engine: &Engine, key: &FlowKey, seg: &TcpPacket<&[u8]>) {
+    let seg_len = seg.payload().len() + usize::from(seg.syn()) + usize::from(seg.fin());
+    let (seq, ack) =
+        if seg.ack() { (seg.ack_number(), None) } else { (TcpSeqNumber(0), Some(seg.seq_number() + seg_len)) };
+    let repr = TcpRepr {
+        src_port: key.remote.port(),
+        dst_port: key.guest.port(),
+        control: TcpControl::Rst,
+        seq_number: seq,
+        ack_number: ack,
+        window_len: 0,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: *key.remote.ip(),
+        dst_addr: *key.guest.ip(),
+        next_header: IpProtocol::Tcp,
+        payload_len: repr.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut frame = vec![0u8; ETH_HEADER + IPV4_HEADER + repr.buffer_len()];
+    let mut pkt = Ipv4Packet::new_unchecked(&mut frame[ETH_HEADER..]);
+    ip.emit(&mut pkt, &ChecksumCapabilities::default());
+    repr.emit(
+        &mut TcpPacket::new_unchecked(pkt.payload_mut()),
+        &IpAddress::Ipv4(*key.remote.ip()),
+        &IpAddress::Ipv4(*key.guest.ip()),
+        &ChecksumCapabilities::default(),
+    );
+    engine.send_ipv4_frame_to_guest(&mut frame);
+}
+
+/// What ended a flow's bridge.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// Both directions closed cleanly.
+    Closed,
+    /// The guest reset or the socket died: reset the host side too.
+    Reset,
+}
+
+/// Moves data between one open flow and its host stream until both are done.
+async fn run_flow<S>(engine: Rc<Engine>, flow: Rc<Flow>, stream: S, abort_host: impl FnOnce(&S))
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut io = HostIo::default();
+    let mut sleep = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
+    let end = poll_fn(|cx| bridge(cx, &engine, &flow, &mut rd, &mut wr, &mut io, sleep.as_mut())).await;
+    remove_flow(&engine, &flow);
+    let stream = rd.unsplit(wr);
+    if end == End::Reset {
+        abort_host(&stream);
+    }
+    tracing::trace!(flow = ?flow.key, ?end, "flow done");
+}
+
+#[derive(Default)]
+struct HostIo {
+    /// The host sent EOF (and the smoltcp socket was told to close).
+    host_eof: bool,
+    /// The host socket's write side was shut down after the guest's FIN.
+    host_write_shut: bool,
+    /// The guest's handshake completed (FIN checks mean nothing before).
+    established: bool,
+}
+
+fn bridge<R, W>(
+    cx: &mut Context<'_>,
+    engine: &Engine,
+    flow: &Flow,
+    rd: &mut R,
+    wr: &mut W,
+    io: &mut HostIo,
+    mut sleep: Pin<&mut tokio::time::Sleep>,
+) -> Poll<End>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let mut state = flow.state.borrow_mut();
+        let Phase::Open { handle } = state.phase else { return Poll::Ready(End::Closed) };
+        if !still_registered_flow(engine, flow) {
+            return Poll::Ready(End::Reset);
+        }
+        let mut progressed = false;
+        let mut reset = false;
+        {
+            let socket = state.sockets.get_mut::<tcp::Socket>(handle);
+
+            // Host → guest, into free space of the send buffer only.
+            while !io.host_eof && socket.may_send() && socket.send_queue() < socket.send_capacity() {
+                let r = socket.send(|buf| {
+                    let mut rb = ReadBuf::new(buf);
+                    match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) => (rb.filled().len(), Poll::Ready(Ok(rb.filled().len()))),
+                        Poll::Ready(Err(e)) => (0, Poll::Ready(Err(e))),
+                        Poll::Pending => (0, Poll::Pending),
+                    }
+                });
+                match r {
+                    Ok(Poll::Ready(Ok(0))) => {
+                        io.host_eof = true;
+                        socket.close();
+                        progressed = true;
+                    }
+                    Ok(Poll::Ready(Ok(_))) => progressed = true,
+                    Ok(Poll::Ready(Err(e))) => {
+                        tracing::debug!(flow = ?flow.key, error = %e, "host read failed; resetting guest");
+                        socket.abort();
+                        reset = true;
+                        break;
+                    }
+                    Ok(Poll::Pending) | Err(_) => break,
+                }
+            }
+
+            // Guest → host, as much as the host socket takes.
+            while !reset && socket.recv_queue() > 0 {
+                let r = socket.recv(|buf| match Pin::new(&mut *wr).poll_write(cx, buf) {
+                    Poll::Ready(Ok(n)) => (n, Poll::Ready(Ok(n))),
+                    Poll::Ready(Err(e)) => (0, Poll::Ready(Err::<usize, io::Error>(e))),
+                    Poll::Pending => (0, Poll::Pending),
+                });
+                match r {
+                    Ok(Poll::Ready(Ok(n))) if n > 0 => progressed = true,
+                    Ok(Poll::Ready(Err(e))) => {
+                        tracing::debug!(flow = ?flow.key, error = %e, "host write failed; resetting guest");
+                        socket.abort();
+                        reset = true;
+                    }
+                    _ => break,
+                }
+            }
+
+            // Guest FIN and everything written: half-close the host side.
+            if socket.state() == tcp::State::Established {
+                io.established = true;
+            }
+            if !reset && io.established && !io.host_write_shut && !socket.may_recv() && socket.recv_queue() == 0 {
+                if let Poll::Ready(_) = Pin::new(&mut *wr).poll_shutdown(cx) {
+                    io.host_write_shut = true;
+                    progressed = true;
+                }
+            }
+        }
+
+        // Let smoltcp send what was queued (and window updates).
+        poll_flow(engine, &mut state, None);
+
+        let socket = state.sockets.get::<tcp::Socket>(handle);
+        match socket.state() {
+            tcp::State::Closed => {
+                let clean = io.host_eof && io.host_write_shut;
+                return Poll::Ready(if clean && !reset { End::Closed } else { End::Reset });
+            }
+            tcp::State::TimeWait => return Poll::Ready(End::Closed),
+            _ => {}
+        }
+        if reset {
+            return Poll::Ready(End::Reset);
+        }
+        if progressed {
+            continue;
+        }
+
+        // Nothing to do now: sleep until smoltcp's next deadline or a wake.
+        let delay = {
+            let mut nat = engine.tcp.borrow_mut();
+            let now = nat.now();
+            nat.iface.poll_delay(now, &state.sockets)
+        };
+        state.waker = Some(cx.waker().clone());
+        drop(state);
+        match delay {
+            Some(d) => {
+                let deadline = tokio::time::Instant::now() + Duration::from_micros(d.total_micros());
+                sleep.as_mut().reset(deadline);
+                if sleep.as_mut().poll(cx).is_ready() {
+                    // A timer is due now: run smoltcp's timers and go again.
+                    let mut state = flow.state.borrow_mut();
+                    state.waker = None;
+                    poll_flow(engine, &mut state, None);
+                    continue;
+                }
+            }
+            None => {
+                sleep.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3600));
+            }
+        }
+        return Poll::Pending;
+    }
+}
+
+fn still_registered_flow(engine: &Engine, flow: &Flow) -> bool {
+    engine.tcp.borrow().flows.get(&flow.key).is_some_and(|f| std::ptr::eq(&**f, flow))
+}
+
+impl Flow {
+    pub fn key(&self) -> FlowKey {
+        self.key
+    }
+}
