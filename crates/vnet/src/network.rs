@@ -60,6 +60,7 @@ pub struct Network {
     pub dhcp: DhcpServer,
     pub stats: Stats,
     neighbors: HashMap<Ipv4Addr, EthernetAddress>,
+    arp_probes: HashMap<Ipv4Addr, Instant>,
     logs: LogLimiter,
     scratch: Vec<u8>,
 }
@@ -73,6 +74,7 @@ impl Network {
             dhcp,
             stats: Stats::default(),
             neighbors: HashMap::new(),
+            arp_probes: HashMap::new(),
             logs: LogLimiter::default(),
             scratch: Vec::with_capacity(2048),
         }
@@ -375,6 +377,7 @@ impl Network {
         };
         let Some(mac) = self.neighbor(dst_ip) else {
             self.stats.drops.unknown_unicast += 1;
+            self.arp_probe(dst_ip, now, out);
             return false;
         };
         let mut eth = EthernetFrame::new_unchecked(&mut *frame);
@@ -383,6 +386,42 @@ impl Network {
         eth.set_ethertype(EthernetProtocol::Ipv4);
         self.deliver(frame, now, out);
         true
+    }
+
+    /// Asks the guests who has `ip` (at most once a second per address), so
+    /// a connection the host opens to a guest that never spoke first finds
+    /// its MAC by the time its SYN is retransmitted.
+    pub fn arp_probe(&mut self, ip: Ipv4Addr, now: Instant, out: &mut impl FrameSink) {
+        if !self.cfg.subnet.contains(&ip) || self.cfg.is_gateway_owned(ip) {
+            return;
+        }
+        if let Some(last) = self.arp_probes.get(&ip)
+            && now.saturating_duration_since(*last) < std::time::Duration::from_secs(1)
+        {
+            return;
+        }
+        if self.arp_probes.len() >= MAX_NEIGHBORS {
+            self.arp_probes.retain(|_, t| now.saturating_duration_since(*t) < std::time::Duration::from_secs(1));
+        }
+        self.arp_probes.insert(ip, now);
+        let req = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: self.cfg.gateway_mac,
+            source_protocol_addr: self.cfg.gateway_ip,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: ip,
+        };
+        let mut buf = std::mem::take(&mut self.scratch);
+        frame::ethernet(
+            &mut buf,
+            self.cfg.gateway_mac,
+            EthernetAddress::BROADCAST,
+            EthernetProtocol::Arp,
+            req.buffer_len(),
+            |b| req.emit(&mut ArpPacket::new_unchecked(b)),
+        );
+        self.deliver(&buf, now, out);
+        self.scratch = buf;
     }
 
     fn flood(&mut self, except: Option<PortId>, frame: &[u8], out: &mut impl FrameSink) {

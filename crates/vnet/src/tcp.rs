@@ -96,6 +96,8 @@ struct FlowState {
 pub struct Flow {
     key: FlowKey,
     state: RefCell<FlowState>,
+    /// For connections into the guest: give up if not established by then.
+    connect_deadline: Option<tokio::time::Instant>,
 }
 
 /// A gateway service reachable over TCP inside the virtual network (DNS on
@@ -113,6 +115,7 @@ pub struct TcpNat {
     tx_frame: Vec<u8>,
     services: HashMap<u16, GatewayService>,
     pub refused_syns: u64,
+    next_port: u16,
 }
 
 /// The one-packet device a flow is polled with.
@@ -202,6 +205,7 @@ impl TcpNat {
             tx_frame,
             services: HashMap::new(),
             refused_syns: 0,
+            next_port: 0,
         }
     }
 
@@ -357,6 +361,7 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
                 phase: Phase::Connecting { syn: packet.to_vec() },
                 waker: None,
             }),
+            connect_deadline: None,
         });
         nat.flows.insert(key, flow.clone());
         tokio::task::spawn_local(connect_and_run(engine.clone(), flow, target));
@@ -366,6 +371,70 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
 enum Target {
     Host(SocketAddr),
     Service(GatewayService),
+}
+
+/// How long a connection into the guest may take to be accepted.
+pub const GUEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestConnectError {
+    #[error("too many TCP flows")]
+    TooManyFlows,
+    #[error("no free source port on the gateway")]
+    NoPort,
+    #[error("cannot open a connection to {0}")]
+    Unaddressable(SocketAddrV4),
+}
+
+/// Opens a connection from the gateway into the guest at `guest` and
+/// bridges it to `stream` (a host connection accepted by a port forward).
+/// If the guest refuses, or does not answer within
+/// [`GUEST_CONNECT_TIMEOUT`], the host stream is closed.
+pub fn connect_to_guest<S>(engine: &Rc<Engine>, guest: SocketAddrV4, stream: S) -> Result<(), GuestConnectError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let gateway = engine.net.borrow().cfg.gateway_ip;
+    let mut nat = engine.tcp.borrow_mut();
+    if nat.flows.len() >= nat.max_flows {
+        return Err(GuestConnectError::TooManyFlows);
+    }
+    // Ephemeral ports from the gateway, skipping any still in use.
+    let mut key = None;
+    for _ in 0..16384 {
+        nat.next_port = if nat.next_port < 49152 || nat.next_port == u16::MAX { 49152 } else { nat.next_port + 1 };
+        let k = FlowKey { guest, remote: SocketAddrV4::new(gateway, nat.next_port) };
+        if !nat.flows.contains_key(&k) {
+            key = Some(k);
+            break;
+        }
+    }
+    let key = key.ok_or(GuestConnectError::NoPort)?;
+    let mut socket = new_socket();
+    let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(gateway)), port: key.remote.port() };
+    socket
+        .connect(nat.iface.context(), (IpAddress::Ipv4(*guest.ip()), guest.port()), local)
+        .map_err(|_| GuestConnectError::Unaddressable(guest))?;
+    let mut sockets = SocketSet::new(Vec::with_capacity(1));
+    let handle = sockets.add(socket);
+    let flow = Rc::new(Flow {
+        key,
+        state: RefCell::new(FlowState { sockets, phase: Phase::Open { handle }, waker: None }),
+        connect_deadline: Some(tokio::time::Instant::now() + GUEST_CONNECT_TIMEOUT),
+    });
+    nat.flows.insert(key, flow.clone());
+    drop(nat);
+    tokio::task::spawn_local(run_flow(engine.clone(), flow, stream, |_| {}));
+    Ok(())
+}
+
+fn new_socket() -> tcp::Socket<'static> {
+    let mut socket =
+        tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; RX_BUFFER]), tcp::SocketBuffer::new(vec![0u8; TX_BUFFER]));
+    socket.set_nagle_enabled(false);
+    socket.set_ack_delay(None);
+    socket.set_congestion_control(tcp::CongestionControl::Cubic);
+    socket
 }
 
 async fn connect_and_run(engine: Rc<Engine>, flow: Rc<Flow>, target: Target) {
@@ -604,6 +673,11 @@ where
             if socket.state() == tcp::State::Established {
                 io.established = true;
             }
+            if !io.established && flow.connect_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                tracing::debug!(flow = ?flow.key, "guest did not accept in time");
+                socket.abort();
+                reset = true;
+            }
             if !reset && io.established && !io.host_write_shut && !socket.may_recv() && socket.recv_queue() == 0 {
                 if let Poll::Ready(_) = Pin::new(&mut *wr).poll_shutdown(cx) {
                     io.host_write_shut = true;
@@ -639,6 +713,15 @@ where
         };
         state.waker = Some(cx.waker().clone());
         drop(state);
+        let delay = match (delay, flow.connect_deadline.filter(|_| !io.established)) {
+            (Some(d), Some(cd)) => Some(d.min(smoltcp::time::Duration::from_micros(
+                cd.saturating_duration_since(tokio::time::Instant::now()).as_micros() as u64,
+            ))),
+            (None, Some(cd)) => Some(smoltcp::time::Duration::from_micros(
+                cd.saturating_duration_since(tokio::time::Instant::now()).as_micros() as u64,
+            )),
+            (d, None) => d,
+        };
         match delay {
             Some(d) => {
                 let deadline = tokio::time::Instant::now() + Duration::from_micros(d.total_micros());
