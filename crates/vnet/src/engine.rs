@@ -106,8 +106,15 @@ impl Engine {
     pub fn new(net: Network, config: EngineConfig) -> Rc<Self> {
         let nat = NatPolicy::new(&net.cfg, config.allow_link_local);
         let dns = Rc::new(DnsServer::new(&net.cfg, config.dns_upstreams.clone()));
-        let tcp =
+        let mut tcp =
             TcpNat::new(net.cfg.gateway_ip, net.cfg.subnet.prefix_len(), net.cfg.mtu.into(), config.max_tcp_flows);
+        let dns_tcp = dns.clone();
+        tcp.register_service(
+            crate::dns::DNS_PORT,
+            Rc::new(move |stream, _peer| {
+                tokio::task::spawn_local(dns_tcp.clone().serve_tcp(stream));
+            }),
+        );
         Rc::new(Engine {
             tcp: RefCell::new(tcp),
             logs: RefCell::new(LogLimiter::default()),
