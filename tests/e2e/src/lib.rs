@@ -401,3 +401,10 @@ impl Guest {
         self.ns.exec("ping", &["-c", "2", "-i", "0.2", "-W", "2", ip]).status.success()
     }
 }
+
+/// True once something listens on TCP `port` inside `ns` (checked with `ss`,
+/// without connecting, so one-shot servers are not disturbed).
+pub fn tcp_ready_in(ns: &Netns, port: u16) -> bool {
+    let out = ns.exec("ss", &["-Hltn", &format!("sport = :{port}")]);
+    out.status.success() && !out.stdout.is_empty()
+}
