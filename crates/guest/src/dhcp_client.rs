@@ -23,8 +23,8 @@ use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use dhcproto::Encodable;
 use dhcproto::v4::{DhcpOption, DhcpOptions, Message, MessageType, Opcode, OptionCode};
-use dhcproto::{Decodable, Encodable};
 
 use crate::frame::{
     BROADCAST_MAC, DHCP_CLIENT_PORT, DHCP_SERVER_PORT, Mac, build_udp_frame, is_unicast, parse_udp_frame,
@@ -486,52 +486,20 @@ impl DhcpClient {
     }
 }
 
-/// The DHCP magic cookie after the 236-byte BOOTP header.
-const MAGIC: [u8; 4] = [99, 130, 83, 99];
-const OPTIONS_START: usize = 240;
-
-/// Decodes a server's message. dhcproto asserts or unwraps on some
-/// malformed options (e.g. 80, 118 and 121), so only the options this
-/// client reads, with plausible lengths, are passed on to it.
+/// Decodes a server's message, passing on to dhcproto only the options
+/// this client reads, with plausible lengths (see `rdnet_wire::dhcp`).
 pub(crate) fn decode_message(payload: &[u8]) -> Option<Message> {
-    let header = payload.get(..OPTIONS_START)?;
-    if header[236..240] != MAGIC {
-        return None;
-    }
-    let mut clean = Vec::with_capacity(payload.len() + 1);
-    clean.extend_from_slice(header);
-    let mut rest = &payload[OPTIONS_START..];
-    while let Some((&code, tail)) = rest.split_first() {
-        match code {
-            0 => {
-                rest = tail;
-                continue;
-            }
-            255 => break,
-            _ => {}
-        }
-        let Some((&len, tail)) = tail.split_first() else { break };
-        let Some(data) = tail.get(..usize::from(len)) else { break };
-        rest = &tail[usize::from(len)..];
-        let keep = match code {
-            // subnet mask, server id, lease time, T1, T2
-            1 | 54 | 51 | 58 | 59 => len == 4,
-            // router, DNS servers
-            3 | 6 => len % 4 == 0,
-            26 => len == 2,
-            53 => len == 1,
-            // domain name, domain search
-            15 | 119 => true,
-            _ => false,
-        };
-        if keep {
-            clean.push(code);
-            clean.push(len);
-            clean.extend_from_slice(data);
-        }
-    }
-    clean.push(255);
-    Message::from_bytes(&clean).ok()
+    rdnet_wire::dhcp::decode_filtered(payload, |code, len| match code {
+        // subnet mask, server id, lease time, T1, T2
+        1 | 54 | 51 | 58 | 59 => len == 4,
+        // router, DNS servers
+        3 | 6 => len % 4 == 0,
+        26 => len == 2,
+        53 => len == 1,
+        // domain name, domain search
+        15 | 119 => true,
+        _ => false,
+    })
 }
 
 fn server_id(opts: &DhcpOptions) -> Option<Ipv4Addr> {
@@ -645,7 +613,9 @@ fn clean_domain(name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dhcproto::Decodable;
     use dhcproto::Name;
+    use rdnet_wire::dhcp::OPTIONS_START;
     use std::str::FromStr;
 
     const MAC: Mac = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];

@@ -16,7 +16,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode};
-use dhcproto::{Decodable, Decoder, Encodable, Name};
+use dhcproto::{Encodable, Name};
 use smoltcp::wire::EthernetAddress;
 
 use crate::config::NetConfig;
@@ -26,8 +26,8 @@ pub const CLIENT_PORT: u16 = 68;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DhcpError {
-    #[error("undecodable DHCP message: {0}")]
-    Decode(String),
+    #[error("undecodable DHCP message")]
+    Decode,
     #[error("DHCP message is not a request from an Ethernet client")]
     NotAClientRequest,
     #[error("DHCP message has no message type")]
@@ -173,7 +173,10 @@ impl DhcpServer {
 
     /// Handles one datagram that arrived on port 67.
     pub fn handle(&mut self, payload: &[u8], now: Instant) -> Result<Option<Reply>, DhcpError> {
-        let req = Message::decode(&mut Decoder::new(payload)).map_err(|e| DhcpError::Decode(e.to_string()))?;
+        // Only the options read below pass to dhcproto (see rdnet_wire::dhcp).
+        let req =
+            rdnet_wire::dhcp::decode_filtered(payload, |code, len| matches!((code, len), (53, 1) | (50, 4) | (54, 4)))
+                .ok_or(DhcpError::Decode)?;
         // hlen is checked before chaddr(), which would panic on hlen > 16.
         if req.opcode() != Opcode::BootRequest || req.htype() != HType::Eth || req.hlen() != 6 {
             return Err(DhcpError::NotAClientRequest);
@@ -292,6 +295,7 @@ pub fn client_message(mac: EthernetAddress, kind: MessageType, xid: u32, opts: V
 mod tests {
     use super::*;
     use crate::config::DEVICE_MAC;
+    use dhcproto::{Decodable, Decoder};
 
     const OTHER: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x33]);
     const THIRD: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x44]);
@@ -415,5 +419,14 @@ mod tests {
         let mut bytes = client_message(OTHER, MessageType::Discover, 1, vec![]);
         bytes[2] = 200;
         assert!(s.handle(&bytes, now).is_err());
+        // Options dhcproto would assert on (rapid commit with a length,
+        // classless routes with a /40) are filtered before decoding.
+        for evil in [&[80u8, 1, 0][..], &[121, 5, 40, 1, 2, 3, 4], &[118, 1, 9]] {
+            let ok = client_message(OTHER, MessageType::Discover, 1, vec![]);
+            let mut p = ok[..240].to_vec();
+            p.extend_from_slice(evil);
+            p.extend_from_slice(&ok[240..]);
+            assert!(s.handle(&p, now).unwrap().is_some());
+        }
     }
 }

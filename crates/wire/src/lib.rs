@@ -1,1 +1,4 @@
+//! Wire formats shared by both ends: safe decoding of untrusted messages.
 #![deny(unsafe_code)]
+
+pub mod dhcp;
