@@ -23,9 +23,15 @@ pub enum Endpoint {
     Unix(PathBuf),
     Tcp(SocketAddr),
     /// `cid: None` means any CID (listen side).
-    Vsock { cid: Option<u32>, port: u32 },
+    Vsock {
+        cid: Option<u32>,
+        port: u32,
+    },
     Fd(i32),
-    HvSock { vm: String, port: u32 },
+    HvSock {
+        vm: String,
+        port: u32,
+    },
     Npipe(String),
 }
 
@@ -60,12 +66,9 @@ impl FromStr for Endpoint {
                 };
                 Ok(Endpoint::Vsock { cid, port })
             }
-            "fd" => rest
-                .parse::<i32>()
-                .ok()
-                .filter(|fd| *fd >= 0)
-                .map(Endpoint::Fd)
-                .ok_or_else(|| err("expected fd://N")),
+            "fd" => {
+                rest.parse::<i32>().ok().filter(|fd| *fd >= 0).map(Endpoint::Fd).ok_or_else(|| err("expected fd://N"))
+            }
             "hvsock" => {
                 let (vm, port) = rest.rsplit_once(':').ok_or_else(|| err("expected hvsock://VMGUID:PORT"))?;
                 let port = port.parse().map_err(|_| err("bad hvsock port"))?;
@@ -180,7 +183,10 @@ pub async fn dial(ep: &Endpoint) -> io::Result<LinkStream> {
 pub enum Listener {
     Tcp(tokio::net::TcpListener),
     #[cfg(unix)]
-    Unix { listener: tokio::net::UnixListener, path: PathBuf },
+    Unix {
+        listener: tokio::net::UnixListener,
+        path: PathBuf,
+    },
     Sys(sys::SysListener),
 }
 
@@ -242,10 +248,9 @@ pub fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
             }
             std::fs::remove_file(path)
         }
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", path.display()),
-        )),
+        Ok(_) => {
+            Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists and is not a socket", path.display())))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }

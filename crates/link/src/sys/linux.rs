@@ -52,10 +52,7 @@ impl SysListener {
         match self {
             SysListener::Vsock(l) => {
                 let (s, peer) = l.accept().await?;
-                Ok((
-                    crate::LinkStream::Sys(SysStream::Vsock(s)),
-                    format!("vsock://{}:{}", peer.cid(), peer.port()),
-                ))
+                Ok((crate::LinkStream::Sys(SysStream::Vsock(s)), format!("vsock://{}:{}", peer.cid(), peer.port())))
             }
         }
     }
