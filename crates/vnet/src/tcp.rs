@@ -678,11 +678,15 @@ where
                 socket.abort();
                 reset = true;
             }
-            if !reset && io.established && !io.host_write_shut && !socket.may_recv() && socket.recv_queue() == 0 {
-                if let Poll::Ready(_) = Pin::new(&mut *wr).poll_shutdown(cx) {
-                    io.host_write_shut = true;
-                    progressed = true;
-                }
+            if !reset
+                && io.established
+                && !io.host_write_shut
+                && !socket.may_recv()
+                && socket.recv_queue() == 0
+                && Pin::new(&mut *wr).poll_shutdown(cx).is_ready()
+            {
+                io.host_write_shut = true;
+                progressed = true;
             }
         }
 
