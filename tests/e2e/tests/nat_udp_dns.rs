@@ -340,3 +340,43 @@ fn dns_dead_upstream_gives_servfail_quickly() {
     // Local names do not depend on the upstream.
     assert_eq!(answers(&world, &["host.docker.internal"]), ["host.docker.internal. 0 IN A 192.168.127.254"]);
 }
+
+#[test]
+fn dns_over_tcp() {
+    if !privileged() {
+        return;
+    }
+    let world = world_with_guest(&["--dns-upstream", "127.0.0.1:53"]);
+    let upstream = dnsmasq(&world);
+    assert_eq!(
+        answers(&world, &["+tcp", "gateway.rancher-desktop.internal"]),
+        ["gateway.rancher-desktop.internal. 0 IN A 192.168.127.1"],
+        "{}",
+        world.logs()
+    );
+    assert_eq!(answers(&world, &["+tcp", "host.docker.internal"]), ["host.docker.internal. 0 IN A 192.168.127.254"]);
+    let nx = dig(&world, &["+tcp", "nothing.docker.internal"]);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+
+    let a = answers(&world, &["+tcp", "www.example.test", "A"]);
+    assert!(a.len() == 1 && a[0].ends_with("IN A 10.1.2.3"), "{a:?}\n{}", world.logs());
+    let txt = answers(&world, &["+tcp", "txt.example.test", "TXT"]);
+    assert_eq!(txt.len(), 1, "{txt:?}");
+    assert_eq!(txt_text(&txt[0]), format!("{}{}", "a".repeat(150), "b".repeat(150)));
+    let mx = answers(&world, &["+tcp", "example.test", "MX"]);
+    assert!(mx.len() == 1 && mx[0].ends_with("IN MX 10 mail.example.test."), "{mx:?}");
+
+    // Several queries on one connection.
+    let two = answers(&world, &["+tcp", "+keepopen", "host.docker.internal", "www.example.test", "A"]);
+    assert_eq!(two.len(), 2, "{two:?}");
+    assert!(two[0].ends_with("IN A 192.168.127.254") && two[1].ends_with("IN A 10.1.2.3"), "{two:?}");
+
+    // A guest without EDNS gets a truncated UDP answer and retries over TCP
+    // by itself; over TCP host-switch fetches the upstream's truncated UDP
+    // answer again over TCP, so the guest sees all 1000 characters.
+    let whole = answers(&world, &["+noedns", "big.example.test", "TXT"]);
+    assert_eq!(whole.len(), 1, "{whole:?}\n{}", world.logs());
+    assert_eq!(txt_text(&whole[0]).len(), 1000);
+    let logs = upstream.logs();
+    assert!(logs.contains("query[TXT] big.example.test from 127.0.0.1"), "{logs}");
+}
