@@ -28,6 +28,11 @@ struct Opts {
     /// Static forward HostIP:Port=GuestIP:Port (optional udp: prefix); repeatable.
     #[arg(long = "port-forward")]
     port_forward: Vec<StaticForward>,
+    /// Also serve the HTTP API (gvproxy's) here: unix:///path or
+    /// tcp://127.0.0.1:PORT; repeatable. It is always served inside the
+    /// virtual network at gateway:80.
+    #[arg(long)]
+    api: Vec<Endpoint>,
     /// Where VMs connect: unix:///path, tcp://IP:PORT, vsock://:PORT; repeatable.
     #[arg(long)]
     listen: Vec<Endpoint>,
@@ -92,6 +97,19 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
             ..EngineConfig::default()
         };
         let engine = Engine::new(Network::new(cfg), engine_cfg);
+        rdnet_vnet::api::register_inside(&engine);
+        for f in &opts.port_forward {
+            let (local, remote) = (f.local.to_string(), f.remote.to_string());
+            engine
+                .forwarder
+                .expose(&engine, f.protocol.as_str(), &local, &remote)
+                .map_err(|e| format!("port forward {}:{local}={remote}: {e}", f.protocol.as_str()))?;
+        }
+        for ep in &opts.api {
+            let l = listen(ep).await.map_err(|e| format!("serving the API on {ep}: {e}"))?;
+            tracing::info!(endpoint = %ep, "serving the API");
+            tokio::task::spawn_local(rdnet_vnet::api::serve_listener(engine.clone(), l));
+        }
         let mut listeners = Vec::new();
         for ep in &listen_on {
             let l = listen(ep).await.map_err(|e| format!("listening on {ep}: {e}"))?;
@@ -103,6 +121,7 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
         }
         wait_for_shutdown().await;
         tracing::info!("shutting down");
+        engine.forwarder.close_all();
         Ok::<(), Box<dyn std::error::Error>>(())
     })
 }

@@ -100,6 +100,8 @@ pub struct Engine {
     pub tcp: RefCell<TcpNat>,
     /// Rate limits for logs a guest can trigger from the shell's modules.
     pub logs: RefCell<LogLimiter>,
+    /// Port forwards from the host into the guests (and the API's table).
+    pub forwarder: crate::forwarder::Forwarder,
 }
 
 impl Engine {
@@ -118,6 +120,7 @@ impl Engine {
         Rc::new(Engine {
             tcp: RefCell::new(tcp),
             logs: RefCell::new(LogLimiter::default()),
+            forwarder: crate::forwarder::Forwarder::default(),
             ports: RefCell::new(Ports { framing: config.framing, map: HashMap::new(), overflow_drops: 0 }),
             udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout)),
             icmp: RefCell::new(IcmpNat::new()),
@@ -167,7 +170,8 @@ impl Engine {
                 if *dst.ip() == gateway {
                     if dst.port() == crate::dns::DNS_PORT {
                         self.dns.clone().serve_udp(self, src, dst, payload);
-                    } else {
+                    } else if !crate::forwarder::udp_from_guest(self, src, dst, payload) {
+                        // Not a reply to a UDP port forward either.
                         self.net.borrow_mut().stats.drops.not_for_us += 1;
                     }
                     return;

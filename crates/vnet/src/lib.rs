@@ -3,11 +3,13 @@
 //! clock-free: frames in, frames out, `now` passed in.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod dhcp_server;
 pub mod dns;
 pub mod engine;
 pub mod forward;
+pub mod forwarder;
 pub mod frame;
 pub mod icmp_nat;
 pub mod nat;
