@@ -17,6 +17,7 @@ pub mod network;
 pub mod ratelimit;
 pub mod stats;
 pub mod switch;
+pub mod sys;
 pub mod tcp;
 pub mod udp_nat;
 

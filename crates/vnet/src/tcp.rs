@@ -63,11 +63,12 @@ use tokio::net::TcpStream;
 
 use crate::engine::Engine;
 use crate::frame::{ETH_HEADER, IPV4_HEADER};
+use crate::sys::LazyRegion;
 
 /// How long a host `connect()` may take before the flow is forgotten.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Socket buffer sizes (each direction). Zeroed pages are only committed
-/// when touched, so a quiet flow costs little of this.
+/// Socket buffer sizes (each direction). They live in a lazily committed
+/// mapping (`sys::LazyRegion`): a quiet flow costs a page or two of each.
 pub const RX_BUFFER: usize = 512 * 1024;
 pub const TX_BUFFER: usize = 512 * 1024;
 
@@ -88,9 +89,11 @@ enum Phase {
 }
 
 struct FlowState {
+    // Drops before `region`, whose memory its socket's buffers borrow.
     sockets: SocketSet<'static>,
     phase: Phase,
     waker: Option<Waker>,
+    region: Option<LazyRegion>,
 }
 
 pub struct Flow {
@@ -360,6 +363,7 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
                 sockets: SocketSet::new(Vec::with_capacity(1)),
                 phase: Phase::Connecting { syn: packet.to_vec() },
                 waker: None,
+                region: None,
             }),
             connect_deadline: None,
         });
@@ -410,7 +414,7 @@ where
         }
     }
     let key = key.ok_or(GuestConnectError::NoPort)?;
-    let mut socket = new_socket();
+    let (mut socket, region) = new_socket();
     let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(gateway)), port: key.remote.port() };
     socket
         .connect(nat.iface.context(), (IpAddress::Ipv4(*guest.ip()), guest.port()), local)
@@ -419,7 +423,7 @@ where
     let handle = sockets.add(socket);
     let flow = Rc::new(Flow {
         key,
-        state: RefCell::new(FlowState { sockets, phase: Phase::Open { handle }, waker: None }),
+        state: RefCell::new(FlowState { sockets, phase: Phase::Open { handle }, waker: None, region }),
         connect_deadline: Some(tokio::time::Instant::now() + GUEST_CONNECT_TIMEOUT),
     });
     nat.flows.insert(key, flow.clone());
@@ -428,13 +432,21 @@ where
     Ok(())
 }
 
-fn new_socket() -> tcp::Socket<'static> {
-    let mut socket =
-        tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; RX_BUFFER]), tcp::SocketBuffer::new(vec![0u8; TX_BUFFER]));
+/// A tuned socket whose buffers live in a lazily committed region (the
+/// region must outlive the socket: keep both in the same `FlowState`).
+fn new_socket() -> (tcp::Socket<'static>, Option<LazyRegion>) {
+    let mut region = LazyRegion::new(RX_BUFFER + TX_BUFFER);
+    let mut socket = match region.as_mut().and_then(|r| r.split(RX_BUFFER)) {
+        Some((rx, tx)) => tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx)),
+        None => {
+            region = None;
+            tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; RX_BUFFER]), tcp::SocketBuffer::new(vec![0u8; TX_BUFFER]))
+        }
+    };
     socket.set_nagle_enabled(false);
     socket.set_ack_delay(None);
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
-    socket
+    (socket, region)
 }
 
 async fn connect_and_run(engine: Rc<Engine>, flow: Rc<Flow>, target: Target) {
@@ -491,16 +503,13 @@ fn accept_guest(engine: &Engine, flow: &Rc<Flow>) -> bool {
     let Phase::Connecting { syn } = std::mem::replace(&mut state.phase, Phase::Connecting { syn: Vec::new() }) else {
         return false;
     };
-    let mut socket =
-        tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; RX_BUFFER]), tcp::SocketBuffer::new(vec![0u8; TX_BUFFER]));
-    socket.set_nagle_enabled(false);
-    socket.set_ack_delay(None);
-    socket.set_congestion_control(tcp::CongestionControl::Cubic);
+    let (mut socket, region) = new_socket();
     let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(*flow.key.remote.ip())), port: flow.key.remote.port() };
     if socket.listen(local).is_err() {
         return false;
     }
     let handle = state.sockets.add(socket);
+    state.region = region;
     state.phase = Phase::Open { handle };
     poll_flow(engine, &mut state, Some(&syn));
     true
