@@ -13,7 +13,6 @@
 //! entries leave with its port.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -70,7 +69,7 @@ struct PortTx {
 
 struct Ports {
     framing: Framing,
-    map: HashMap<PortId, PortTx>,
+    map: crate::FastMap<PortId, PortTx>,
     overflow_drops: u64,
 }
 
@@ -121,7 +120,7 @@ impl Engine {
             tcp: RefCell::new(tcp),
             logs: RefCell::new(LogLimiter::default()),
             forwarder: crate::forwarder::Forwarder::default(),
-            ports: RefCell::new(Ports { framing: config.framing, map: HashMap::new(), overflow_drops: 0 }),
+            ports: RefCell::new(Ports { framing: config.framing, map: Default::default(), overflow_drops: 0 }),
             udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout)),
             icmp: RefCell::new(IcmpNat::new()),
             dns,

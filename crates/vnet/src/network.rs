@@ -10,7 +10,7 @@
 //! sends goes through the same switch delivery. No I/O and no clock: frames
 //! leave through a [`FrameSink`], and `now` is a parameter.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
@@ -59,8 +59,8 @@ pub struct Network {
     pub switch: Switch,
     pub dhcp: DhcpServer,
     pub stats: Stats,
-    neighbors: HashMap<Ipv4Addr, EthernetAddress>,
-    arp_probes: HashMap<Ipv4Addr, Instant>,
+    neighbors: FastMap<Ipv4Addr, EthernetAddress>,
+    arp_probes: FastMap<Ipv4Addr, Instant>,
     logs: LogLimiter,
     scratch: Vec<u8>,
 }
@@ -73,8 +73,8 @@ impl Network {
             switch: Switch::new(),
             dhcp,
             stats: Stats::default(),
-            neighbors: HashMap::new(),
-            arp_probes: HashMap::new(),
+            neighbors: FastMap::default(),
+            arp_probes: FastMap::default(),
             logs: LogLimiter::default(),
             scratch: Vec::with_capacity(2048),
         }

@@ -8,7 +8,7 @@
 //! [`MAX_MACS_PER_PORT`] addresses, so one hostile guest cannot fill the
 //! table for everybody; a port's entries leave with it.
 
-use std::collections::HashMap;
+use crate::FastMap;
 
 use smoltcp::wire::EthernetAddress;
 
@@ -18,7 +18,7 @@ pub const MAX_MACS_PER_PORT: usize = 1024;
 
 #[derive(Debug, Default)]
 pub struct Switch {
-    table: HashMap<EthernetAddress, PortId>,
+    table: FastMap<EthernetAddress, PortId>,
     ports: Vec<Port>,
     next_id: PortId,
 }

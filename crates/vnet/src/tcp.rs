@@ -40,8 +40,8 @@
 //! *Bounds.* At most `max_flows` flows and `max_connecting` half-open ones;
 //! a SYN beyond either gets a RST.
 
+use crate::FastMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -110,13 +110,13 @@ pub type GatewayService = Rc<dyn Fn(tokio::io::DuplexStream, SocketAddrV4)>;
 pub struct TcpNat {
     iface: Interface,
     epoch: std::time::Instant,
-    flows: HashMap<FlowKey, Rc<Flow>>,
+    flows: FastMap<FlowKey, Rc<Flow>>,
     connecting: usize,
     pub max_flows: usize,
     pub max_connecting: usize,
     mtu: usize,
     tx_frame: Vec<u8>,
-    services: HashMap<u16, GatewayService>,
+    services: FastMap<u16, GatewayService>,
     pub refused_syns: u64,
     next_port: u16,
 }
@@ -171,16 +171,7 @@ impl Device for FlowDevice<'_> {
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
-        // The link is memory, not a wire: the guest kernel checksums what it
-        // sends and a guest that lies only hurts itself, so skip verifying.
-        let mut cs = ChecksumCapabilities::default();
-        cs.ipv4 = Checksum::Tx;
-        cs.tcp = Checksum::Tx;
-        caps.checksum = cs;
-        caps
+        flow_caps(self.mtu)
     }
 }
 
@@ -200,13 +191,13 @@ impl TcpNat {
         TcpNat {
             iface,
             epoch,
-            flows: HashMap::new(),
+            flows: FastMap::default(),
             connecting: 0,
             max_flows,
             max_connecting: max_flows.clamp(1, 2048),
             mtu,
             tx_frame,
-            services: HashMap::new(),
+            services: FastMap::default(),
             refused_syns: 0,
             next_port: 0,
         }
@@ -233,6 +224,21 @@ impl TcpNat {
     }
 }
 
+/// The device capabilities of every flow. smoltcp reads them once, from
+/// the device the interface is created with, so both devices share this.
+fn flow_caps(mtu: usize) -> DeviceCapabilities {
+    let mut caps = DeviceCapabilities::default();
+    caps.medium = Medium::Ip;
+    caps.max_transmission_unit = mtu;
+    // The link is memory, not a wire: the guest kernel checksums what it
+    // sends and a guest that lies only hurts itself, so skip verifying.
+    let mut cs = ChecksumCapabilities::default();
+    cs.ipv4 = Checksum::Tx;
+    cs.tcp = Checksum::Tx;
+    caps.checksum = cs;
+    caps
+}
+
 struct NullDevice {
     mtu: usize,
 }
@@ -253,10 +259,7 @@ impl Device for NullDevice {
         None
     }
     fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
-        caps
+        flow_caps(self.mtu)
     }
 }
 

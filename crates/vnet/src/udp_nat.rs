@@ -18,7 +18,9 @@
 //! and closes its socket. The table itself ([`FlowTable`]) is sans-I/O with
 //! `now` passed in.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::FastMap;
 use std::hash::Hash;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
@@ -40,7 +42,7 @@ use crate::ratelimit::LogLimiter;
 /// expiry. Sans-I/O: every operation takes `now`.
 #[derive(Debug)]
 pub struct FlowTable<K, V> {
-    map: HashMap<K, Slot<V>>,
+    map: FastMap<K, Slot<V>>,
     /// Flows by last use (oldest first); the `u64` breaks ties.
     order: BTreeMap<(Instant, u64), K>,
     next_seq: u64,
@@ -57,7 +59,7 @@ struct Slot<V> {
 
 impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
     pub fn new(max: usize, idle: Duration) -> Self {
-        FlowTable { map: HashMap::new(), order: BTreeMap::new(), next_seq: 0, max: max.max(1), idle }
+        FlowTable { map: FastMap::default(), order: BTreeMap::new(), next_seq: 0, max: max.max(1), idle }
     }
 
     pub fn len(&self) -> usize {
