@@ -42,6 +42,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+#[cfg(unix)]
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 use std::task::Poll;
@@ -597,6 +598,7 @@ fn go_atoi(s: &str) -> Result<i64, String> {
 
 /// A `tcp://IP:port` remote of a unix forward, as gvproxy reads it with
 /// `url.Parse`.
+#[cfg_attr(not(unix), allow(dead_code))]
 fn unix_remote(remote: &str) -> Result<SocketAddrV4, String> {
     let parse_err = |why: &str| format!("failed to parse remote uri :{remote} : parse {}: {why}", go_quote(remote));
     // A URL scheme starts with a letter and runs to the first ':'.
