@@ -171,12 +171,29 @@ pub async fn dial(ep: &Endpoint) -> io::Result<LinkStream> {
         Endpoint::Tcp(addr) => {
             let s = tokio::net::TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
+            enlarge_buffers(socket2::SockRef::from(&s));
             Ok(LinkStream::Tcp(s))
         }
         #[cfg(unix)]
-        Endpoint::Unix(path) => Ok(LinkStream::Unix(tokio::net::UnixStream::connect(path).await?)),
+        Endpoint::Unix(path) => {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            enlarge_buffers(socket2::SockRef::from(&s));
+            Ok(LinkStream::Unix(s))
+        }
         other => sys::dial(other).await.map(LinkStream::Sys),
     }
+}
+
+/// Socket buffer size asked for on links. At MTU 65520 the default (about
+/// 200 KiB for unix sockets) holds three frames, so every few frames cost a
+/// wake-up of the other side; a few MiB let a burst through in one go.
+pub const LINK_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Best effort: the kernel may cap the sizes, and a smaller buffer only
+/// costs speed.
+pub fn enlarge_buffers(sock: socket2::SockRef<'_>) {
+    let _ = sock.set_send_buffer_size(LINK_SOCKET_BUFFER);
+    let _ = sock.set_recv_buffer_size(LINK_SOCKET_BUFFER);
 }
 
 /// A listening endpoint.
@@ -196,11 +213,13 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
+                enlarge_buffers(socket2::SockRef::from(&s));
                 Ok((LinkStream::Tcp(s), format!("tcp://{peer}")))
             }
             #[cfg(unix)]
             Listener::Unix { listener, path } => {
                 let (s, _) = listener.accept().await?;
+                enlarge_buffers(socket2::SockRef::from(&s));
                 Ok((LinkStream::Unix(s), format!("unix://{}", path.display())))
             }
             Listener::Sys(l) => l.accept().await,

@@ -79,6 +79,7 @@ impl FdStream {
         // contract nothing else in the process owns it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         set_nonblocking_cloexec(&owned)?;
+        crate::endpoint::enlarge_buffers(socket2::SockRef::from(&owned));
         // SAFETY: `owned` is an OwnedFd moved into the AsyncFd, so it stays open
         // and names the same description for the AsyncFd's whole life.
         let fd = unsafe { AsyncFd::register(owned) }.map_err(|e| e.into_parts().1)?;
