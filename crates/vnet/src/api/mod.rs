@@ -14,7 +14,8 @@
 //! for a refused expose/unexpose, `404 page not found`). What gvproxy leaves
 //! unbounded is bounded here: a request body may be at most [`MAX_BODY`]
 //! (`413` beyond), headers must arrive within [`READ_TIMEOUT`] and the body
-//! within the same time, a connection is closed gracefully after
+//! within the same time, a response the client does not read fails after
+//! [`WRITE_TIMEOUT`], a connection is closed gracefully after
 //! [`CONN_LIFETIME`], and at most [`MAX_CONNECTIONS`] are served at once.
 
 pub mod gojson;
@@ -22,8 +23,11 @@ pub mod gojson;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,7 +39,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::dns::Zone;
 use crate::engine::Engine;
@@ -167,7 +171,7 @@ where
         .header_read_timeout(READ_TIMEOUT)
         .title_case_headers(true)
         .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(WriteTimeout::new(stream)), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -179,6 +183,58 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(READ_TIMEOUT, conn).await;
         }
+    }
+}
+
+/// A stream whose writes fail when the peer takes nothing for
+/// [`WRITE_TIMEOUT`] (an answer nobody reads must not hold a connection).
+struct WriteTimeout<S> {
+    inner: S,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// How long a response may wait for the client to read it.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl<S> WriteTimeout<S> {
+    fn new(inner: S) -> Self {
+        WriteTimeout { inner, stalled: None }
+    }
+
+    /// Maps a pending write to a timeout error once it waited too long.
+    fn check<T>(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timeout"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(cx, r)
     }
 }
 
