@@ -707,6 +707,9 @@ where
 
         let socket = state.sockets.get::<tcp::Socket>(handle);
         match socket.state() {
+            // The guest is done, but data it sent still waits for a slow
+            // host reader: deliver it before letting the flow go.
+            tcp::State::Closed | tcp::State::TimeWait if !reset && socket.recv_queue() > 0 => {}
             tcp::State::Closed => {
                 let clean = io.host_eof && io.host_write_shut;
                 return Poll::Ready(if clean && !reset { End::Closed } else { End::Reset });

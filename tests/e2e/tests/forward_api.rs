@@ -414,7 +414,6 @@ time.sleep(600)
 /// of its data still waits in the gateway's TCP buffer: every byte must
 /// still reach the host.
 #[test]
-#[ignore = "tcp.rs ends a flow in TIME-WAIT/CLOSED before the host took the guest's last data; fails until that is fixed"]
 fn a_slow_host_reader_gets_every_byte_after_the_guest_closes() {
     if !privileged() {
         return;
