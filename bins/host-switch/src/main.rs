@@ -112,6 +112,14 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
         }
         let mut listeners = Vec::new();
         for ep in &listen_on {
+            #[cfg(unix)]
+            if let Endpoint::Unixgram(path) = ep {
+                let link = rdnet_link::datagram::DatagramLink::bind(path)
+                    .map_err(|e| format!("listening on {ep}: {e}"))?;
+                tracing::info!(endpoint = %ep, "listening for a VM (one frame per datagram)");
+                tokio::task::spawn_local(engine.clone().serve_datagram(link));
+                continue;
+            }
             let l = listen(ep).await.map_err(|e| format!("listening on {ep}: {e}"))?;
             tracing::info!(endpoint = %ep, "listening for VMs");
             listeners.push(Rc::new(l));

@@ -21,6 +21,8 @@ use crate::sys;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     Unix(PathBuf),
+    /// One frame per datagram on a unix SOCK_DGRAM socket (vfkit).
+    Unixgram(PathBuf),
     Tcp(SocketAddr),
     /// `cid: None` means any CID (listen side).
     Vsock {
@@ -55,6 +57,12 @@ impl FromStr for Endpoint {
                 }
                 Ok(Endpoint::Unix(PathBuf::from(rest)))
             }
+            "unixgram" => {
+                if rest.is_empty() {
+                    return Err(err("empty socket path"));
+                }
+                Ok(Endpoint::Unixgram(PathBuf::from(rest)))
+            }
             "tcp" => rest.parse().map(Endpoint::Tcp).map_err(|_| err("expected tcp://IP:PORT")),
             "vsock" => {
                 let (cid, port) = rest.rsplit_once(':').ok_or_else(|| err("expected vsock://CID:PORT"))?;
@@ -83,7 +91,7 @@ impl FromStr for Endpoint {
                 }
                 Ok(Endpoint::Npipe(rest.to_string()))
             }
-            _ => Err(err("unknown scheme (unix, tcp, vsock, fd, hvsock, npipe)")),
+            _ => Err(err("unknown scheme (unix, unixgram, tcp, vsock, fd, hvsock, npipe)")),
         }
     }
 }
@@ -92,6 +100,7 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
+            Endpoint::Unixgram(p) => write!(f, "unixgram://{}", p.display()),
             Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
             Endpoint::Vsock { cid: Some(c), port } => write!(f, "vsock://{c}:{port}"),
             Endpoint::Vsock { cid: None, port } => write!(f, "vsock://:{port}"),
@@ -180,6 +189,7 @@ pub async fn dial(ep: &Endpoint) -> io::Result<LinkStream> {
             enlarge_buffers(socket2::SockRef::from(&s));
             Ok(LinkStream::Unix(s))
         }
+        Endpoint::Unixgram(_) => Err(datagram_not_stream()),
         other => sys::dial(other).await.map(LinkStream::Sys),
     }
 }
@@ -248,8 +258,13 @@ pub async fn listen(ep: &Endpoint) -> io::Result<Listener> {
             Ok(Listener::Unix { listener, path: path.clone() })
         }
         Endpoint::Fd(_) => Err(io::Error::new(io::ErrorKind::InvalidInput, "cannot listen on fd://")),
+        Endpoint::Unixgram(_) => Err(datagram_not_stream()),
         other => sys::listen(other).await.map(Listener::Sys),
     }
+}
+
+fn datagram_not_stream() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "unixgram:// is a datagram link (see datagram::DatagramLink)")
 }
 
 /// Removes `path` if it is a socket nobody answers on; refuses to remove
@@ -283,6 +298,7 @@ mod tests {
     fn parses_and_prints() {
         for url in [
             "unix:///run/x.sock",
+            "unixgram:///run/x.sock",
             "tcp://127.0.0.1:1234",
             "tcp://[::1]:80",
             "vsock://2:6656",

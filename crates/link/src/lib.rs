@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod codec;
+pub mod datagram;
 pub mod endpoint;
 pub mod io;
 #[allow(unsafe_code)]

@@ -62,13 +62,22 @@ impl Default for EngineConfig {
 pub const MAX_PENDING_PER_PORT: usize = 16 * 1024 * 1024;
 
 struct PortTx {
+    /// Frames waiting for the writer, each with its length prefix.
     pending: Vec<u8>,
+    /// Stream ports use the configured framing; datagram ports a u32
+    /// prefix the writer strips again.
+    framing: Framing,
     notify: Rc<Notify>,
     closed: bool,
 }
 
+impl PortTx {
+    fn new(framing: Framing, notify: Rc<Notify>) -> Self {
+        PortTx { pending: Vec::with_capacity(64 * 1024), framing, notify, closed: false }
+    }
+}
+
 struct Ports {
-    framing: Framing,
     map: crate::FastMap<PortId, PortTx>,
     overflow_drops: u64,
 }
@@ -81,7 +90,7 @@ impl FrameSink for Ports {
             return;
         }
         let was_empty = tx.pending.is_empty();
-        if encode_frame(self.framing, frame, &mut tx.pending).is_ok() && was_empty {
+        if encode_frame(tx.framing, frame, &mut tx.pending).is_ok() && was_empty {
             tx.notify.notify_one();
         }
     }
@@ -120,7 +129,7 @@ impl Engine {
             tcp: RefCell::new(tcp),
             logs: RefCell::new(LogLimiter::default()),
             forwarder: crate::forwarder::Forwarder::default(),
-            ports: RefCell::new(Ports { framing: config.framing, map: Default::default(), overflow_drops: 0 }),
+            ports: RefCell::new(Ports { map: Default::default(), overflow_drops: 0 }),
             udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout)),
             icmp: RefCell::new(IcmpNat::new()),
             dns,
@@ -208,10 +217,7 @@ impl Engine {
     pub async fn serve(self: Rc<Self>, stream: LinkStream, peer: String) {
         let port = self.net.borrow_mut().add_port();
         let notify = Rc::new(Notify::new());
-        self.ports
-            .borrow_mut()
-            .map
-            .insert(port, PortTx { pending: Vec::with_capacity(64 * 1024), notify: notify.clone(), closed: false });
+        self.ports.borrow_mut().map.insert(port, PortTx::new(self.config.framing, notify.clone()));
         tracing::info!(port, %peer, "VM connected");
         let (read_half, mut write_half) = tokio::io::split(stream);
 
@@ -266,6 +272,11 @@ impl Engine {
                 tracing::warn!(port, %peer, error = %rdnet_link_error_chain(e), "closing VM connection")
             }
         }
+        self.close_port(port, writer).await;
+    }
+
+    /// Forgets a port's MACs, stops its writer and drops what it had queued.
+    async fn close_port(&self, port: PortId, writer: tokio::task::JoinHandle<()>) {
         self.net.borrow_mut().remove_port(port);
         if let Some(tx) = self.ports.borrow_mut().map.get_mut(&port) {
             tx.closed = true;
@@ -274,6 +285,73 @@ impl Engine {
         }
         let _ = writer.await;
         self.ports.borrow_mut().map.remove(&port);
+    }
+
+    /// Serves a datagram link (one frame per datagram, vfkit-style) until
+    /// it fails. The VM is whoever sent last; its `VFKT` greeting is
+    /// consumed. A bad datagram is dropped: there is no stream to lose.
+    #[cfg(unix)]
+    pub async fn serve_datagram(self: Rc<Self>, link: rdnet_link::datagram::DatagramLink) {
+        let link = Rc::new(link);
+        let port = self.net.borrow_mut().add_port();
+        let notify = Rc::new(Notify::new());
+        self.ports.borrow_mut().map.insert(port, PortTx::new(Framing::U32Be, notify.clone()));
+        let peer: Rc<RefCell<Option<std::path::PathBuf>>> = Rc::default();
+        tracing::info!(port, path = %link.path().display(), "serving datagram link");
+
+        let writer = {
+            let (engine, link, peer) = (self.clone(), link.clone(), peer.clone());
+            tokio::task::spawn_local(async move {
+                let mut spare = Vec::with_capacity(64 * 1024);
+                let decoder = Decoder::new(Framing::U32Be, u32::MAX as usize);
+                loop {
+                    let closed = {
+                        let mut ports = engine.ports.borrow_mut();
+                        let Some(tx) = ports.map.get_mut(&port) else { break };
+                        std::mem::swap(&mut tx.pending, &mut spare);
+                        tx.closed
+                    };
+                    let to = peer.borrow().clone();
+                    let mut rest = &spare[..];
+                    while let Ok(Some((frame, used))) = decoder.decode(rest) {
+                        if let Some(to) = &to
+                            && let Err(e) = link.send_to(frame, to).await
+                        {
+                            tracing::debug!(port, error = %e, "datagram send failed");
+                        }
+                        rest = &rest[used..];
+                    }
+                    spare.clear();
+                    if closed {
+                        break;
+                    }
+                    notify.notified().await;
+                }
+            })
+        };
+
+        let mut buf = vec![0u8; 65536];
+        let max = self.max_frame();
+        let err = loop {
+            match link.recv(&mut buf).await {
+                Ok((n, from)) => {
+                    if from.is_some() {
+                        *peer.borrow_mut() = from;
+                    }
+                    if &buf[..n] == rdnet_link::datagram::VFKIT_GREETING {
+                        continue;
+                    }
+                    if n == 0 || n > max {
+                        self.net.borrow_mut().stats.drops.malformed += 1;
+                        continue;
+                    }
+                    self.handle_frame(port, &buf[..n]);
+                }
+                Err(e) => break e,
+            }
+        };
+        tracing::warn!(port, error = %err, "datagram link failed");
+        self.close_port(port, writer).await;
     }
 }
 

@@ -166,3 +166,41 @@ fn help_lists_flags_with_defaults() {
         }
     }
 }
+
+#[test]
+fn datagram_link_carries_one_frame_per_datagram() {
+    use std::os::unix::net::UnixDatagram;
+    if !privileged() {
+        return;
+    }
+    let dir = rdnet_e2e::TempDir::new("dgram");
+    let host = rdnet_e2e::Netns::new("rdd");
+    let sock = dir.join("hs.dgram");
+    let listen = format!("unixgram://{}", sock.display());
+    let hs = host.spawn(&dir, bin("host-switch"), &["--listen", &listen]);
+    assert!(wait_until(Duration::from_secs(10), || rdnet_e2e::socket_exists(&sock)), "{}", hs.logs());
+
+    let vm = UnixDatagram::bind(dir.join("vm.dgram")).unwrap();
+    vm.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    vm.send_to(b"VFKT", &sock).unwrap();
+    // Junk that a stream link could not survive: empty and oversized.
+    vm.send_to(&[], &sock).unwrap();
+    vm.send_to(&vec![0u8; 4000], &sock).unwrap();
+    // An ARP request for the gateway from 02:00:00:00:00:07 / 192.168.127.7.
+    let mac = [2u8, 0, 0, 0, 0, 7];
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&[192, 168, 127, 7]);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&[192, 168, 127, 1]);
+    vm.send_to(&arp, &sock).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = vm.recv(&mut buf).expect("an ARP reply");
+    assert_eq!(&buf[0..6], &mac, "reply is addressed to the VM");
+    assert_eq!(&buf[12..14], &[0x08, 0x06]);
+    assert_eq!(&buf[20..22], &[0, 2], "ARP reply");
+    assert_eq!(&buf[22..28], &[0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd], "gateway MAC");
+    assert!(n >= 42);
+}
