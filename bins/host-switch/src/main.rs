@@ -58,6 +58,10 @@ struct Opts {
     /// Length-prefix framing on stream links: u16le (default) or u32be (qemu).
     #[arg(long, default_value = "u16le")]
     framing: Framing,
+    /// Write a pcap capture of all frames here ("" for none). Default: with
+    /// -debug, capture.pcap in the working directory (as gvproxy does).
+    #[arg(long)]
+    capture: Option<String>,
 }
 
 const DEFAULT_LISTEN: &str = "vsock://:6656";
@@ -97,6 +101,21 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
             ..EngineConfig::default()
         };
         let engine = Engine::new(Network::new(cfg), engine_cfg);
+        let capture = match &opts.capture {
+            Some(p) if p.is_empty() => None,
+            Some(p) => Some(std::path::PathBuf::from(p)),
+            None => opts.debug.then(|| "capture.pcap".into()),
+        };
+        if let Some(path) = capture {
+            let snaplen = engine.max_frame() as u32;
+            match rdnet_vnet::capture::Capture::create(&path, snaplen) {
+                Ok(c) => {
+                    tracing::info!(path = %path.display(), "capturing frames");
+                    engine.start_capture(c);
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot write the packet capture"),
+            }
+        }
         rdnet_vnet::api::register_inside(&engine);
         for f in &opts.port_forward {
             let (local, remote) = (f.local.to_string(), f.remote.to_string());

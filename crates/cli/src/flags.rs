@@ -31,7 +31,8 @@ where
     I: IntoIterator,
     I::Item: Into<OsString>,
 {
-    let mut cmd = T::command();
+    // Go lets a later flag override an earlier one.
+    let mut cmd = T::command().args_override_self(true);
     let rewritten = rewrite(&cmd, args.into_iter().map(Into::into).collect());
     let matches = cmd.try_get_matches_from_mut(rewritten)?;
     T::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
@@ -171,6 +172,15 @@ mod tests {
         .unwrap();
         assert_eq!(o.port_forward.len(), 2);
         assert_eq!(o.unshare_arg.as_deref(), Some("-c sleep"));
+    }
+
+    #[test]
+    fn later_flags_override_earlier_ones_as_in_go() {
+        let o = parse(&["-subnet", "10.0.0.0/8", "--subnet=10.1.0.0/16", "-debug", "-debug=false"]).unwrap();
+        assert_eq!(o.subnet, "10.1.0.0/16");
+        assert!(!o.debug);
+        let o = parse(&["-port-forward", "a", "-port-forward", "b"]).unwrap();
+        assert_eq!(o.port_forward, vec!["a", "b"]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 
 use smoltcp::wire::{EthernetAddress, IpProtocol, Ipv4Repr};
 
+use crate::capture::Capture;
 use crate::dns::DnsServer;
 use crate::icmp_nat::IcmpNat;
 use crate::nat::NatPolicy;
@@ -79,11 +80,15 @@ impl PortTx {
 
 struct Ports {
     map: crate::FastMap<PortId, PortTx>,
+    capture: Option<Capture>,
     overflow_drops: u64,
 }
 
 impl FrameSink for Ports {
     fn send(&mut self, port: PortId, frame: &[u8]) {
+        if let Some(c) = self.capture.as_mut() {
+            c.record(frame);
+        }
         let Some(tx) = self.map.get_mut(&port) else { return };
         if tx.closed || tx.pending.len() + frame.len() > MAX_PENDING_PER_PORT {
             self.overflow_drops += 1;
@@ -129,7 +134,7 @@ impl Engine {
             tcp: RefCell::new(tcp),
             logs: RefCell::new(LogLimiter::default()),
             forwarder: crate::forwarder::Forwarder::default(),
-            ports: RefCell::new(Ports { map: Default::default(), overflow_drops: 0 }),
+            ports: RefCell::new(Ports { map: Default::default(), capture: None, overflow_drops: 0 }),
             udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout)),
             icmp: RefCell::new(IcmpNat::new()),
             dns,
@@ -153,12 +158,20 @@ impl Engine {
         self.ports.borrow().map.len()
     }
 
+    /// Records every frame received and sent to a pcap file from now on.
+    pub fn start_capture(&self, capture: Capture) {
+        self.ports.borrow_mut().capture = Some(capture);
+    }
+
     /// Feeds one frame from `port` into the network.
     pub fn handle_frame(self: &Rc<Self>, port: PortId, frame: &[u8]) {
         let now = Instant::now();
         let upcall = {
             let mut net = self.net.borrow_mut();
             let mut ports = self.ports.borrow_mut();
+            if let Some(c) = ports.capture.as_mut() {
+                c.record(frame);
+            }
             net.handle_frame(port, frame, now, &mut *ports)
         };
         if let Upcall::Ipv4 { src_mac, header, packet } = upcall {

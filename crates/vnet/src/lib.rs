@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod capture;
 pub mod config;
 pub mod dhcp_server;
 pub mod dns;

@@ -316,7 +316,8 @@ impl World {
 
     pub fn start_host_switch(&mut self, extra: &[&str]) {
         let listen = format!("unix://{}", self.socket.display());
-        let mut args = vec!["--listen", &listen, "-debug"];
+        // Debug logs, but no pcap capture unless a test asks for one.
+        let mut args = vec!["--listen", &listen, "-debug", "--capture="];
         args.extend_from_slice(extra);
         let p = self.host.spawn(&self.dir, bin("host-switch"), &args);
         let sock = self.socket.clone();

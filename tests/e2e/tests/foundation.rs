@@ -204,3 +204,22 @@ fn datagram_link_carries_one_frame_per_datagram() {
     assert_eq!(&buf[22..28], &[0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd], "gateway MAC");
     assert!(n >= 42);
 }
+
+#[test]
+fn capture_flag_writes_a_pcap_of_the_gateways_traffic() {
+    if !privileged() {
+        return;
+    }
+    let dir = rdnet_e2e::TempDir::new("cap");
+    let pcap = dir.join("cap.pcap");
+    let cap = pcap.display().to_string();
+    let mut world = World::new(&["--capture", &cap]);
+    let g = world.add_guest(DEVICE_MAC, &[]);
+    assert!(world.guest(g).wait_for_address(LEASE_WAIT).is_some(), "{}", world.logs());
+    let bytes = std::fs::read(&pcap).unwrap_or_default();
+    assert!(bytes.len() > 24, "capture is empty");
+    assert_eq!(&bytes[..4], &0xa1b2_c3d4u32.to_le_bytes(), "pcap magic");
+    assert_eq!(u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]), 1, "Ethernet link type");
+    // The DHCP exchange is in it: the gateway's MAC as a source.
+    assert!(bytes.windows(6).any(|w| w == [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd]));
+}
