@@ -7,7 +7,9 @@
 //! sends is the 4-byte greeting `VFKT`, which is consumed. There is no
 //! stream to lose sync with: a bad datagram is dropped, the link goes on.
 
+#[cfg(unix)]
 use std::io;
+#[cfg(unix)]
 use std::path::{Path, PathBuf};
 
 /// The greeting a vfkit client sends first.
