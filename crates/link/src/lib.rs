@@ -2,9 +2,11 @@
 //! by URL, async frame I/O, and (later) the vsock handshake.
 #![deny(unsafe_code)]
 
+pub mod bridge;
 pub mod codec;
 pub mod datagram;
 pub mod endpoint;
+pub mod hvsock;
 pub mod io;
 #[allow(unsafe_code)]
 pub mod sys;

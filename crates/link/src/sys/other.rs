@@ -1,6 +1,6 @@
-//! Transports for platforms without vsock support in this build. Hyper-V
-//! sockets and named pipes arrive with the Windows work; until then they are
-//! reported as unsupported rather than silently ignored.
+//! Transports for platforms other than Linux and Windows (e.g. macOS): no
+//! platform stream kinds; vsock, Hyper-V sockets, named pipes and inherited
+//! descriptors are reported as unsupported rather than silently ignored.
 
 use std::io;
 use std::pin::Pin;

@@ -1,0 +1,297 @@
+//! host-switch.exe (the Windows build) under Wine, serving a Linux vm-switch
+//! end to end (TESTING.md, "The Windows build under Wine").
+//!
+//! The world: a host namespace with only `lo`, in which Wine runs
+//! host-switch.exe listening on tcp://127.0.0.1:6656, with a private Wine
+//! prefix (so its wineserver, which creates the sockets of every Wine
+//! process, starts inside this namespace); socat relays a unix socket to that
+//! port inside the host namespace; vm-switch in a guest namespace connects to
+//! the unix socket. Checked: the DHCP lease, a ping of the gateway, HTTP
+//! through the NAT to the host namespace's loopback (192.168.127.254:P →
+//! 127.0.0.1:P, via Wine's Winsock), and the HTTP API with a port forward
+//! into the guest. Ping through the NAT is not checked: Wine's ping sockets
+//! are not reliable.
+//!
+//! Needs what `scripts/wine-e2e prepare` makes (target/wine: the Wine prefix
+//! template and the ProcessPrng stand-in DLL) and the .exe from
+//! `cargo build --target x86_64-pc-windows-gnu -p host-switch`; scripts/test
+//! does both before `cargo test`. In CI a missing piece fails the test.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use rdnet_e2e::{
+    DEVICE_MAC, GATEWAY, HOST_ALIAS, Netns, Proc, TempDir, World, privileged, run, socket_exists, tcp_ready_in,
+    wait_until,
+};
+
+const TRIPLE: &str = "x86_64-pc-windows-gnu";
+const LINK_PORT: u16 = 6656;
+const API_PORT: u16 = 6680;
+const WEB_PORT: u16 = 8080;
+const FORWARD_PORT: u16 = 9090;
+const GUEST_WEB_PORT: u16 = 8000;
+
+/// What running the .exe under Wine needs.
+struct Wine {
+    wine: PathBuf,
+    exe: PathBuf,
+    template: PathBuf,
+    dll: PathBuf,
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Finds Wine, the .exe, the prefix template and the DLL. Missing pieces
+/// fail the test in CI and skip it (with one line) elsewhere.
+fn wine() -> Option<Wine> {
+    let test_exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/, <profile>
+    let profile_dir = test_exe.parent().and_then(Path::parent).expect("profile dir");
+    let profile = profile_dir.file_name().expect("profile name");
+    let target = profile_dir.parent().expect("target dir");
+    let exe = target.join(TRIPLE).join(profile).join("host-switch.exe");
+    let wine_dir = std::env::var_os("RDNET_WINE_DIR").map(PathBuf::from).unwrap_or_else(|| target.join("wine"));
+    let template = wine_dir.join("prefix");
+    let dll = wine_dir.join("bcryptprimitives.dll");
+    let wine = ["wine64", "/usr/lib/wine/wine64", "wine"].iter().find_map(|w| {
+        let ok = Command::new("sh").args(["-c", &format!("command -v {w}")]).output().is_ok_and(|o| o.status.success());
+        ok.then(|| PathBuf::from(w))
+    });
+    let mut missing = Vec::new();
+    if wine.is_none() {
+        missing.push("wine64 (scripts/wine-e2e prepare installs it)".to_string());
+    }
+    if !exe.exists() {
+        missing.push(format!("{} (cargo build --target {TRIPLE} -p host-switch)", exe.display()));
+    }
+    if !template.join(".rdnet-ready").exists() || !dll.exists() {
+        missing.push(format!("{} and {} (scripts/wine-e2e prepare)", template.display(), dll.display()));
+    }
+    if !missing.is_empty() {
+        let why = format!("missing {}", missing.join(", "));
+        if in_ci() {
+            panic!("the Wine test cannot run in CI: {why}");
+        }
+        eprintln!("skipping the Wine test: {why}");
+        return None;
+    }
+    Some(Wine { wine: wine.unwrap(), exe, template, dll })
+}
+
+/// A private Wine prefix and a directory holding the .exe with the stand-in
+/// DLL beside it, under `dir`. The prefix hard-links the template's files
+/// (Wine does not modify them in place) and copies the registry files (which
+/// it rewrites); the .exe is hard-linked too when possible.
+fn private_copy(w: &Wine, dir: &TempDir) -> (PathBuf, PathBuf) {
+    let prefix = dir.join("prefix");
+    // Hard links need one filesystem; otherwise copy (~700 MB, slower).
+    let linked = Command::new("cp").arg("-al").arg(&w.template).arg(&prefix).status().is_ok_and(|s| s.success());
+    if !linked {
+        let _ = fs::remove_dir_all(&prefix);
+        run("cp", &[std::ffi::OsStr::new("-a"), w.template.as_os_str(), prefix.as_os_str()]);
+    }
+    for entry in fs::read_dir(&w.template).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "reg") {
+            let to = prefix.join(path.file_name().unwrap());
+            fs::remove_file(&to).unwrap();
+            fs::copy(&path, &to).unwrap();
+        }
+    }
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let exe = bin.join("host-switch.exe");
+    if fs::hard_link(&w.exe, &exe).is_err() {
+        fs::copy(&w.exe, &exe).unwrap();
+    }
+    fs::copy(&w.dll, bin.join("bcryptprimitives.dll")).unwrap();
+    (prefix, exe)
+}
+
+/// Removes the wineserver's socket directory of `prefix` (Debian's Wine
+/// keeps it under /tmp/<name in prefix/wineserver>/server-DEV-INODE).
+struct WineServerDir(Option<PathBuf>);
+
+impl WineServerDir {
+    fn of(prefix: &Path) -> WineServerDir {
+        let base = fs::read_to_string(prefix.join("wineserver")).ok().map(|s| s.trim().to_string());
+        let meta = fs::metadata(prefix).ok();
+        WineServerDir(
+            base.zip(meta)
+                .map(|(base, m)| std::env::temp_dir().join(base).join(format!("server-{:x}-{:x}", m.dev(), m.ino()))),
+        )
+    }
+}
+
+impl Drop for WineServerDir {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0 {
+            let _ = fs::remove_dir_all(d);
+        }
+    }
+}
+
+#[test]
+fn host_switch_exe_under_wine_serves_a_linux_guest() {
+    if !privileged() {
+        return;
+    }
+    let Some(w) = wine() else { return };
+    let dir = TempDir::new("wine");
+    let host = Netns::new("rdwn");
+    let (prefix, exe) = private_copy(&w, &dir);
+    let _server_dir = WineServerDir::of(&prefix);
+
+    // host-switch.exe in the host namespace.
+    let mut cmd = host.command(&w.wine);
+    cmd.arg(&exe)
+        .args(["--listen", &format!("tcp://127.0.0.1:{LINK_PORT}")])
+        .args(["--api", &format!("tcp://127.0.0.1:{API_PORT}")])
+        .args(["--dns-upstream", "127.0.0.1:53", "-debug", "--capture="])
+        .env("WINEPREFIX", &prefix)
+        .env("WINEDEBUG", "-all")
+        .env("WINEDLLOVERRIDES", "mscoree,mshtml=;bcryptprimitives=n,b")
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY");
+    let mut host_switch = Proc::spawn(&dir, &mut cmd);
+    let up = wait_until(Duration::from_secs(120), || {
+        tcp_ready_in(&host, LINK_PORT) && tcp_ready_in(&host, API_PORT) || host_switch.try_wait().is_some()
+    });
+    assert!(
+        up && host_switch.try_wait().is_none(),
+        "host-switch.exe did not listen under Wine:\n{}",
+        host_switch.logs()
+    );
+
+    // The relay: a unix socket (reachable from the guest namespace) to the
+    // .exe's TCP port, inside the host namespace.
+    let relay_sock = dir.join("relay.sock");
+    let relay = host.spawn(
+        &dir,
+        "socat",
+        &[format!("UNIX-LISTEN:{},fork", relay_sock.display()), format!("TCP:127.0.0.1:{LINK_PORT}")],
+    );
+    assert!(wait_until(Duration::from_secs(10), || socket_exists(&relay_sock)), "socat did not listen");
+
+    // A web server on the host namespace's loopback, for the NAT check.
+    let www = dir.join("www");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("hello.txt"), "hello from the host namespace\n").unwrap();
+    let big: Vec<u8> = (0..(2u32 << 20)).map(|i| (i * 31 + i / 977) as u8).collect();
+    fs::write(www.join("big.bin"), &big).unwrap();
+    let web = host.spawn(
+        &dir,
+        "python3",
+        &[
+            "-m".to_string(),
+            "http.server".to_string(),
+            WEB_PORT.to_string(),
+            "--bind".to_string(),
+            "127.0.0.1".to_string(),
+            "--directory".to_string(),
+            www.display().to_string(),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || tcp_ready_in(&host, WEB_PORT)), "web server did not start");
+
+    // The guest: vm-switch dialing the relay.
+    let mut world = World { guests: Vec::new(), host_switch: Some(host_switch), host, socket: relay_sock, dir };
+    let g = world.add_guest(DEVICE_MAC, &[]);
+    let guest = world.guest(g);
+
+    // DHCP from the .exe's server.
+    let addr = guest.wait_for_address(Duration::from_secs(60));
+    assert_eq!(addr.as_deref(), Some("192.168.127.2/24"), "{}", world.logs());
+    // The gateway answers ping (ICMP is answered by host-switch itself).
+    assert!(guest.ping(GATEWAY), "ping of the gateway failed\n{}", world.logs());
+
+    // HTTP through the NAT: 192.168.127.254 is the host namespace's 127.0.0.1.
+    let url = |f: &str| format!("http://{HOST_ALIAS}:{WEB_PORT}/{f}");
+    let out = guest.ns.exec("curl", &["-sS", "--max-time", "20", &url("hello.txt")]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the host namespace\n",
+        "curl: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        world.logs()
+    );
+    let got = world.dir.join("big.got");
+    let out = guest.ns.exec("curl", &["-sS", "--max-time", "60", "-o", &got.display().to_string(), &url("big.bin")]);
+    assert!(out.status.success(), "curl big.bin: {}\n{}", String::from_utf8_lossy(&out.stderr), world.logs());
+    assert!(fs::read(&got).unwrap() == big, "2 MiB through the NAT arrived changed\n{}", world.logs());
+
+    // The HTTP API on the host side, and a port forward it sets up into the
+    // guest: host namespace 127.0.0.1:9090 → 192.168.127.2:8000.
+    let api = format!("http://127.0.0.1:{API_PORT}");
+    let list = world.host.stdout("curl", &["-sS", "--max-time", "10", &format!("{api}/services/forwarder/all")]);
+    assert_eq!(list.trim(), "[]", "{}", world.logs());
+    let guest_www = world.dir.join("guest-www");
+    fs::create_dir_all(&guest_www).unwrap();
+    fs::write(guest_www.join("index.txt"), "hello from the guest\n").unwrap();
+    let guest_web = world.guests[g].ns.spawn(
+        &world.dir,
+        "python3",
+        &[
+            "-m".to_string(),
+            "http.server".to_string(),
+            GUEST_WEB_PORT.to_string(),
+            "--bind".to_string(),
+            "192.168.127.2".to_string(),
+            "--directory".to_string(),
+            guest_www.display().to_string(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || tcp_ready_in(&world.guests[g].ns, GUEST_WEB_PORT)),
+        "guest web server did not start"
+    );
+    let body =
+        format!(r#"{{"local":"127.0.0.1:{FORWARD_PORT}","remote":"192.168.127.2:{GUEST_WEB_PORT}","protocol":"tcp"}}"#);
+    let out = world.host.exec(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "-d",
+            &body,
+            &format!("{api}/services/forwarder/expose"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "expose: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        world.logs()
+    );
+    let forwarded =
+        world.host.exec("curl", &["-sS", "--max-time", "20", &format!("http://127.0.0.1:{FORWARD_PORT}/index.txt")]);
+    assert_eq!(
+        String::from_utf8_lossy(&forwarded.stdout),
+        "hello from the guest\n",
+        "forward: {}\n{}",
+        String::from_utf8_lossy(&forwarded.stderr),
+        world.logs()
+    );
+
+    assert!(world.host_switch().try_wait().is_none(), "host-switch.exe exited\n{}", world.logs());
+    // Processes go first (guest web server, relay, web server, then the
+    // world: vm-switch, host-switch.exe, and every process left in the
+    // namespaces, the wineserver among them); the prefix and the
+    // wineserver's directory last.
+    drop(guest_web);
+    drop(relay);
+    drop(web);
+    drop(world);
+}
