@@ -8,8 +8,8 @@
 //! port inside the host namespace; vm-switch in a guest namespace connects to
 //! the unix socket. Checked: the DHCP lease, a ping of the gateway, HTTP
 //! through the NAT to the host namespace's loopback (192.168.127.254:P →
-//! 127.0.0.1:P, via Wine's Winsock), and the HTTP API with a port forward
-//! into the guest. Ping through the NAT is not checked: Wine's ping sockets
+//! 127.0.0.1:P, via Wine's Winsock), the HTTP API with a port forward into
+//! the guest, and the API on a named pipe (asked by link-cat.exe). Ping through the NAT is not checked: Wine's ping sockets
 //! are not reliable.
 //!
 //! Needs what `scripts/wine-e2e prepare` makes (target/wine: the Wine prefix
@@ -34,11 +34,14 @@ const API_PORT: u16 = 6680;
 const WEB_PORT: u16 = 8080;
 const FORWARD_PORT: u16 = 9090;
 const GUEST_WEB_PORT: u16 = 8000;
+const API_PIPE: &str = "./pipe/rdnet-e2e-api";
 
 /// What running the .exe under Wine needs.
 struct Wine {
     wine: PathBuf,
     exe: PathBuf,
+    /// A Windows client of link endpoints (crates/link/examples/link-cat.rs).
+    link_cat: PathBuf,
     template: PathBuf,
     dll: PathBuf,
 }
@@ -56,6 +59,7 @@ fn wine() -> Option<Wine> {
     let profile = profile_dir.file_name().expect("profile name");
     let target = profile_dir.parent().expect("target dir");
     let exe = target.join(TRIPLE).join(profile).join("host-switch.exe");
+    let link_cat = target.join(TRIPLE).join(profile).join("examples").join("link-cat.exe");
     let wine_dir = std::env::var_os("RDNET_WINE_DIR").map(PathBuf::from).unwrap_or_else(|| target.join("wine"));
     let template = wine_dir.join("prefix");
     let dll = wine_dir.join("bcryptprimitives.dll");
@@ -70,6 +74,10 @@ fn wine() -> Option<Wine> {
     if !exe.exists() {
         missing.push(format!("{} (cargo build --target {TRIPLE} -p host-switch)", exe.display()));
     }
+    if !link_cat.exists() {
+        missing
+            .push(format!("{} (cargo build --target {TRIPLE} -p rdnet-link --example link-cat)", link_cat.display()));
+    }
     if !template.join(".rdnet-ready").exists() || !dll.exists() {
         missing.push(format!("{} and {} (scripts/wine-e2e prepare)", template.display(), dll.display()));
     }
@@ -81,7 +89,7 @@ fn wine() -> Option<Wine> {
         eprintln!("skipping the Wine test: {why}");
         return None;
     }
-    Some(Wine { wine: wine.unwrap(), exe, template, dll })
+    Some(Wine { wine: wine.unwrap(), exe, link_cat, template, dll })
 }
 
 /// A private Wine prefix and a directory holding the .exe with the stand-in
@@ -107,8 +115,10 @@ fn private_copy(w: &Wine, dir: &TempDir) -> (PathBuf, PathBuf) {
     let bin = dir.join("bin");
     fs::create_dir_all(&bin).unwrap();
     let exe = bin.join("host-switch.exe");
-    if fs::hard_link(&w.exe, &exe).is_err() {
-        fs::copy(&w.exe, &exe).unwrap();
+    for (from, to) in [(&w.exe, exe.clone()), (&w.link_cat, bin.join("link-cat.exe"))] {
+        if fs::hard_link(from, &to).is_err() {
+            fs::copy(from, &to).unwrap();
+        }
     }
     fs::copy(&w.dll, bin.join("bcryptprimitives.dll")).unwrap();
     (prefix, exe)
@@ -137,6 +147,17 @@ impl Drop for WineServerDir {
     }
 }
 
+/// `wine` in `ns` with the private `prefix`, quiet and without a display.
+fn wine_command(w: &Wine, ns: &Netns, prefix: &Path) -> Command {
+    let mut cmd = ns.command(&w.wine);
+    cmd.env("WINEPREFIX", prefix)
+        .env("WINEDEBUG", "-all")
+        .env("WINEDLLOVERRIDES", "mscoree,mshtml=;bcryptprimitives=n,b")
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY");
+    cmd
+}
+
 #[test]
 fn host_switch_exe_under_wine_serves_a_linux_guest() {
     if !privileged() {
@@ -149,16 +170,12 @@ fn host_switch_exe_under_wine_serves_a_linux_guest() {
     let _server_dir = WineServerDir::of(&prefix);
 
     // host-switch.exe in the host namespace.
-    let mut cmd = host.command(&w.wine);
+    let mut cmd = wine_command(&w, &host, &prefix);
     cmd.arg(&exe)
         .args(["--listen", &format!("tcp://127.0.0.1:{LINK_PORT}")])
         .args(["--api", &format!("tcp://127.0.0.1:{API_PORT}")])
-        .args(["--dns-upstream", "127.0.0.1:53", "-debug", "--capture="])
-        .env("WINEPREFIX", &prefix)
-        .env("WINEDEBUG", "-all")
-        .env("WINEDLLOVERRIDES", "mscoree,mshtml=;bcryptprimitives=n,b")
-        .env_remove("DISPLAY")
-        .env_remove("WAYLAND_DISPLAY");
+        .args(["--api", &format!("npipe://{API_PIPE}")])
+        .args(["--dns-upstream", "127.0.0.1:53", "-debug", "--capture="]);
     let mut host_switch = Proc::spawn(&dir, &mut cmd);
     let up = wait_until(Duration::from_secs(120), || {
         tcp_ready_in(&host, LINK_PORT) && tcp_ready_in(&host, API_PORT) || host_switch.try_wait().is_some()
@@ -282,6 +299,25 @@ fn host_switch_exe_under_wine_serves_a_linux_guest() {
         "hello from the guest\n",
         "forward: {}\n{}",
         String::from_utf8_lossy(&forwarded.stderr),
+        world.logs()
+    );
+
+    // The API on a named pipe, asked by a Windows client (link-cat.exe) in
+    // the same Wine prefix.
+    let request = "GET /services/forwarder/all HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n";
+    let link_cat = exe.with_file_name("link-cat.exe");
+    let mut cat = wine_command(&w, &world.host, &prefix);
+    cat.arg(&link_cat).arg(format!("npipe://{API_PIPE}")).stdin(std::process::Stdio::piped());
+    let mut child = cat.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), request.as_bytes()).unwrap();
+    let reply = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&reply.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 200")
+            && text
+                .contains(&format!(r#""local":"127.0.0.1:{FORWARD_PORT}","remote":"192.168.127.2:{GUEST_WEB_PORT}""#)),
+        "API over the named pipe said: {text}\nstderr: {}\n{}",
+        String::from_utf8_lossy(&reply.stderr),
         world.logs()
     );
 

@@ -1,0 +1,52 @@
+//! `link-cat URL`: connects to a link endpoint (`npipe://./pipe/NAME`,
+//! `tcp://…`, `unix://…`, `hvsock://…`), sends everything read from standard
+//! input, half-closes, and copies what comes back to standard output until
+//! the other end closes. The Wine test uses it as a Windows client of
+//! host-switch's API on a named pipe.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn main() -> ExitCode {
+    let Some(url) = std::env::args().nth(1) else {
+        eprintln!("usage: link-cat URL < request");
+        return ExitCode::from(2);
+    };
+    let mut request = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut request) {
+        eprintln!("link-cat: reading standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("link-cat: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<Vec<u8>, Box<dyn std::error::Error>> = rt.block_on(async {
+        let ep: rdnet_link::Endpoint = url.parse()?;
+        let mut stream = rdnet_link::dial(&ep).await?;
+        stream.write_all(&request).await?;
+        stream.flush().await?;
+        stream.shutdown().await?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await?;
+        Ok(reply)
+    });
+    match result {
+        Ok(reply) => {
+            let mut out = std::io::stdout();
+            if out.write_all(&reply).and_then(|()| out.flush()).is_err() {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("link-cat: {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
