@@ -9,6 +9,7 @@ use std::rc::Rc;
 use clap::Parser;
 use ipnet::Ipv4Net;
 use rdnet_cli::{LogOptions, error_chain, go_bool, init_logging, parse_go_args};
+use rdnet_link::handshake::{DataLinks, HostTiming, SIGNATURE, host_handshake_loop, validate_signature};
 use rdnet_link::{Endpoint, Framing, Listener, listen};
 use rdnet_vnet::forward::StaticForward;
 use rdnet_vnet::{Engine, EngineConfig, NetConfig, Network};
@@ -62,6 +63,14 @@ struct Opts {
     /// -debug, capture.pcap in the working directory (as gvproxy does).
     #[arg(long)]
     capture: Option<String>,
+    /// The guest's handshake endpoint (vsock://CID:6669, unix:///path): find
+    /// network-setup there by its signature, tell it READY once --listen is
+    /// up, and pair again whenever its data connection is lost.
+    #[arg(long)]
+    handshake: Option<Endpoint>,
+    /// The signature phrase the guest's network-setup announces.
+    #[arg(long, default_value = SIGNATURE)]
+    signature: String,
 }
 
 const DEFAULT_LISTEN: &str = "vsock://:6656";
@@ -83,6 +92,7 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = NetConfig::new(opts.subnet, opts.mtu)?;
     cfg.search_domains = host_search_domains();
     raise_fd_limit();
+    validate_signature(&opts.signature).map_err(|e| format!("invalid --signature: {e}"))?;
     let listen_on =
         if opts.listen.is_empty() { vec![DEFAULT_LISTEN.parse::<Endpoint>()?] } else { opts.listen.clone() };
     tracing::info!(
@@ -133,8 +143,8 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
         for ep in &listen_on {
             #[cfg(unix)]
             if let Endpoint::Unixgram(path) = ep {
-                let link = rdnet_link::datagram::DatagramLink::bind(path)
-                    .map_err(|e| format!("listening on {ep}: {e}"))?;
+                let link =
+                    rdnet_link::datagram::DatagramLink::bind(path).map_err(|e| format!("listening on {ep}: {e}"))?;
                 tracing::info!(endpoint = %ep, "listening for a VM (one frame per datagram)");
                 tokio::task::spawn_local(engine.clone().serve_datagram(link));
                 continue;
@@ -143,21 +153,40 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!(endpoint = %ep, "listening for VMs");
             listeners.push(Rc::new(l));
         }
+        // With --handshake, data connections are counted for the handshake.
+        let links = opts.handshake.is_some().then(DataLinks::new);
         for l in &listeners {
-            tokio::task::spawn_local(accept_loop(engine.clone(), l.clone()));
+            tokio::task::spawn_local(accept_loop(engine.clone(), l.clone(), links.clone()));
         }
-        wait_for_shutdown().await;
+        let handshake = async {
+            match (&opts.handshake, &links) {
+                (Some(ep), Some(links)) => {
+                    let e = host_handshake_loop(ep, &opts.signature, &HostTiming::default(), links).await;
+                    format!("handshake with {ep} failed: {}", rdnet_cli::error_chain(&e))
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = wait_for_shutdown() => {}
+            e = handshake => return Err(e.into()),
+        }
         tracing::info!("shutting down");
         engine.forwarder.close_all();
         Ok::<(), Box<dyn std::error::Error>>(())
     })
 }
 
-async fn accept_loop(engine: Rc<Engine>, listener: Rc<Listener>) {
+async fn accept_loop(engine: Rc<Engine>, listener: Rc<Listener>, links: Option<DataLinks>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::task::spawn_local(engine.clone().serve(stream, peer));
+                let open = links.as_ref().map(DataLinks::connected);
+                let serve = engine.clone().serve(stream, peer);
+                tokio::task::spawn_local(async move {
+                    serve.await;
+                    drop(open);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

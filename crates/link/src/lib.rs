@@ -1,11 +1,12 @@
 //! How frames travel between vm-switch and host-switch: codecs, endpoints
-//! by URL, async frame I/O, and (later) the vsock handshake.
+//! by URL, async frame I/O, and the vsock handshake.
 #![deny(unsafe_code)]
 
 pub mod bridge;
 pub mod codec;
 pub mod datagram;
 pub mod endpoint;
+pub mod handshake;
 pub mod hvsock;
 pub mod io;
 #[allow(unsafe_code)]
