@@ -209,15 +209,24 @@ fn main() {
         ("expose-unix", r#"{"local":"/tmp/x.sock","remote":"tcp://192.168.127.2:22","protocol":"unix"}"#),
         ("unexpose", r#"{"local":"127.0.0.1:6443","protocol":"tcp"}"#),
         ("wrong-type", r#"{"Local":1,"REMOTE":null,"protoco\u006c":"tcp"} trailing"#),
-        ("zone", r#"{"Name":"example.internal.","Records":[{"Name":"db","IP":"192.168.127.9"},{"Regexp":"^x.*$"}],"DefaultIP":"10.0.0.1"}"#),
+        (
+            "zone",
+            r#"{"Name":"example.internal.","Records":[{"Name":"db","IP":"192.168.127.9"},{"Regexp":"^x.*$"}],"DefaultIP":"10.0.0.1"}"#,
+        ),
     ] {
         write("api_json", name, body.as_bytes());
     }
 
     // wsl_mapping: guest agent messages.
     for (name, body) in [
-        ("publish", r#"{"remove":false,"ports":{"6443/tcp":[{"HostIp":"127.0.0.1","HostPort":"6443"}]},"connectAddrs":null}"#),
-        ("remove-udp", r#"{"remove":true,"ports":{"53/UDP":[{"HostIp":"","HostPort":"5353"},{"HostIp":"::1","HostPort":53}]}}"#),
+        (
+            "publish",
+            r#"{"remove":false,"ports":{"6443/tcp":[{"HostIp":"127.0.0.1","HostPort":"6443"}]},"connectAddrs":null}"#,
+        ),
+        (
+            "remove-udp",
+            r#"{"remove":true,"ports":{"53/UDP":[{"HostIp":"","HostPort":"5353"},{"HostIp":"::1","HostPort":53}]}}"#,
+        ),
         ("null-ports", r#"{"remove":false,"ports":null}"#),
         ("two-messages", r#"{"remove":false,"ports":{}}{"remove":true}"#),
     ] {

@@ -53,7 +53,9 @@ fuzz_target!(|input: &[u8]| {
         client.handle_frame(now, &frame);
         drain(&mut client, &mut xid);
         // Jump to the next timer now and then (T1, T2, expiry, retries).
-        if ctl & 2 == 2 && let Some(t) = client.poll_timeout() {
+        if ctl & 2 == 2
+            && let Some(t) = client.poll_timeout()
+        {
             now = now.max(t);
             client.handle_timeout(now);
             drain(&mut client, &mut xid);

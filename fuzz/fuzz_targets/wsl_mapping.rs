@@ -25,11 +25,11 @@ fuzz_target!(|data: &[u8]| {
             Framing::Incomplete => {}
         }
     }
-    if let Some(k) = end {
-        if let Ok(req) = mapping::parse(&data[..k]) {
-            for b in &req.bindings {
-                assert_eq!(b.listen.port(), b.upstream_port);
-            }
+    if let Some(k) = end
+        && let Ok(req) = mapping::parse(&data[..k])
+    {
+        for b in &req.bindings {
+            assert_eq!(b.listen.port(), b.upstream_port);
         }
     }
     let _ = mapping::parse(data);

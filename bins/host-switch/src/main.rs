@@ -76,6 +76,8 @@ struct Opts {
 const DEFAULT_LISTEN: &str = "vsock://:6656";
 
 fn main() -> ExitCode {
+    // A daemon keeps no descriptor it inherited but does not own (fd:// endpoints are its own).
+    rdnet_cli::close_inherited_fds(&rdnet_cli::fds_named_in_args(std::env::args()));
     let opts: Opts = parse_go_args();
     init_logging(&LogOptions { logfile: opts.logfile.clone(), debug: opts.debug });
     match run(opts) {

@@ -93,6 +93,8 @@ enum Error {
 }
 
 fn main() {
+    // A daemon keeps no descriptor it inherited but does not own.
+    rdnet_cli::close_inherited_fds(&[]);
     let opts: Opts = rdnet_cli::parse_go_args();
     rdnet_cli::init_logging(&rdnet_cli::LogOptions { logfile: Some(opts.logfile.clone()), debug: opts.debug });
     let result = tokio::runtime::Builder::new_multi_thread()

@@ -4,9 +4,11 @@
 
 pub mod flags;
 pub mod logging;
+pub mod sys;
 
 pub use flags::{go_bool, parse_go_args, parse_go_args_from};
 pub use logging::{LogOptions, init_logging};
+pub use sys::{close_inherited_fds, fds_named_in_args};
 
 /// Formats an error and every `source()` below it as one line, the way the
 /// binaries print a fatal error once before exiting.

@@ -267,7 +267,16 @@ impl Engine {
         };
 
         let mut reader = FrameReader::new(read_half, Decoder::new(self.config.framing, self.max_frame()));
+        let mut handled = 0u32;
         let result = loop {
+            // Buffered frames come without awaiting I/O; yield now and then
+            // so other tasks run during a burst: other VM connections, and
+            // aborted flow tasks, whose sockets close only once dropped
+            // (20 000 UDP flows in a burst held 6 000 fds above the bound).
+            handled = handled.wrapping_add(1);
+            if handled.is_multiple_of(64) {
+                tokio::task::yield_now().await;
+            }
             match reader.next_frame().await {
                 Ok(Some(frame)) => self.handle_frame(port, frame),
                 Ok(None) => break Ok(()),

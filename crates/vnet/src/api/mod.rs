@@ -109,6 +109,15 @@ pub fn register_inside(engine: &Rc<Engine>) {
 
 /// Serves the API on a host listener until the task is dropped.
 pub async fn serve_listener(engine: Rc<Engine>, listener: rdnet_link::Listener) {
+    // No authentication: the socket file's permissions are the API's only
+    // guard, so only its owner may connect (gvproxy leaves the umask's).
+    #[cfg(unix)]
+    if let rdnet_link::Listener::Unix { path, .. } = &listener {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(path = %path.display(), error = %e, "API: cannot make the socket owner-only");
+        }
+    }
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

@@ -1,0 +1,115 @@
+//! Issue 9's security checks: the inside API answers on the gateway only,
+//! control sockets are owner-only, and daemons do not keep file
+//! descriptors they inherited but do not own.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use rdnet_e2e::{DEVICE_MAC, Netns, Proc, TempDir, World, bin, privileged, socket_exists, wait_until};
+
+fn world(host_flags: &[&str]) -> World {
+    let mut w = World::new(host_flags);
+    let g = w.add_guest(DEVICE_MAC, &[]);
+    assert!(w.guest(g).wait_for_address(Duration::from_secs(20)).is_some(), "{}", w.logs());
+    w
+}
+
+#[test]
+fn inside_api_answers_on_the_gateway_only() {
+    if !privileged() {
+        return;
+    }
+    let world = world(&[]);
+    let ns = &world.guest(0).ns;
+    let ok = ns.exec("curl", &["-s", "-m", "5", "http://192.168.127.1/services/forwarder/all"]);
+    assert!(ok.status.success() && String::from_utf8_lossy(&ok.stdout).trim() == "[]", "{}", world.logs());
+    // The host alias is NATed to the host's loopback, where nothing listens
+    // on :80: refused, not the API.
+    let alias = ns.exec("curl", &["-s", "-m", "5", "http://192.168.127.254/services/forwarder/all"]);
+    assert_eq!(alias.status.code(), Some(7), "the host alias answered: {}", String::from_utf8_lossy(&alias.stdout));
+    // Nobody owns .3: no answer at all.
+    let other = ns.exec("curl", &["-s", "-m", "3", "http://192.168.127.3/services/forwarder/all"]);
+    assert!(!other.status.success(), "192.168.127.3 answered");
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::symlink_metadata(path).expect("socket").permissions().mode() & 0o777
+}
+
+#[test]
+fn api_unix_socket_is_owner_only() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("apisock");
+    let sock = dir.join("api.sock");
+    let flag = format!("unix://{}", sock.display());
+    let world = World::new(&["--api", &flag]);
+    assert!(wait_until(Duration::from_secs(10), || socket_exists(&sock)), "{}", world.logs());
+    assert!(wait_until(Duration::from_secs(5), || mode(&sock) == 0o600), "API socket mode {:o}", mode(&sock));
+}
+
+#[test]
+fn wsl_proxy_socket_is_owner_only() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("wslsock");
+    let ns = Netns::new("rdw");
+    let sock = dir.join("wsl-proxy.sock");
+    let p = ns.spawn(
+        &dir,
+        bin("wsl-proxy"),
+        &["-socketFile", &sock.display().to_string(), "-logfile", "/dev/stdout", "-upstreamAddress", "127.0.0.1"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || socket_exists(&sock)), "{}", p.logs());
+    assert_eq!(mode(&sock), 0o600, "wsl-proxy socket mode");
+}
+
+/// Starts `program args` in `ns` through a python3 wrapper that first opens
+/// `marker` without close-on-exec (an fd the program did not ask for).
+fn spawn_with_inherited_fd(ns: &Netns, dir: &TempDir, marker: &Path, program: &Path, args: &[&str]) -> Proc {
+    fs::write(marker, b"inherited").unwrap();
+    let wrapper = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY); os.set_inheritable(fd, True)
+fd2 = os.dup2(fd, 9); os.set_inheritable(9, True)
+os.execv(sys.argv[2], sys.argv[2:])
+"#;
+    let mut all = vec!["-c", wrapper, marker.to_str().unwrap(), program.to_str().unwrap()];
+    all.extend_from_slice(args);
+    ns.spawn(dir, "python3", &all)
+}
+
+fn holds(pid: i32, marker: &Path) -> bool {
+    let Ok(d) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    d.filter_map(Result::ok).any(|e| fs::read_link(e.path()).is_ok_and(|t| t == marker))
+}
+
+#[test]
+fn daemons_close_inherited_descriptors() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("fds");
+    let ns = Netns::new("rdf");
+    let marker = dir.join("marker");
+    let hs_sock = dir.join("hs.sock");
+    let hs_listen = format!("unix://{}", hs_sock.display());
+    let hs = spawn_with_inherited_fd(&ns, &dir, &marker, &bin("host-switch"), &["--listen", &hs_listen, "--capture="]);
+    assert!(wait_until(Duration::from_secs(10), || socket_exists(&hs_sock)), "{}", hs.logs());
+    assert!(!holds(hs.pid(), &marker), "host-switch kept an inherited fd");
+
+    let wsl_sock = dir.join("wsl.sock");
+    let wsl = spawn_with_inherited_fd(
+        &ns,
+        &dir,
+        &marker,
+        &bin("wsl-proxy"),
+        &["-socketFile", wsl_sock.to_str().unwrap(), "-logfile", "/dev/stdout"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || socket_exists(&wsl_sock)), "{}", wsl.logs());
+    assert!(!holds(wsl.pid(), &marker), "wsl-proxy kept an inherited fd");
+}
