@@ -3,7 +3,11 @@
 //! sockets or pipes open (and alive) for its whole life.
 #![allow(unsafe_code)]
 
+#[cfg(unix)]
 use std::os::fd::RawFd;
+/// A descriptor number; nothing is closed where there are none.
+#[cfg(not(unix))]
+type RawFd = i32;
 
 /// Closes every descriptor above 2 except those in `keep`. Call it first in
 /// `main`, before anything else opens a descriptor.
