@@ -9,6 +9,8 @@ use std::rc::Rc;
 use clap::Parser;
 use ipnet::Ipv4Net;
 use rdnet_cli::{LogOptions, error_chain, go_bool, init_logging, parse_go_args};
+#[cfg(windows)]
+use rdnet_link::discovery::{AbortOnDrop, DiscoveryError, Server, discover_and_serve};
 use rdnet_link::handshake::{DataLinks, HostTiming, SIGNATURE, host_handshake_loop, validate_signature};
 use rdnet_link::{Endpoint, Framing, Listener, listen};
 use rdnet_vnet::forward::StaticForward;
@@ -29,12 +31,15 @@ struct Opts {
     /// Static forward HostIP:Port=GuestIP:Port (optional udp: prefix); repeatable.
     #[arg(long = "port-forward")]
     port_forward: Vec<StaticForward>,
-    /// Also serve the HTTP API (gvproxy's) here: unix:///path or
-    /// tcp://127.0.0.1:PORT; repeatable. It is always served inside the
-    /// virtual network at gateway:80.
+    /// Also serve the HTTP API (gvproxy's) here: unix:///path,
+    /// tcp://127.0.0.1:PORT or (Windows) npipe://./pipe/NAME; repeatable. It
+    /// is always served inside the virtual network at gateway:80.
     #[arg(long)]
     api: Vec<Endpoint>,
-    /// Where VMs connect: unix:///path, tcp://IP:PORT, vsock://:PORT; repeatable.
+    /// Where VMs connect: unix:///path, unixgram:///path (a frame per datagram), tcp://IP:PORT, vsock://:PORT,
+    /// hvsock://VMGUID:PORT, npipe://./pipe/NAME; repeatable. Default: on
+    /// Linux vsock://:6656; on Windows, find WSL's VM (the one whose guest
+    /// answers the handshake on port 6669) and listen on its port 6656.
     #[arg(long)]
     listen: Vec<Endpoint>,
     /// MTU of the virtual network (announced by DHCP), up to 65521.
@@ -95,8 +100,15 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
     cfg.search_domains = host_search_domains();
     raise_fd_limit();
     validate_signature(&opts.signature).map_err(|e| format!("invalid --signature: {e}"))?;
-    let listen_on =
-        if opts.listen.is_empty() { vec![DEFAULT_LISTEN.parse::<Endpoint>()?] } else { opts.listen.clone() };
+    // Windows without --listen or --handshake: find the guest's VM (COMPAT §4).
+    let discover = cfg!(windows) && opts.listen.is_empty() && opts.handshake.is_none();
+    let listen_on = if !opts.listen.is_empty() {
+        opts.listen.clone()
+    } else if discover {
+        Vec::new()
+    } else {
+        vec![DEFAULT_LISTEN.parse::<Endpoint>()?]
+    };
     tracing::info!(
         subnet = %cfg.subnet, gateway = %cfg.gateway_ip, host = %cfg.host_ip, mtu = cfg.mtu,
         forwards = opts.port_forward.len(), "starting host-switch"
@@ -156,7 +168,7 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
             listeners.push(Rc::new(l));
         }
         // With --handshake, data connections are counted for the handshake.
-        let links = opts.handshake.is_some().then(DataLinks::new);
+        let links = (opts.handshake.is_some() || discover).then(DataLinks::new);
         for l in &listeners {
             tokio::task::spawn_local(accept_loop(engine.clone(), l.clone(), links.clone()));
         }
@@ -165,6 +177,11 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
                 (Some(ep), Some(links)) => {
                     let e = host_handshake_loop(ep, &opts.signature, &HostTiming::default(), links).await;
                     format!("handshake with {ep} failed: {}", rdnet_cli::error_chain(&e))
+                }
+                #[cfg(windows)]
+                (None, Some(links)) => {
+                    let e = serve_discovered(engine.clone(), &opts.signature, links).await;
+                    format!("serving WSL's VM failed: {}", rdnet_cli::error_chain(&e))
                 }
                 _ => std::future::pending().await,
             }
@@ -196,6 +213,20 @@ async fn accept_loop(engine: Rc<Engine>, listener: Rc<Listener>, links: Option<D
             }
         }
     }
+}
+
+/// Windows without --listen: find the VM whose guest answers the handshake
+/// among the running compute systems, serve its Hyper-V port 6656, and
+/// follow the guest to a new VM when WSL restarts.
+#[cfg(windows)]
+async fn serve_discovered(engine: Rc<Engine>, signature: &str, links: &DataLinks) -> DiscoveryError {
+    let mut vms = rdnet_link::sys::compute_systems;
+    let endpoint = |vm: &str, port: u32| Endpoint::HvSock { vm: vm.to_string(), port };
+    let mut serve = |l: Listener| -> Server {
+        let task = tokio::task::spawn_local(accept_loop(engine.clone(), Rc::new(l), Some(links.clone())));
+        Box::new(AbortOnDrop(task.abort_handle()))
+    };
+    discover_and_serve(&mut vms, &endpoint, signature, &HostTiming::default(), links, &mut serve).await
 }
 
 async fn wait_for_shutdown() {

@@ -5,6 +5,7 @@
 pub mod bridge;
 pub mod codec;
 pub mod datagram;
+pub mod discovery;
 pub mod endpoint;
 pub mod handshake;
 pub mod hvsock;

@@ -158,6 +158,43 @@ fn wine_command(w: &Wine, ns: &Netns, prefix: &Path) -> Command {
     cmd
 }
 
+/// Windows without --listen: host-switch.exe lists the compute systems in
+/// the registry and probes each one's Hyper-V port 6669 once a second. Wine
+/// has no Hyper-V sockets, so every probe fails: this checks the wiring
+/// (registry → probe → probe again), not a pairing.
+#[test]
+fn host_switch_exe_without_listen_probes_the_registry_vms() {
+    if !privileged() {
+        return;
+    }
+    let Some(w) = wine() else { return };
+    let dir = TempDir::new("wine");
+    let host = Netns::new("rdwn");
+    let (prefix, exe) = private_copy(&w, &dir);
+    let _server_dir = WineServerDir::of(&prefix);
+
+    const VM: &str = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
+    let key = format!(
+        r"HKLM\SOFTWARE\Microsoft\Windows NT\CurrentVersion\HostComputeService\VolatileStore\ComputeSystem\{}",
+        VM.to_uppercase()
+    );
+    let out = wine_command(&w, &host, &prefix).args(["reg", "add", &key, "/f"]).output().unwrap();
+    assert!(out.status.success(), "reg add: {}", String::from_utf8_lossy(&out.stderr));
+
+    let mut cmd = wine_command(&w, &host, &prefix);
+    cmd.arg(&exe).args(["-debug", "--capture="]);
+    let mut host_switch = Proc::spawn(&dir, &mut cmd);
+    let probed = wait_until(Duration::from_secs(60), || {
+        let logs = host_switch.logs();
+        logs.contains(&format!("no answer from this VM yet: cannot connect to hvsock://{VM}:6669"))
+            && logs.matches("probe failed").count() >= 2
+            || host_switch.try_wait().is_some()
+    });
+    assert!(probed && host_switch.try_wait().is_none(), "{}", host_switch.logs());
+    drop(host_switch);
+    drop(host);
+}
+
 #[test]
 fn host_switch_exe_under_wine_serves_a_linux_guest() {
     if !privileged() {
