@@ -214,6 +214,9 @@ fn main() -> ExitCode {
     use rdnet_cli::{LogOptions, error_chain, init_logging};
 
     let opts: Opts = rdnet_cli::parse_go_args();
+    // Keep none of the parent's descriptors besides stdio (vm-switch and the
+    // init are started from here and would inherit them too).
+    rdnet_cli::close_inherited_fds(&[]);
     init_logging(&LogOptions { logfile: Some(opts.logfile.clone()), debug: opts.debug });
     let cfg = match Config::from_opts(&opts) {
         Ok(cfg) => cfg,

@@ -54,6 +54,10 @@ pub struct Opts {
 #[cfg(target_os = "linux")]
 fn main() -> ExitCode {
     let opts: Opts = rdnet_cli::parse_go_args();
+    // A daemon keeps only what it owns: the host link it was handed (unless
+    // it dials one itself), not the rest of its parent's descriptors.
+    let keep: &[i32] = if opts.connect.is_some() { &[] } else { &[opts.vsock_fd] };
+    rdnet_cli::close_inherited_fds(keep);
     switch::main(opts)
 }
 

@@ -112,4 +112,27 @@ fn daemons_close_inherited_descriptors() {
     );
     assert!(wait_until(Duration::from_secs(10), || socket_exists(&wsl_sock)), "{}", wsl.logs());
     assert!(!holds(wsl.pid(), &marker), "wsl-proxy kept an inherited fd");
+
+    // vm-switch keeps only its link: here it dials, so it keeps nothing.
+    let guest = Netns::new("rdf");
+    let vs = spawn_with_inherited_fd(
+        &guest,
+        &dir,
+        &marker,
+        &bin("vm-switch"),
+        &[
+            "--connect",
+            &hs_listen,
+            "--resolv-conf",
+            dir.join("resolv.conf").to_str().unwrap(),
+            "-logfile",
+            "/dev/stdout",
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || guest.exec("ip", &["link", "show", "eth0"]).status.success()),
+        "{}",
+        vs.logs()
+    );
+    assert!(!holds(vs.pid(), &marker), "vm-switch kept an inherited fd");
 }
