@@ -37,8 +37,12 @@
 //! as soon as its socket is closed or reaches TIME-WAIT: TIME-WAIT holds no
 //! host resources.
 //!
-//! *Bounds.* At most `max_flows` flows and `max_connecting` half-open ones;
-//! a SYN beyond either gets a RST.
+//! *Bounds.* At most `max_flows` flows, and per guest address at most
+//! `max_half_open_per_guest` half-open ones (from the guest's SYN until it
+//! completes the handshake); a SYN beyond either gets a RST. A half-open
+//! flow the guest does not complete within [`HALF_OPEN_TIMEOUT`] is reset,
+//! so a SYN flood from one guest holds bounded state and cannot starve
+//! another guest.
 
 use crate::FastMap;
 use std::cell::RefCell;
@@ -67,6 +71,8 @@ use crate::sys::LazyRegion;
 
 /// How long a host `connect()` may take before the flow is forgotten.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a guest may take to answer our SYN-ACK.
+pub const HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Socket buffer sizes (each direction). They live in a lazily committed
 /// mapping (`sys::LazyRegion`): a quiet flow costs a page or two of each.
 pub const RX_BUFFER: usize = 512 * 1024;
@@ -99,8 +105,12 @@ struct FlowState {
 pub struct Flow {
     key: FlowKey,
     state: RefCell<FlowState>,
-    /// For connections into the guest: give up if not established by then.
-    connect_deadline: Option<tokio::time::Instant>,
+    /// Give up if the handshake is not complete by then (connections into
+    /// the guest: 10 s; guest connections: [`HALF_OPEN_TIMEOUT`] after the
+    /// SYN-ACK).
+    connect_deadline: std::cell::Cell<Option<tokio::time::Instant>>,
+    /// Counted in the guest's half-open flows until established or gone.
+    half_open: std::cell::Cell<bool>,
 }
 
 /// A gateway service reachable over TCP inside the virtual network (DNS on
@@ -111,9 +121,11 @@ pub struct TcpNat {
     iface: Interface,
     epoch: std::time::Instant,
     flows: FastMap<FlowKey, Rc<Flow>>,
-    connecting: usize,
+    /// Half-open flows per guest address, and their total.
+    half_open: FastMap<Ipv4Addr, usize>,
+    half_open_total: usize,
     pub max_flows: usize,
-    pub max_connecting: usize,
+    pub max_half_open_per_guest: usize,
     mtu: usize,
     tx_frame: Vec<u8>,
     services: FastMap<u16, GatewayService>,
@@ -192,9 +204,10 @@ impl TcpNat {
             iface,
             epoch,
             flows: FastMap::default(),
-            connecting: 0,
+            half_open: FastMap::default(),
+            half_open_total: 0,
             max_flows,
-            max_connecting: max_flows.clamp(1, 2048),
+            max_half_open_per_guest: max_flows.clamp(1, 1024),
             mtu,
             tx_frame,
             services: FastMap::default(),
@@ -215,8 +228,9 @@ impl TcpNat {
         self.flows.is_empty()
     }
 
+    /// Flows whose handshake with the guest is not complete yet.
     pub fn connecting(&self) -> usize {
-        self.connecting
+        self.half_open_total
     }
 
     fn now(&self) -> SmolInstant {
@@ -351,7 +365,8 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
     };
     {
         let mut nat = engine.tcp.borrow_mut();
-        if nat.flows.len() >= nat.max_flows || nat.connecting >= nat.max_connecting {
+        let guest_half_open = nat.half_open.get(key.guest.ip()).copied().unwrap_or(0);
+        if nat.flows.len() >= nat.max_flows || guest_half_open >= nat.max_half_open_per_guest {
             nat.refused_syns += 1;
             drop(nat);
             crate::limited_warn!(engine.logs.borrow_mut(), std::time::Instant::now(), "tcp-limit",
@@ -359,7 +374,8 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
             send_rst(engine, &key, seg);
             return;
         }
-        nat.connecting += 1;
+        *nat.half_open.entry(*key.guest.ip()).or_default() += 1;
+        nat.half_open_total += 1;
         let flow = Rc::new(Flow {
             key,
             state: RefCell::new(FlowState {
@@ -368,7 +384,8 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
                 waker: None,
                 region: None,
             }),
-            connect_deadline: None,
+            connect_deadline: std::cell::Cell::new(None),
+            half_open: std::cell::Cell::new(true),
         });
         nat.flows.insert(key, flow.clone());
         tokio::task::spawn_local(connect_and_run(engine.clone(), flow, target));
@@ -427,7 +444,8 @@ where
     let flow = Rc::new(Flow {
         key,
         state: RefCell::new(FlowState { sockets, phase: Phase::Open { handle }, waker: None, region }),
-        connect_deadline: Some(tokio::time::Instant::now() + GUEST_CONNECT_TIMEOUT),
+        connect_deadline: std::cell::Cell::new(Some(tokio::time::Instant::now() + GUEST_CONNECT_TIMEOUT)),
+        half_open: std::cell::Cell::new(false),
     });
     nat.flows.insert(key, flow.clone());
     drop(nat);
@@ -456,7 +474,6 @@ async fn connect_and_run(engine: Rc<Engine>, flow: Rc<Flow>, target: Target) {
     match target {
         Target::Host(addr) => {
             let result = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
-            engine.tcp.borrow_mut().connecting -= 1;
             if !still_registered(&engine, &flow) {
                 return;
             }
@@ -485,7 +502,6 @@ async fn connect_and_run(engine: Rc<Engine>, flow: Rc<Flow>, target: Target) {
             }
         }
         Target::Service(service) => {
-            engine.tcp.borrow_mut().connecting -= 1;
             let (ours, theirs) = tokio::io::duplex(64 * 1024);
             if accept_guest(&engine, &flow) {
                 service(theirs, flow.key.guest);
@@ -514,6 +530,7 @@ fn accept_guest(engine: &Engine, flow: &Rc<Flow>) -> bool {
     let handle = state.sockets.add(socket);
     state.region = region;
     state.phase = Phase::Open { handle };
+    flow.connect_deadline.set(Some(tokio::time::Instant::now() + HALF_OPEN_TIMEOUT));
     poll_flow(engine, &mut state, Some(&syn));
     true
 }
@@ -531,8 +548,23 @@ fn reset_connecting(engine: &Engine, flow: &Rc<Flow>) {
     }
 }
 
+/// The flow left the half-open state (established, or gone).
+fn settle_half_open(nat: &mut TcpNat, flow: &Flow) {
+    if flow.half_open.replace(false) {
+        let ip = *flow.key.guest.ip();
+        if let Some(n) = nat.half_open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                nat.half_open.remove(&ip);
+            }
+        }
+        nat.half_open_total = nat.half_open_total.saturating_sub(1);
+    }
+}
+
 fn remove_flow(engine: &Engine, flow: &Rc<Flow>) {
     let mut nat = engine.tcp.borrow_mut();
+    settle_half_open(&mut nat, flow);
     if nat.flows.get(&flow.key).is_some_and(|f| Rc::ptr_eq(f, flow)) {
         nat.flows.remove(&flow.key);
     }
@@ -682,10 +714,11 @@ where
             }
 
             // Guest FIN and everything written: half-close the host side.
-            if socket.state() == tcp::State::Established {
+            if !io.established && socket.state() == tcp::State::Established {
                 io.established = true;
+                settle_half_open(&mut engine.tcp.borrow_mut(), flow);
             }
-            if !io.established && flow.connect_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            if !io.established && flow.connect_deadline.get().is_some_and(|d| tokio::time::Instant::now() >= d) {
                 tracing::debug!(flow = ?flow.key, "guest did not accept in time");
                 socket.abort();
                 reset = true;
@@ -732,7 +765,7 @@ where
         };
         state.waker = Some(cx.waker().clone());
         drop(state);
-        let delay = match (delay, flow.connect_deadline.filter(|_| !io.established)) {
+        let delay = match (delay, flow.connect_deadline.get().filter(|_| !io.established)) {
             (Some(d), Some(cd)) => Some(d.min(smoltcp::time::Duration::from_micros(
                 cd.saturating_duration_since(tokio::time::Instant::now()).as_micros() as u64,
             ))),

@@ -391,6 +391,15 @@ print("flood done", flush=True)
     }
     assert!(wait_until(Duration::from_secs(60), || flood.logs().contains("flood done")), "{}", flood.logs());
     assert_eq!(ok, 20, "guest b's connections failed during the flood\n{}", world.logs());
+    // Half-open state stays bounded (1024 per guest by default).
+    let stats = world.guest(b).ns.stdout("curl", &["-s", "-m", "5", "http://192.168.127.1/stats"]);
+    let connecting: usize = stats
+        .split("\"tcp_connecting\":")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no tcp_connecting in /stats: {stats}"));
+    assert!(connecting <= 1024, "half-open flows: {connecting}");
     assert!(alive(&mut world), "host-switch died\n{}", world.logs());
     assert!(curl_ok(&world, b, 18093), "{}", world.logs());
 }
