@@ -28,12 +28,11 @@ use smoltcp::wire::{EthernetAddress, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4P
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::task::JoinHandle;
 
 use crate::engine::Engine;
 use crate::frame::IPV4_HEADER;
 use crate::ratelimit::LogLimiter;
-use crate::udp_nat::FlowTable;
+use crate::udp_nat::{Flow, FlowTable};
 
 /// Most concurrent echo flows.
 pub const MAX_FLOWS: usize = 1024;
@@ -67,20 +66,6 @@ pub struct IcmpNatStats {
 
 /// Guest source, destination as the guest sees it, guest identifier.
 type FlowKey = (Ipv4Addr, Ipv4Addr, u16);
-
-struct Flow {
-    id: u64,
-    socket: Rc<UdpSocket>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Drop for Flow {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
 
 pub struct IcmpNat {
     table: FlowTable<FlowKey, Flow>,

@@ -174,10 +174,14 @@ pub struct UdpNatStats {
 
 type FlowKey = (SocketAddrV4, SocketAddrV4);
 
-struct Flow {
-    id: u64,
-    socket: Rc<UdpSocket>,
-    task: Option<JoinHandle<()>>,
+/// A NAT flow's host socket and the task reading its replies; the task is
+/// aborted when the flow leaves its table. Shared with the ICMP NAT, whose
+/// ping sockets are datagram sockets too.
+pub(crate) struct Flow {
+    /// Tells a reply task whether the table entry is still its own.
+    pub(crate) id: u64,
+    pub(crate) socket: Rc<UdpSocket>,
+    pub(crate) task: Option<JoinHandle<()>>,
 }
 
 impl Drop for Flow {
