@@ -22,6 +22,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
@@ -31,6 +32,8 @@ use rdnet_guest::dhcp_client::{ClientConfig, DhcpClient, Output};
 use rdnet_guest::frame::{Mac, MacDisplay, is_dhcp_client_frame, parse_mac};
 use rdnet_guest::netlink::{Netlink, NetlinkError};
 use rdnet_guest::tap::{Tap, TapError};
+use rdnet_guest::vnet_hdr::{GSO_NONE, complete_from_tap, header_to_tap};
+use rdnet_link::offload::{self, Hello, Role};
 use rdnet_link::{Decoder, Endpoint, EndpointError, FrameReader, FrameWriter, Framing, LinkError, LinkStream, dial};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, mpsc};
@@ -100,6 +103,7 @@ struct Config {
     resolv_conf: PathBuf,
     dhcp: bool,
     mtu: u32,
+    tap_mtu: Arc<AtomicU32>,
 }
 
 impl Config {
@@ -135,6 +139,7 @@ impl Config {
             resolv_conf: o.resolv_conf.clone(),
             dhcp: o.dhcp,
             mtu: o.mtu,
+            tap_mtu: Arc::new(AtomicU32::new(o.mtu)),
         })
     }
 
@@ -280,13 +285,41 @@ async fn recv_or_pending(rx: &mut Option<&mut mpsc::Receiver<Vec<u8>>>) -> Optio
 }
 
 /// One connection to the host: pumps frames both ways until the link ends
-/// (`Ok` on a clean EOF) or something fails.
+/// (`Ok` on a clean EOF) or something fails. The session offers segmentation
+/// offload (`rdnet_link::offload`) and turns the tap's TSO on only while a
+/// host that answered the offer is connected.
 async fn session(link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: &Config) -> Result<(), Error> {
     let max_frame = cfg.max_frame();
     let (rd, wr) = tokio::io::split(link);
-    let mut reader = FrameReader::new(rd, Decoder::new(Framing::U16Le, max_frame));
+    // Large frames come only from a host that agreed to send them, but
+    // accepting them always costs nothing and keeps the framing in sync.
+    let mut reader = FrameReader::new(rd, Decoder::new(Framing::U16Le, offload::MAX_LARGE_FRAME));
     let mut writer = FrameWriter::new(wr, Framing::U16Le);
+    let offload_on = std::cell::Cell::new(false);
+    let result = session_io(&mut reader, &mut writer, tap, dhcp, cfg, max_frame, &offload_on).await;
+    if offload_on.get() {
+        // The next host may not take large frames: the kernel must cut
+        // its segments again (and segments in flight are retransmitted so).
+        if let Err(e) = tap.set_offload(false) {
+            warn!("turning the tap's offloads off failed: {e}");
+        }
+    }
+    result
+}
 
+async fn session_io<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    tap: &Tap,
+    dhcp: Option<&mut DhcpLink>,
+    cfg: &Config,
+    max_frame: usize,
+    offload_on: &std::cell::Cell<bool>,
+) -> Result<(), Error>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let (to_client, mut from_client, link_up) = match dhcp {
         Some(d) => {
             // Whatever the client said while no link was up is stale.
@@ -300,25 +333,48 @@ async fn session(link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: 
     }
 
     let up = async {
-        let mut buf = vec![0u8; 65536];
-        let mut oversized = RateLimit::new();
+        let mut dropped = RateLimit::new();
+        let hello = offload::hello_frame(cfg.mac, [0xff; 6], Hello { role: Role::Vm, flags: offload::LARGE_TCP });
+        let _ = writer.push(&hello);
+        writer.flush().await.map_err(Error::LinkWrite)?;
         loop {
             tokio::select! {
                 guard = tap.readable() => {
                     let mut guard = guard.map_err(Error::TapRead)?;
                     while writer.pending() < BATCH_BYTES {
-                        match guard.try_read(&mut buf) {
-                            None => break,
-                            Some(Ok(len)) if len == 0 || len > max_frame => {
-                                if oversized.allow() {
-                                    warn!("dropping a {len}-byte frame from the tap (link maximum {max_frame})");
+                        // Read straight into the link's write buffer.
+                        let mut drop_reason = None;
+                        let r = writer.push_with(offload::MAX_LARGE_FRAME, |buf| {
+                            let (hdr, len) = match guard.try_read(buf) {
+                                None => return Err(io::ErrorKind::WouldBlock.into()),
+                                Some(r) => r?,
+                            };
+                            let frame = &mut buf[..len];
+                            drop_reason = if len == 0 {
+                                Some("empty")
+                            } else if hdr.gso_type == GSO_NONE && len > max_frame {
+                                Some("above the MTU")
+                            } else if hdr.gso_type != GSO_NONE && !offload_on.get() {
+                                Some("segmentation offload is off")
+                            } else if offload::is_offload_frame(frame) {
+                                Some("offload negotiation is between vm-switch and the host")
+                            } else if complete_from_tap(&hdr, frame).is_err() {
+                                Some("malformed offload header")
+                            } else {
+                                None
+                            };
+                            Ok(if drop_reason.is_some() { 0 } else { len })
+                        });
+                        match r {
+                            Ok(_) => {
+                                if let Some(why) = drop_reason
+                                    && dropped.allow()
+                                {
+                                    warn!("dropping a frame from the tap: {why}");
                                 }
                             }
-                            Some(Ok(len)) => {
-                                // Cannot fail: len ≤ max_frame ≤ 65535.
-                                let _ = writer.push(&buf[..len]);
-                            }
-                            Some(Err(e)) => return Err(Error::TapRead(e)),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(Error::TapRead(e)),
                         }
                     }
                 }
@@ -338,9 +394,11 @@ async fn session(link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: 
     let down = async {
         let mut tap_errors = RateLimit::new();
         let mut dhcp_full = RateLimit::new();
+        let mut undeliverable = RateLimit::new();
         loop {
-            match reader.next_frame().await {
+            match reader.next_frame_mut().await {
                 Ok(Some(frame)) => {
+                    let frame: &mut [u8] = frame;
                     if let Some(tx) = &to_client
                         && is_dhcp_client_frame(frame, &cfg.mac)
                     {
@@ -349,7 +407,40 @@ async fn session(link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: 
                         }
                         continue;
                     }
-                    if let Err(e) = tap.write(frame).await
+                    if offload::is_offload_frame(frame) {
+                        if let Some(h) = offload::parse_hello(frame)
+                            && h.role == Role::Gateway
+                            && h.flags & offload::LARGE_TCP != 0
+                            && !offload_on.get()
+                        {
+                            match tap.set_offload(true) {
+                                Ok(()) => {
+                                    offload_on.set(true);
+                                    info!("host takes large TCP segments: segmentation offload on");
+                                }
+                                Err(e) => warn!("cannot turn on the tap's offloads: {e}"),
+                            }
+                        }
+                        continue;
+                    }
+                    let written = if frame.len() <= max_frame {
+                        tap.write(frame).await
+                    } else {
+                        let mtu = cfg.tap_mtu.load(Ordering::Relaxed) as usize;
+                        match header_to_tap(frame, mtu) {
+                            Some(hdr) => tap.write_with_header(&hdr, frame).await,
+                            None => {
+                                if undeliverable.allow() {
+                                    warn!(
+                                        "dropping a {}-byte frame from the host: above the MTU and not TCP",
+                                        frame.len()
+                                    );
+                                }
+                                continue;
+                            }
+                        }
+                    };
+                    if let Err(e) = written
                         && tap_errors.allow()
                     {
                         warn!("writing a {}-byte frame to the tap failed: {e}", frame.len());
@@ -380,6 +471,7 @@ fn spawn_dhcp(cfg: &Config, nl: Netlink) -> DhcpLink {
         ifname: cfg.tap.clone(),
         resolv_conf: cfg.resolv_conf.clone(),
         max_mtu: cfg.mtu,
+        tap_mtu: cfg.tap_mtu.clone(),
         subnet: cfg.subnet,
         current: None,
     };
@@ -393,6 +485,9 @@ struct DhcpTask {
     ifname: String,
     resolv_conf: PathBuf,
     max_mtu: u32,
+    /// The tap's MTU now (a lease may lower it), for the size of the
+    /// segments a large frame is cut into.
+    tap_mtu: Arc<AtomicU32>,
     subnet: Ipv4Net,
     /// The lease last applied.
     current: Option<rdnet_guest::Lease>,
@@ -424,7 +519,11 @@ impl DhcpTask {
                         if !self.subnet.contains(&lease.address) {
                             warn!("leased address {} is outside -subnet {}", lease.address, self.subnet);
                         }
-                        match apply_lease(&self.nl, &self.ifname, &lease, Some(self.max_mtu)).await {
+                        let applied = apply_lease(&self.nl, &self.ifname, &lease, Some(self.max_mtu)).await;
+                        if let Ok(Some(mtu)) = applied {
+                            self.tap_mtu.store(mtu, Ordering::Relaxed);
+                        }
+                        match applied {
                             Ok(Some(mtu)) if lease.mtu.is_some_and(|m| u32::from(m) != mtu) => {
                                 warn!("DHCP MTU {} capped at --mtu {mtu}", lease.mtu.unwrap_or_default())
                             }

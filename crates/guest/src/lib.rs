@@ -9,6 +9,7 @@
 pub mod dhcp_client;
 pub mod frame;
 pub mod resolv;
+pub mod vnet_hdr;
 
 #[cfg(target_os = "linux")]
 pub mod configure;

@@ -33,6 +33,17 @@ pub(crate) fn tun_set_iff(file: &File, name: &str, flags: c_short) -> io::Result
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// Sets a tap's offload flags (`TUN_F_*`).
+pub(crate) fn tun_set_offload(file: &File, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long),
+    // not through a pointer; `file` is open for the duration of the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Registers `file` with the current tokio runtime's reactor. Errors (never
 /// panics) when called outside a runtime.
 pub(crate) fn register_file(file: File) -> io::Result<tokio::io::unix::AsyncFd<File>> {

@@ -43,12 +43,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame; `Ok(None)` on a clean end of stream.
     pub async fn next_frame(&mut self) -> Result<Option<&[u8]>, LinkError> {
+        Ok(self.next_frame_mut().await?.map(|f| &*f))
+    }
+
+    /// Like [`next_frame`](Self::next_frame), but the frame may be changed
+    /// in place (it is the reader's buffer, valid until the next call).
+    pub async fn next_frame_mut(&mut self) -> Result<Option<&mut [u8]>, LinkError> {
         loop {
             let found = self.decoder.decode(&self.buf[self.start..self.end])?.map(|(f, used)| (f.len(), used));
             if let Some((len, used)) = found {
                 let frame_start = self.start + used - len;
                 self.start += used;
-                return Ok(Some(&self.buf[frame_start..frame_start + len]));
+                return Ok(Some(&mut self.buf[frame_start..frame_start + len]));
             }
             if self.start == self.end {
                 self.start = 0;
@@ -75,27 +81,54 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 pub struct FrameWriter<W> {
     inner: W,
     framing: Framing,
+    /// Queued bytes are `buf[..used]`; the rest is scratch kept from
+    /// earlier batches, so filling a frame in place never zeroes memory.
     buf: Vec<u8>,
+    used: usize,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W, framing: Framing) -> Self {
-        FrameWriter { inner, framing, buf: Vec::with_capacity(128 * 1024) }
+        FrameWriter { inner, framing, buf: Vec::with_capacity(128 * 1024), used: 0 }
     }
 
     /// Queues one frame; nothing is written until [`flush`](Self::flush).
     pub fn push(&mut self, frame: &[u8]) -> Result<(), FrameError> {
-        encode_frame(self.framing, frame, &mut self.buf)
+        self.buf.truncate(self.used);
+        encode_frame(self.framing, frame, &mut self.buf)?;
+        self.used = self.buf.len();
+        Ok(())
+    }
+
+    /// Queues a frame of at most `max` bytes that `fill` writes in place
+    /// (a read straight from a device, say) and returns the length of;
+    /// `Ok(0)` queues nothing. Saves copying the frame from a buffer of
+    /// its own.
+    pub fn push_with(&mut self, max: usize, fill: impl FnOnce(&mut [u8]) -> io::Result<usize>) -> io::Result<usize> {
+        let prefix = self.framing.prefix_len();
+        let start = self.used + prefix;
+        if self.buf.len() < start + max {
+            self.buf.resize(start + max, 0);
+        }
+        let n = fill(&mut self.buf[start..start + max])?.min(max);
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut p = Vec::with_capacity(4);
+        self.framing.put_prefix(n, &mut p).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        self.buf[self.used..start].copy_from_slice(&p);
+        self.used = start + n;
+        Ok(n)
     }
 
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.used
     }
 
     pub async fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.inner.write_all(&self.buf).await?;
-            self.buf.clear();
+        if self.used > 0 {
+            self.inner.write_all(&self.buf[..self.used]).await?;
+            self.used = 0;
         }
         Ok(())
     }
@@ -132,6 +165,35 @@ mod tests {
             assert!(f.iter().all(|b| *b == i as u8));
         }
         writer.await.unwrap();
+        assert!(r.next_frame().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn frames_filled_in_place_mix_with_pushed_ones() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut w = FrameWriter::new(a, Framing::U16Le);
+        w.push(b"first").unwrap();
+        assert_eq!(w.push_with(100, |_| Ok(0)).unwrap(), 0, "nothing queued");
+        assert!(w.push_with(100, |_| Err(io::ErrorKind::WouldBlock.into())).is_err());
+        let n = w
+            .push_with(100, |buf| {
+                buf[..6].copy_from_slice(b"second");
+                Ok(6)
+            })
+            .unwrap();
+        assert_eq!(n, 6);
+        w.push(b"third").unwrap();
+        assert_eq!(w.pending(), 3 * 2 + 5 + 6 + 5);
+        w.flush().await.unwrap();
+        assert_eq!(w.pending(), 0);
+        // Scratch left from the first batch must not leak into the next.
+        w.push(b"4").unwrap();
+        w.flush().await.unwrap();
+        drop(w);
+        let mut r = FrameReader::new(b, Decoder::new(Framing::U16Le, 1514));
+        for want in [&b"first"[..], b"second", b"third", b"4"] {
+            assert_eq!(r.next_frame().await.unwrap().unwrap(), want);
+        }
         assert!(r.next_frame().await.unwrap().is_none());
     }
 

@@ -10,6 +10,7 @@ pub mod endpoint;
 pub mod handshake;
 pub mod hvsock;
 pub mod io;
+pub mod offload;
 #[allow(unsafe_code)]
 pub mod sys;
 

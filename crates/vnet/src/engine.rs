@@ -148,6 +148,13 @@ impl Engine {
         self.net.borrow().cfg.max_frame()
     }
 
+    /// The largest frame a stream link may carry: above the MTU for VMs
+    /// that negotiated segmentation offload (`rdnet_link::offload`); taking
+    /// them from any VM costs nothing and keeps the framing in sync.
+    fn max_link_frame(&self) -> usize {
+        self.max_frame().max(rdnet_link::offload::MAX_LARGE_FRAME)
+    }
+
     /// Frames dropped because a port's peer did not keep up.
     pub fn overflow_drops(&self) -> u64 {
         self.ports.borrow().overflow_drops
@@ -175,12 +182,19 @@ impl Engine {
             net.handle_frame(port, frame, now, &mut *ports)
         };
         if let Upcall::Ipv4 { src_mac, header, packet } = upcall {
-            self.route_ipv4(src_mac, &header, packet, now);
+            self.route_ipv4(port, src_mac, &header, packet, now);
         }
     }
 
     /// IPv4 the gateway must route: its own services or the NAT.
-    fn route_ipv4(self: &Rc<Self>, src_mac: EthernetAddress, header: &Ipv4Repr, packet: &[u8], now: Instant) {
+    fn route_ipv4(
+        self: &Rc<Self>,
+        port: PortId,
+        src_mac: EthernetAddress,
+        header: &Ipv4Repr,
+        packet: &[u8],
+        now: Instant,
+    ) {
         let gateway = self.net.borrow().cfg.gateway_ip;
         match header.next_header {
             IpProtocol::Udp => {
@@ -200,7 +214,10 @@ impl Engine {
                 UdpNat::send(self, src, dst, payload, now);
             }
             IpProtocol::Icmp => IcmpNat::handle(self, src_mac, header, packet, now),
-            IpProtocol::Tcp => crate::tcp::handle_guest_packet(self, header, packet),
+            IpProtocol::Tcp => {
+                let large = self.net.borrow().takes_large_frames(port);
+                crate::tcp::handle_guest_packet(self, header, packet, large)
+            }
             _ => self.net.borrow_mut().stats.drops.unsupported_protocol += 1,
         }
     }
@@ -266,7 +283,7 @@ impl Engine {
             })
         };
 
-        let mut reader = FrameReader::new(read_half, Decoder::new(self.config.framing, self.max_frame()));
+        let mut reader = FrameReader::new(read_half, Decoder::new(self.config.framing, self.max_link_frame()));
         let mut handled = 0u32;
         let result = loop {
             // Buffered frames come without awaiting I/O; yield now and then

@@ -108,6 +108,11 @@ impl Network {
             return Upcall::None;
         };
         let (src, dst) = (eth.src_addr(), eth.dst_addr());
+        if rdnet_link::offload::is_offload_frame(frame) {
+            // Between a VM's switch and us only: never forwarded.
+            self.handle_offload_hello(from, frame, out);
+            return Upcall::None;
+        }
         match self.switch.learn(src, from) {
             Learn::Refused => {
                 self.stats.drops.mac_table_full += 1;
@@ -147,6 +152,28 @@ impl Network {
                 Upcall::None
             }
         }
+    }
+
+    /// A VM's switch offers to take large TCP frames: note it for the port
+    /// and answer, which lets it turn on segmentation offload.
+    fn handle_offload_hello(&mut self, from: PortId, frame: &[u8], out: &mut impl FrameSink) {
+        use rdnet_link::offload::{Hello, LARGE_TCP, Role, hello_frame, parse_hello};
+        let Some(hello) = parse_hello(frame) else {
+            self.stats.drops.malformed += 1;
+            return;
+        };
+        if hello.role != Role::Vm || hello.flags & LARGE_TCP == 0 {
+            return;
+        }
+        self.switch.set_large_frames(from);
+        let src = EthernetFrame::new_unchecked(frame).src_addr();
+        let reply = hello_frame(self.cfg.gateway_mac.0, src.0, Hello { role: Role::Gateway, flags: LARGE_TCP });
+        self.emit(from, &reply, out);
+    }
+
+    /// Whether `port` takes frames above the MTU.
+    pub fn takes_large_frames(&self, port: PortId) -> bool {
+        self.switch.takes_large_frames(port)
     }
 
     fn handle_arp(&mut self, payload: &[u8], now: Instant, out: &mut impl FrameSink) {
@@ -433,6 +460,10 @@ impl Network {
     }
 
     fn emit(&mut self, port: PortId, frame: &[u8], out: &mut impl FrameSink) {
+        if frame.len() > self.cfg.max_frame() && !self.switch.takes_large_frames(port) {
+            self.stats.drops.too_big += 1;
+            return;
+        }
         self.stats.frames_out += 1;
         self.stats.bytes_out += frame.len() as u64;
         out.send(port, frame);

@@ -25,4 +25,6 @@ pub struct Drops {
     pub dhcp_invalid: u64,
     pub link_errors: u64,
     pub not_for_us: u64,
+    /// Frames above the MTU for a port that did not offer to take them.
+    pub too_big: u64,
 }

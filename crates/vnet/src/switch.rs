@@ -27,6 +27,8 @@ pub struct Switch {
 struct Port {
     id: PortId,
     macs: usize,
+    /// Said it takes frames above the MTU (`rdnet_link::offload`).
+    large_frames: bool,
 }
 
 /// Outcome of learning a source address.
@@ -50,13 +52,24 @@ impl Switch {
     pub fn add_port(&mut self) -> PortId {
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
-        self.ports.push(Port { id, macs: 0 });
+        self.ports.push(Port { id, macs: 0, large_frames: false });
         id
     }
 
     pub fn remove_port(&mut self, id: PortId) {
         self.ports.retain(|p| p.id != id);
         self.table.retain(|_, p| *p != id);
+    }
+
+    /// Records that `id`'s peer takes large TCP frames.
+    pub fn set_large_frames(&mut self, id: PortId) {
+        if let Some(p) = self.ports.iter_mut().find(|p| p.id == id) {
+            p.large_frames = true;
+        }
+    }
+
+    pub fn takes_large_frames(&self, id: PortId) -> bool {
+        self.ports.iter().any(|p| p.id == id && p.large_frames)
     }
 
     pub fn ports(&self) -> impl Iterator<Item = PortId> + '_ {
