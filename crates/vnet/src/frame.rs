@@ -106,6 +106,40 @@ pub fn parse_udp_ip(ip_bytes: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, &[u8
     Some((SocketAddrV4::new(repr.src_addr, udp.src_port()), SocketAddrV4::new(repr.dst_addr, udp.dst_port()), data))
 }
 
+/// Whether an IPv4 packet is a TCP segment with SYN set (unchecked: any
+/// malformed packet is simply not one).
+pub fn is_tcp_syn(packet: &[u8]) -> bool {
+    let hl = usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4;
+    packet.get(hl + 13).is_some_and(|flags| flags & 0x02 != 0)
+}
+
+/// Sets the MSS option of the TCP segment in an IPv4 packet to `mss`, if
+/// it has one. The checksum is left alone: smoltcp does not verify it.
+pub fn set_tcp_mss(packet: &mut [u8], mss: u16) {
+    let ip_hl = usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4;
+    let Some(tcp_hl) = packet.get(ip_hl + 12).map(|b| usize::from(b >> 4) * 4) else { return };
+    let Some(options) = packet.get_mut(ip_hl + 20..ip_hl + tcp_hl) else { return };
+    let mut i = 0;
+    while i < options.len() {
+        match options[i] {
+            0 => return,
+            1 => i += 1,
+            kind => {
+                let Some(&len) = options.get(i + 1) else { return };
+                let len = usize::from(len);
+                if len < 2 || i + len > options.len() {
+                    return;
+                }
+                if kind == 2 && len == 4 {
+                    options[i + 2..i + 4].copy_from_slice(&mss.to_be_bytes());
+                    return;
+                }
+                i += len;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

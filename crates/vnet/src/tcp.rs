@@ -315,9 +315,9 @@ fn poll_flow(engine: &Engine, state: &mut FlowState, rx: Option<&[u8]>) {
 /// SYN's MSS is raised to [`LARGE_MSS`] before smoltcp sees it.
 pub fn handle_guest_packet(engine: &Rc<Engine>, header: &Ipv4Repr, packet: &[u8], large_frames: bool) {
     let raised;
-    let packet = if large_frames && is_syn(packet) {
+    let packet = if large_frames && crate::frame::is_tcp_syn(packet) {
         let mut p = packet.to_vec();
-        raise_mss(&mut p, LARGE_MSS);
+        crate::frame::set_tcp_mss(&mut p, LARGE_MSS);
         raised = p;
         &raised[..]
     } else {
@@ -364,40 +364,6 @@ pub fn handle_guest_packet(engine: &Rc<Engine>, header: &Ipv4Repr, packet: &[u8]
         return;
     }
     open_flow(engine, key, &seg, packet);
-}
-
-/// Whether an IPv4 packet is a TCP segment with SYN set (unchecked: any
-/// malformed packet is simply not one).
-fn is_syn(packet: &[u8]) -> bool {
-    let hl = usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4;
-    packet.get(hl + 13).is_some_and(|flags| flags & 0x02 != 0)
-}
-
-/// Sets the MSS option of the TCP segment in an IPv4 packet to `mss`, if
-/// it has one. The checksum is left alone: smoltcp does not verify it.
-fn raise_mss(packet: &mut [u8], mss: u16) {
-    let ip_hl = usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4;
-    let Some(tcp_hl) = packet.get(ip_hl + 12).map(|b| usize::from(b >> 4) * 4) else { return };
-    let Some(options) = packet.get_mut(ip_hl + 20..ip_hl + tcp_hl) else { return };
-    let mut i = 0;
-    while i < options.len() {
-        match options[i] {
-            0 => return,
-            1 => i += 1,
-            kind => {
-                let Some(&len) = options.get(i + 1) else { return };
-                let len = usize::from(len);
-                if len < 2 || i + len > options.len() {
-                    return;
-                }
-                if kind == 2 && len == 4 {
-                    options[i + 2..i + 4].copy_from_slice(&mss.to_be_bytes());
-                    return;
-                }
-                i += len;
-            }
-        }
-    }
 }
 
 fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: &[u8]) {
