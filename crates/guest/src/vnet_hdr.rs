@@ -13,7 +13,7 @@
 //! legacy 10-byte header in native byte order, which is what tun uses
 //! unless told otherwise.
 
-use etherparse::checksum::Sum16BitWords;
+use rdnet_wire::checksum;
 
 pub const VNET_HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
@@ -73,7 +73,7 @@ pub fn complete_from_tap(hdr: &VnetHdr, frame: &mut [u8]) -> Result<(), TapFrame
         // The field holds the pseudo header's sum; summing it with the
         // rest and complementing gives the final checksum (RFC 1071).
         // Summed in native byte order, so stored that way too.
-        let sum = Sum16BitWords::new().add_slice(&frame[start..]).ones_complement();
+        let sum = !checksum::sum(&frame[start..]);
         frame[at..at + 2].copy_from_slice(&sum.to_ne_bytes());
     }
     Ok(())
@@ -105,8 +105,7 @@ pub fn header_to_tap(frame: &mut [u8], mtu: usize) -> Option<VnetHdr> {
     let len = u16::try_from(tcp_len).ok()?;
     // The pseudo header's sum, not complemented: what the kernel leaves in
     // the field of a packet whose checksum it will finish itself.
-    let pseudo =
-        !Sum16BitWords::new().add_slice(&ip[12..20]).add_2bytes([0, 6]).add_2bytes(len.to_be_bytes()).ones_complement();
+    let pseudo = checksum::pseudo_header_v4([ip[12], ip[13], ip[14], ip[15]], [ip[16], ip[17], ip[18], ip[19]], 6, len);
     let csum_start = ETH + ihl;
     frame[csum_start + 16..csum_start + 18].copy_from_slice(&pseudo.to_ne_bytes());
     Some(VnetHdr {

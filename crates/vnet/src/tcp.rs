@@ -69,6 +69,8 @@ use crate::engine::Engine;
 use crate::frame::{ETH_HEADER, IPV4_HEADER};
 use crate::sys::LazyRegion;
 
+/// Host bytes a flow moves before it lets other tasks run.
+const YIELD_AFTER: usize = 256 * 1024;
 /// How long a host `connect()` may take before the flow is forgotten.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a guest may take to answer our SYN-ACK.
@@ -135,6 +137,8 @@ pub struct TcpNat {
     pub max_flows: usize,
     pub max_half_open_per_guest: usize,
     mtu: usize,
+    /// The configured MTU of the VM links.
+    link_mtu: usize,
     tx_frame: Vec<u8>,
     services: FastMap<u16, GatewayService>,
     pub refused_syns: u64,
@@ -147,12 +151,14 @@ struct FlowDevice<'a> {
     engine: &'a Engine,
     tx_frame: &'a mut Vec<u8>,
     mtu: usize,
+    link_mtu: usize,
 }
 
 struct FlowRx<'a>(&'a [u8]);
 struct FlowTx<'a> {
     engine: &'a Engine,
     tx_frame: &'a mut Vec<u8>,
+    link_mtu: usize,
 }
 
 impl RxToken for FlowRx<'_> {
@@ -170,6 +176,12 @@ impl TxToken for FlowTx<'_> {
         }
         let frame = &mut self.tx_frame[..ETH_HEADER + len];
         let r = f(&mut frame[ETH_HEADER..]);
+        // smoltcp leaves the TCP checksum to us (see `flow_caps`). A segment
+        // above the link's MTU goes only to a VM that negotiated offload,
+        // where its checksum field means nothing (rdnet_link::offload).
+        if len <= self.link_mtu && frame.get(ETH_HEADER + 9) == Some(&(IpProtocol::Tcp.into())) {
+            rdnet_wire::checksum::fill_ipv4_transport(&mut frame[ETH_HEADER..], 16);
+        }
         self.engine.send_ipv4_frame_to_guest(frame);
         r
     }
@@ -187,11 +199,11 @@ impl Device for FlowDevice<'_> {
 
     fn receive(&mut self, _: SmolInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let rx = self.rx.take()?;
-        Some((FlowRx(rx), FlowTx { engine: self.engine, tx_frame: self.tx_frame }))
+        Some((FlowRx(rx), FlowTx { engine: self.engine, tx_frame: self.tx_frame, link_mtu: self.link_mtu }))
     }
 
     fn transmit(&mut self, _: SmolInstant) -> Option<Self::TxToken<'_>> {
-        Some(FlowTx { engine: self.engine, tx_frame: self.tx_frame })
+        Some(FlowTx { engine: self.engine, tx_frame: self.tx_frame, link_mtu: self.link_mtu })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -204,6 +216,7 @@ impl TcpNat {
         let epoch = std::time::Instant::now();
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = epoch.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
+        let link_mtu = mtu;
         let mtu = mtu.max(IP_MTU);
         let mut tx_frame = Vec::new();
         let mut dummy = NullDevice { mtu };
@@ -222,6 +235,7 @@ impl TcpNat {
             max_flows,
             max_half_open_per_guest: max_flows.clamp(1, 1024),
             mtu,
+            link_mtu,
             tx_frame,
             services: FastMap::default(),
             refused_syns: 0,
@@ -261,7 +275,9 @@ fn flow_caps(mtu: usize) -> DeviceCapabilities {
     // sends and a guest that lies only hurts itself, so skip verifying.
     let mut cs = ChecksumCapabilities::default();
     cs.ipv4 = Checksum::Tx;
-    cs.tcp = Checksum::Tx;
+    // TCP checksums are filled in by `FlowTx` (faster, and not at all for
+    // large segments).
+    cs.tcp = Checksum::None;
     caps.checksum = cs;
     caps
 }
@@ -301,8 +317,8 @@ impl TxToken for FlowRx<'_> {
 fn poll_flow(engine: &Engine, state: &mut FlowState, rx: Option<&[u8]>) {
     let mut nat = engine.tcp.borrow_mut();
     let now = nat.now();
-    let TcpNat { iface, tx_frame, mtu, .. } = &mut *nat;
-    let mut dev = FlowDevice { rx, engine, tx_frame, mtu: *mtu };
+    let TcpNat { iface, tx_frame, mtu, link_mtu, .. } = &mut *nat;
+    let mut dev = FlowDevice { rx, engine, tx_frame, mtu: *mtu, link_mtu: *link_mtu };
     if rx.is_some() {
         iface.poll(now, &mut dev, &mut state.sockets);
     } else {
@@ -681,6 +697,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // Bytes read from the host in this poll.
+    let mut moved = 0usize;
     loop {
         let mut state = flow.state.borrow_mut();
         let Phase::Open { handle } = state.phase else { return Poll::Ready(End::Closed) };
@@ -708,7 +726,10 @@ where
                         socket.close();
                         progressed = true;
                     }
-                    Ok(Poll::Ready(Ok(_))) => progressed = true,
+                    Ok(Poll::Ready(Ok(n))) => {
+                        progressed = true;
+                        moved += n;
+                    }
                     Ok(Poll::Ready(Err(e))) => {
                         tracing::debug!(flow = ?flow.key, error = %e, "host read failed; resetting guest");
                         socket.abort();
@@ -776,6 +797,14 @@ where
         }
         if reset {
             return Poll::Ready(End::Reset);
+        }
+        if progressed && moved >= YIELD_AFTER {
+            // Let the link writer send what this poll queued before taking
+            // more: otherwise a fast host fills the whole send buffer while
+            // the VM side waits, and the two take turns instead of overlapping.
+            drop(state);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         if progressed {
             continue;

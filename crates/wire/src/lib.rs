@@ -1,4 +1,5 @@
 //! Wire formats shared by both ends: safe decoding of untrusted messages.
 #![deny(unsafe_code)]
 
+pub mod checksum;
 pub mod dhcp;
