@@ -131,7 +131,9 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
             None => opts.debug.then(|| "capture.pcap".into()),
         };
         if let Some(path) = capture {
-            let snaplen = engine.max_frame() as u32;
+            // Whole frames, also those above the MTU that VMs which
+            // negotiated offload exchange (rdnet_link::offload).
+            let snaplen = engine.max_frame().max(rdnet_link::offload::MAX_LARGE_FRAME) as u32;
             match rdnet_vnet::capture::Capture::create(&path, snaplen) {
                 Ok(c) => {
                     tracing::info!(path = %path.display(), "capturing frames");

@@ -109,14 +109,21 @@ pub fn parse_udp_ip(ip_bytes: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, &[u8
 /// Whether an IPv4 packet is a TCP segment with SYN set (unchecked: any
 /// malformed packet is simply not one).
 pub fn is_tcp_syn(packet: &[u8]) -> bool {
-    let hl = usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4;
-    packet.get(hl + 13).is_some_and(|flags| flags & 0x02 != 0)
+    tcp_offset(packet).and_then(|hl| packet.get(hl + 13)).is_some_and(|flags| flags & 0x02 != 0)
+}
+
+/// Where the TCP header of an IPv4 packet starts, if the packet says it
+/// is IPv4 carrying TCP with a header length no shorter than the minimum.
+fn tcp_offset(packet: &[u8]) -> Option<usize> {
+    let first = *packet.first()?;
+    let hl = usize::from(first & 0x0f) * 4;
+    (first >> 4 == 4 && hl >= IPV4_HEADER && packet.get(9) == Some(&6)).then_some(hl)
 }
 
 /// Sets the MSS option of the TCP segment in an IPv4 packet to `mss`, if
 /// it has one. The checksum is left alone: smoltcp does not verify it.
 pub fn set_tcp_mss(packet: &mut [u8], mss: u16) {
-    let ip_hl = usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4;
+    let Some(ip_hl) = tcp_offset(packet) else { return };
     let Some(tcp_hl) = packet.get(ip_hl + 12).map(|b| usize::from(b >> 4) * 4) else { return };
     let Some(options) = packet.get_mut(ip_hl + 20..ip_hl + tcp_hl) else { return };
     let mut i = 0;
@@ -160,6 +167,217 @@ mod tests {
         assert!(parse_udp(&buf).is_none());
         for cut in 0..buf.len() {
             let _ = parse_udp(&buf[..cut]);
+        }
+    }
+
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const RST: u8 = 0x04;
+
+    /// An IPv4/TCP packet (20-byte IP header, protocol 6) with `flags`,
+    /// `options` (a multiple of 4 bytes) and `payload`.
+    fn tcp_packet(flags: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+        assert_eq!(options.len() % 4, 0);
+        let total = IPV4_HEADER + 20 + options.len() + payload.len();
+        let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        p.extend_from_slice(&[192, 168, 127, 2, 192, 168, 127, 254]);
+        p.extend_from_slice(&40000u16.to_be_bytes());
+        p.extend_from_slice(&80u16.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // seq, ack
+        p.push((((20 + options.len()) / 4) as u8) << 4);
+        p.push(flags);
+        p.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, checksum, urgent
+        p.extend_from_slice(options);
+        p.extend_from_slice(payload);
+        assert_eq!(p.len(), total);
+        p
+    }
+
+    /// Where the TCP options of a [`tcp_packet`] lie.
+    fn options_range(packet: &[u8]) -> std::ops::Range<usize> {
+        IPV4_HEADER + 20..IPV4_HEADER + usize::from(packet[IPV4_HEADER + 12] >> 4) * 4
+    }
+
+    /// The indices at which `a` and `b` (of one length) differ.
+    fn changed(a: &[u8], b: &[u8]) -> Vec<usize> {
+        assert_eq!(a.len(), b.len());
+        (0..a.len()).filter(|&i| a[i] != b[i]).collect()
+    }
+
+    #[test]
+    fn is_tcp_syn_sees_syn_only() {
+        assert!(is_tcp_syn(&tcp_packet(SYN, &[], &[])));
+        assert!(is_tcp_syn(&tcp_packet(SYN | ACK, &[], &[])));
+        assert!(is_tcp_syn(&tcp_packet(SYN, &[2, 4, 5, 0xb4], b"data")));
+        for flags in [0, ACK, RST, RST | ACK, 0x01 /* FIN */, 0x18 /* PSH|ACK */, !SYN] {
+            assert!(!is_tcp_syn(&tcp_packet(flags, &[], &[])), "flags {flags:#x}");
+        }
+        // An IP header with options: the flags are found behind it.
+        let mut with_ip_options = tcp_packet(ACK, &[], &[]);
+        with_ip_options[0] = 0x46;
+        with_ip_options.splice(IPV4_HEADER..IPV4_HEADER, [1, 1, 1, 0]);
+        assert!(!is_tcp_syn(&with_ip_options));
+        with_ip_options[24 + 13] = SYN;
+        assert!(is_tcp_syn(&with_ip_options));
+    }
+
+    #[test]
+    fn is_tcp_syn_refuses_what_is_not_a_tcp_segment() {
+        let syn = tcp_packet(SYN, &[], &[]);
+        // The same bytes in a UDP or ICMP packet are not a SYN.
+        for proto in [17u8, 1] {
+            let mut p = syn.clone();
+            p[9] = proto;
+            assert!(!is_tcp_syn(&p), "protocol {proto}");
+        }
+        // Not IPv4, or a header length below the minimum.
+        let mut v6 = syn.clone();
+        v6[0] = 0x65;
+        assert!(!is_tcp_syn(&v6));
+        for ihl in 0..5u8 {
+            let mut p = syn.clone();
+            p[0] = 0x40 | ihl;
+            p[ihl as usize * 4 + 13] = SYN;
+            assert!(!is_tcp_syn(&p), "ihl {ihl}");
+        }
+        // Cut anywhere before the flags byte: not a SYN, and no panic.
+        for cut in 0..=IPV4_HEADER + 13 {
+            assert!(!is_tcp_syn(&syn[..cut]), "cut at {cut}");
+        }
+        assert!(is_tcp_syn(&syn[..IPV4_HEADER + 14]));
+    }
+
+    #[test]
+    fn set_tcp_mss_rewrites_the_mss_option_wherever_it_is() {
+        let ts = [8, 10, 1, 2, 3, 4, 5, 6, 7, 8];
+        // Linux's order: MSS first, then SACK-permitted, timestamps, NOP, window scale.
+        let mut linux = vec![2, 4, 0x05, 0xb4, 4, 2];
+        linux.extend_from_slice(&ts);
+        linux.extend_from_slice(&[1, 3, 3, 7]);
+        // MSS after NOPs and timestamps.
+        let mut late = vec![1, 1];
+        late.extend_from_slice(&ts);
+        late.extend_from_slice(&[2, 4, 0x05, 0xb4]);
+        // After a window scale, SACK-permitted and padding NOPs.
+        let late2 = [3, 3, 7, 1, 4, 2, 1, 1, 2, 4, 0x05, 0xb4];
+        for (options, at) in [(&linux[..], 0), (&late[..], 12), (&late2[..], 8)] {
+            for flags in [SYN, SYN | ACK] {
+                let before = tcp_packet(flags, options, b"payload");
+                let mut p = before.clone();
+                set_tcp_mss(&mut p, 65_443);
+                let mss_at = IPV4_HEADER + 20 + at + 2;
+                assert_eq!(&p[mss_at..mss_at + 2], &65_443u16.to_be_bytes(), "{options:?}");
+                // Nothing else moved, not even the checksum.
+                assert!(changed(&before, &p).iter().all(|&i| i == mss_at || i == mss_at + 1), "{options:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn set_tcp_mss_without_an_mss_option_changes_nothing() {
+        let cases: [(&[u8], &[u8]); 7] = [
+            (&[], &[]),
+            // No options, but a payload that looks like an MSS option.
+            (&[], &[2, 4, 0x05, 0xb4]),
+            (&[1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8], &[2, 4, 0, 0]),
+            // An MSS option after the end-of-options marker does not count.
+            (&[0, 0, 0, 0, 2, 4, 0x05, 0xb4], &[]),
+            (&[1, 0, 2, 4, 0x05, 0xb4, 0, 0], &[]),
+            // Kind 2 with a length other than 4 is not an MSS option.
+            (&[2, 3, 0x05, 1, 1, 1, 1, 1], &[]),
+            (&[2, 6, 0x05, 0xb4, 0, 0, 1, 1], &[]),
+        ];
+        for (options, payload) in cases {
+            let before = tcp_packet(SYN, options, payload);
+            let mut p = before.clone();
+            set_tcp_mss(&mut p, 9000);
+            assert_eq!(p, before, "options {options:?} payload {payload:?}");
+        }
+    }
+
+    #[test]
+    fn set_tcp_mss_survives_hostile_options() {
+        // Lengths that run past the end, are 0 or 1, or an option cut after
+        // its kind: nothing is written and nothing panics.
+        let cases: [&[u8]; 8] = [
+            &[2, 0, 0, 0],
+            &[3, 1, 2, 4, 0x05, 0xb4, 0, 0],
+            &[1, 1, 1, 2],
+            &[1, 1, 2, 4],
+            &[1, 1, 8, 10],
+            &[8, 255, 2, 4, 0x05, 0xb4, 1, 1],
+            &[1, 1, 1, 1, 1, 1, 1, 8],
+            &[1, 1, 1, 1, 1, 1, 2, 4],
+        ];
+        for options in cases {
+            // The payload holds an MSS-looking option right after the header.
+            let before = tcp_packet(SYN, options, &[0x05, 0xb4, 2, 4, 0x05, 0xb4]);
+            let mut p = before.clone();
+            set_tcp_mss(&mut p, 9000);
+            assert_eq!(p, before, "{options:?}");
+        }
+        // A data offset that points past the packet, or below the header.
+        let mut p = tcp_packet(SYN, &[2, 4, 0x05, 0xb4], &[]);
+        let original = p.clone();
+        for offset in (0..6).chain(7..16) {
+            p[IPV4_HEADER + 12] = offset << 4;
+            let before = p.clone();
+            set_tcp_mss(&mut p, 9000);
+            assert_eq!(p, before, "data offset {offset}");
+        }
+        // An IP header length that is too small or lies past the packet.
+        for ihl in (0..5).chain(6..16) {
+            let mut q = original.clone();
+            q[0] = 0x40 | ihl;
+            let before = q.clone();
+            set_tcp_mss(&mut q, 9000);
+            assert!(changed(&before, &q).is_empty(), "ihl {ihl}");
+        }
+        // Every truncation of a SYN with options: no panic, and whatever is
+        // written lies in the two MSS bytes.
+        let mut options = vec![1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8, 2, 4, 0x05, 0xb4];
+        options.extend_from_slice(&[4, 2, 1, 1]);
+        let full = tcp_packet(SYN, &options, b"payload");
+        let mss_at = IPV4_HEADER + 20 + 14;
+        for cut in 0..full.len() {
+            let mut p = full[..cut].to_vec();
+            set_tcp_mss(&mut p, 9000);
+            assert!(changed(&full[..cut], &p).iter().all(|&i| i == mss_at || i == mss_at + 1), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn set_tcp_mss_writes_only_inside_the_options_of_random_segments() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..50_000 {
+            let words = (next() % 11) as usize;
+            let mut options: Vec<u8> = (0..words * 4).map(|_| next() as u8).collect();
+            // Small kinds and lengths more often than uniform noise would.
+            for b in options.iter_mut() {
+                if next() % 2 == 0 {
+                    *b %= 6;
+                }
+            }
+            let payload: Vec<u8> = (0..next() % 8).map(|_| next() as u8).collect();
+            let mut p = tcp_packet(SYN, &options, &payload);
+            if next() % 4 == 0 {
+                // A lying data offset: the options are what it says.
+                p[IPV4_HEADER + 12] = (next() as u8) & 0xf0;
+            }
+            let range = options_range(&p);
+            let cut = if next() % 4 == 0 { (next() as usize) % (p.len() + 1) } else { p.len() };
+            p.truncate(cut);
+            let truncated = p.clone();
+            set_tcp_mss(&mut p, 0xabcd);
+            let diff = changed(&truncated, &p);
+            assert!(diff.len() <= 2, "{diff:?} in {truncated:?}");
+            assert!(diff.iter().all(|i| range.contains(i)), "{diff:?} outside {range:?} in {truncated:?}");
         }
     }
 }

@@ -617,6 +617,193 @@ mod tests {
         assert_eq!(n.stats.dhcp_replies, 1);
     }
 
+    const GUEST3: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x33]);
+
+    fn vm_hello(src: EthernetAddress) -> Vec<u8> {
+        use rdnet_link::offload::{Hello, LARGE_TCP, Role, hello_frame};
+        hello_frame(src.0, [0xff; 6], Hello { role: Role::Vm, flags: LARGE_TCP })
+    }
+
+    /// A port that has spoken once from `mac` (so the switch knows it there).
+    fn learn(n: &mut Network, port: PortId, mac: EthernetAddress, last_octet: u8) {
+        let mut out = Vec::new();
+        let arp = arp_request(mac, Ipv4Addr::new(192, 168, 127, last_octet), Ipv4Addr::new(192, 168, 127, 1));
+        n.handle_frame(port, &arp, Instant::now(), &mut out);
+        assert_eq!(n.switch.lookup(&mac), Some(port));
+    }
+
+    /// An IPv4 frame of `len` bytes in all from `src` to `dst`.
+    fn sized_frame(src: EthernetAddress, dst: EthernetAddress, len: usize) -> Vec<u8> {
+        let mut f = Vec::new();
+        frame::ethernet(&mut f, src, dst, EthernetProtocol::Ipv4, len - ETH_HEADER, |b| b.fill(0x5a));
+        assert_eq!(f.len(), len);
+        f
+    }
+
+    fn ports_of(out: &[(PortId, Vec<u8>)]) -> Vec<PortId> {
+        out.iter().map(|(p, _)| *p).collect()
+    }
+
+    #[test]
+    fn vm_hello_is_answered_on_its_port_only_and_never_flooded() {
+        use rdnet_link::offload::{Hello, LARGE_TCP, Role, is_offload_frame, parse_hello};
+        let mut n = net();
+        let (p1, p2, p3) = (n.add_port(), n.add_port(), n.add_port());
+        learn(&mut n, p2, GUEST2, 3);
+        learn(&mut n, p3, GUEST3, 4);
+        let mut out = Vec::new();
+        assert_eq!(n.handle_frame(p1, &vm_hello(DEVICE_MAC), Instant::now(), &mut out), Upcall::None);
+        // One frame, back on the hello's port: the gateway's hello, unicast.
+        assert_eq!(ports_of(&out), vec![p1], "the broadcast hello must not be flooded");
+        let reply = &out[0].1;
+        assert_eq!(parse_hello(reply), Some(Hello { role: Role::Gateway, flags: LARGE_TCP }));
+        let eth = EthernetFrame::new_checked(&reply[..]).unwrap();
+        assert_eq!(eth.dst_addr(), DEVICE_MAC);
+        assert_eq!(eth.src_addr(), n.cfg.gateway_mac);
+        assert!(n.takes_large_frames(p1));
+        assert!(!n.takes_large_frames(p2));
+        assert!(!n.takes_large_frames(p3));
+
+        // A second hello (a reconnecting session) is answered again, still
+        // on its own port only; the other ports hear of neither.
+        out.clear();
+        n.handle_frame(p2, &vm_hello(GUEST2), Instant::now(), &mut out);
+        assert_eq!(ports_of(&out), vec![p2]);
+        assert!(n.takes_large_frames(p2));
+        assert!(!n.takes_large_frames(p3));
+        assert!(out.iter().all(|(p, f)| *p != p3 && (*p == p2 || !is_offload_frame(f))));
+    }
+
+    #[test]
+    fn hellos_that_do_not_offer_large_frames_change_nothing() {
+        use rdnet_link::offload::{Hello, LARGE_TCP, Role, hello_frame};
+        let mut n = net();
+        let (p1, p2) = (n.add_port(), n.add_port());
+        learn(&mut n, p2, GUEST2, 3);
+        let stats_before = n.stats.drops.malformed;
+        let well_formed = [
+            // Another VM's answer pretending to be the gateway, or no flags.
+            hello_frame(DEVICE_MAC.0, [0xff; 6], Hello { role: Role::Gateway, flags: LARGE_TCP }),
+            hello_frame(DEVICE_MAC.0, [0xff; 6], Hello { role: Role::Vm, flags: 0 }),
+            hello_frame(DEVICE_MAC.0, [0xff; 6], Hello { role: Role::Vm, flags: !LARGE_TCP }),
+        ];
+        for f in &well_formed {
+            let mut out = Vec::new();
+            n.handle_frame(p1, f, Instant::now(), &mut out);
+            assert!(out.is_empty(), "{out:?}");
+        }
+        assert_eq!(n.stats.drops.malformed, stats_before);
+
+        let good = vm_hello(DEVICE_MAC);
+        let mut malformed = Vec::new();
+        let mut bad_magic = good.clone();
+        bad_magic[16] ^= 0x20;
+        malformed.push(bad_magic);
+        let mut bad_role = good.clone();
+        bad_role[28] = 3;
+        malformed.push(bad_role);
+        // Cut after the magic, and an EtherType with nothing behind it.
+        malformed.push(good[..30].to_vec());
+        malformed.push(good[..14].to_vec());
+        let mut unicast_junk = sized_frame(DEVICE_MAC, n.cfg.gateway_mac, 200);
+        unicast_junk[12..14].copy_from_slice(&rdnet_link::offload::ETHERTYPE.to_be_bytes());
+        malformed.push(unicast_junk);
+        let mut to_guest2 = good.clone();
+        to_guest2[..6].copy_from_slice(&GUEST2.0);
+        to_guest2[20] = 0;
+        malformed.push(to_guest2);
+        for (i, f) in malformed.iter().enumerate() {
+            let mut out = Vec::new();
+            n.handle_frame(p1, f, Instant::now(), &mut out);
+            assert!(out.is_empty(), "case {i}: {out:?}");
+            assert_eq!(n.stats.drops.malformed, stats_before + i as u64 + 1, "case {i}");
+        }
+        assert!(!n.takes_large_frames(p1));
+        assert!(!n.takes_large_frames(p2));
+        // A large frame for p1 is still refused, as before any hello.
+        let mut out = Vec::new();
+        learn(&mut n, p1, DEVICE_MAC, 2);
+        n.handle_frame(p2, &sized_frame(GUEST2, DEVICE_MAC, 1515), Instant::now(), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(n.stats.drops.too_big, 1);
+    }
+
+    #[test]
+    fn frames_above_the_mtu_reach_only_ports_that_sent_a_hello() {
+        let mut n = net();
+        let (p1, p2, p3) = (n.add_port(), n.add_port(), n.add_port());
+        learn(&mut n, p1, DEVICE_MAC, 2);
+        learn(&mut n, p2, GUEST2, 3);
+        learn(&mut n, p3, GUEST3, 4);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        n.handle_frame(p1, &vm_hello(DEVICE_MAC), now, &mut out);
+        n.handle_frame(p3, &vm_hello(GUEST3), now, &mut out);
+        assert_eq!(ports_of(&out), vec![p1, p3]);
+        let max = n.cfg.max_frame();
+        assert_eq!(max, 1514);
+
+        // Unicast p1 → p2 (no hello): the MTU-sized frame passes, one byte
+        // more does not.
+        for (len, passes) in [(max, true), (max + 1, false), (9014, false), (65535, false)] {
+            out.clear();
+            let dropped = n.stats.drops.too_big;
+            n.handle_frame(p1, &sized_frame(DEVICE_MAC, GUEST2, len), now, &mut out);
+            assert_eq!(ports_of(&out), if passes { vec![p2] } else { vec![] }, "{len} bytes");
+            assert_eq!(n.stats.drops.too_big, dropped + u64::from(!passes), "{len} bytes");
+        }
+        // Unicast to p3 (hello): every size passes, from either port.
+        for (from, src) in [(p1, DEVICE_MAC), (p2, GUEST2)] {
+            for len in [max + 1, 9014, 65535] {
+                out.clear();
+                n.handle_frame(from, &sized_frame(src, GUEST3, len), now, &mut out);
+                assert_eq!(ports_of(&out), vec![p3], "{len} bytes");
+                assert_eq!(out[0].1.len(), len);
+            }
+        }
+        assert_eq!(n.stats.drops.too_big, 3);
+
+        // A large broadcast from p1 reaches p3, not p2, and counts one drop.
+        out.clear();
+        n.handle_frame(p1, &sized_frame(DEVICE_MAC, EthernetAddress::BROADCAST, 4000), now, &mut out);
+        assert_eq!(ports_of(&out), vec![p3]);
+        assert_eq!(n.stats.drops.too_big, 4);
+
+        // The gateway's own large frames (the TCP NAT's segments) too.
+        for (ip, mac, port) in
+            [(Ipv4Addr::new(192, 168, 127, 3), GUEST2, p2), (Ipv4Addr::new(192, 168, 127, 4), GUEST3, p3)]
+        {
+            assert_eq!(n.neighbor(ip), Some(mac));
+            let mut f = Vec::new();
+            let ip_repr = Ipv4Repr {
+                src_addr: Ipv4Addr::new(192, 168, 127, 254),
+                dst_addr: ip,
+                next_header: IpProtocol::Tcp,
+                payload_len: 30_000,
+                hop_limit: 64,
+            };
+            frame::ipv4(&mut f, n.cfg.gateway_mac, EthernetAddress::BROADCAST, &ip_repr, |_| {});
+            out.clear();
+            assert!(n.send_ipv4_frame_to_guest(&mut f, now, &mut out));
+            if port == p3 {
+                assert_eq!(ports_of(&out), vec![p3]);
+            } else {
+                assert!(out.is_empty());
+            }
+        }
+        assert_eq!(n.stats.drops.too_big, 5);
+
+        // A port that goes and comes back (a new connection) starts without.
+        n.remove_port(p3);
+        let p4 = n.add_port();
+        assert!(!n.takes_large_frames(p4));
+        learn(&mut n, p4, GUEST3, 4);
+        out.clear();
+        n.handle_frame(p1, &sized_frame(DEVICE_MAC, GUEST3, max + 1), now, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(n.stats.drops.too_big, 6);
+    }
+
     #[test]
     fn noise_never_panics() {
         let mut n = net();

@@ -8,8 +8,9 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -302,6 +303,8 @@ pub struct Guest {
 pub const GATEWAY: &str = "192.168.127.1";
 pub const HOST_ALIAS: &str = "192.168.127.254";
 pub const DEVICE_MAC: &str = "5a:94:ef:e4:0c:ee";
+/// host-switch's gateway MAC (gvproxy's).
+pub const GATEWAY_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd];
 
 impl World {
     /// Starts host-switch with `extra` flags and waits for its socket.
@@ -366,6 +369,39 @@ impl World {
         &self.guests[i]
     }
 
+    /// A python3 `script` in the host namespace, given `port` and then
+    /// `args` as its arguments; returns once something listens on
+    /// 127.0.0.1:`port`.
+    pub fn host_server(&self, port: u16, script: &str, args: &[&str]) -> Proc {
+        let port_arg = port.to_string();
+        let mut cmd_args = vec!["-c", script, &port_arg];
+        cmd_args.extend_from_slice(args);
+        let p = self.host.spawn(&self.dir, "python3", &cmd_args);
+        assert!(
+            wait_until(Duration::from_secs(10), || tcp_ready_in(&self.host, port)),
+            "server on {port} did not start: {}",
+            p.logs()
+        );
+        p
+    }
+
+    /// Runs a python3 `script` with `args` in guest `g`, ended after `secs`
+    /// seconds; fails the test unless it succeeds, else returns its stdout.
+    pub fn guest_python(&self, g: usize, secs: u32, script: &str, args: &[&str]) -> String {
+        let secs = secs.to_string();
+        let mut cmd_args = vec![secs.as_str(), "python3", "-c", script];
+        cmd_args.extend_from_slice(args);
+        let out = self.guest(g).ns.exec("timeout", &cmd_args);
+        assert!(
+            out.status.success(),
+            "guest python failed ({}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Everything the world's processes printed, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
@@ -408,4 +444,99 @@ impl Guest {
 pub fn tcp_ready_in(ns: &Netns, port: u16) -> bool {
     let out = ns.exec("ss", &["-Hltn", &format!("sport = :{port}")]);
     out.status.success() && !out.stdout.is_empty()
+}
+
+/// A raw VM link: a connection to host-switch's unix socket that speaks the
+/// u16-LE framing itself, for tests that play a peer host-switch knows
+/// nothing about (a rogue, or one that never offers offload).
+pub struct RawLink {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl RawLink {
+    pub fn connect(socket: &Path) -> RawLink {
+        let stream = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+        RawLink { stream, buf: Vec::new() }
+    }
+
+    /// A link over a connection made otherwise (one accepted from a
+    /// vm-switch that dials the test, say).
+    pub fn from_stream(stream: UnixStream) -> RawLink {
+        RawLink { stream, buf: Vec::new() }
+    }
+
+    /// A second handle on the same connection (for sending while another
+    /// thread receives).
+    pub fn try_clone(&self) -> RawLink {
+        RawLink { stream: self.stream.try_clone().expect("clone link"), buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        let len = u16::try_from(frame.len()).expect("frame fits the u16 prefix");
+        let mut framed = Vec::with_capacity(2 + frame.len());
+        framed.extend_from_slice(&len.to_le_bytes());
+        framed.extend_from_slice(frame);
+        self.stream.write_all(&framed)
+    }
+
+    /// The next frame, waiting at most `timeout`: `Ok(None)` if none came
+    /// in time, an error once the link is closed.
+    pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<Vec<u8>>> {
+        let end = Instant::now() + timeout;
+        let mut chunk = vec![0u8; 128 * 1024];
+        loop {
+            if self.buf.len() >= 2 {
+                let len = usize::from(u16::from_le_bytes([self.buf[0], self.buf[1]]));
+                if self.buf.len() >= 2 + len {
+                    let frame = self.buf[2..2 + len].to_vec();
+                    self.buf.drain(..2 + len);
+                    return Ok(Some(frame));
+                }
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Ends the connection both ways (a receiving clone sees the end).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// One record of a pcap file: the frame's length on the wire and the bytes
+/// captured of it.
+pub struct PcapRecord<'a> {
+    pub orig_len: usize,
+    pub data: &'a [u8],
+}
+
+/// The records of a classic little-endian pcap file (host-switch's
+/// `--capture`): a 24-byte global header, then a 16-byte header (seconds,
+/// microseconds, captured length, original length) before each frame. A
+/// record cut short at the end (written while we read) is left out.
+pub fn pcap_records(bytes: &[u8]) -> Vec<PcapRecord<'_>> {
+    assert!(bytes.len() >= 24, "pcap shorter than its header");
+    assert_eq!(&bytes[..4], &0xa1b2_c3d4u32.to_le_bytes(), "pcap magic");
+    let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+    let mut records = Vec::new();
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let (incl, orig) = (u32_at(at + 8), u32_at(at + 12));
+        let Some(data) = bytes.get(at + 16..at + 16 + incl) else { break };
+        records.push(PcapRecord { orig_len: orig, data });
+        at += 16 + incl;
+    }
+    records
 }
