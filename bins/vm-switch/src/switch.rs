@@ -213,6 +213,9 @@ async fn switch(cfg: Config) -> Result<ExitCode, Error> {
     })?;
     nl.set_mac(&cfg.tap, cfg.mac).await?;
     nl.set_mtu(&cfg.tap, cfg.mtu).await?;
+    // A GSO packet (its Ethernet header included) must fit one u16-framed
+    // frame; the kernel cuts anything larger in software before the tap.
+    nl.set_gso_max_size(&cfg.tap, rdnet_link::offload::MAX_LARGE_FRAME as u32).await?;
     nl.set_up(&cfg.tap).await?;
     nl.set_up("lo").await?;
     info!(
@@ -344,7 +347,9 @@ where
                     while writer.pending() < BATCH_BYTES {
                         // Read straight into the link's write buffer.
                         let mut drop_reason = None;
-                        let r = writer.push_with(offload::MAX_LARGE_FRAME, |buf| {
+                        // Room beyond a link frame, so an oversized packet is
+                        // read whole and dropped, not cut and sent.
+                        let r = writer.push_with(offload::MAX_LARGE_FRAME + 1024, |buf| {
                             let (hdr, len) = match guard.try_read(buf) {
                                 None => return Err(io::ErrorKind::WouldBlock.into()),
                                 Some(r) => r?,
@@ -352,6 +357,8 @@ where
                             let frame = &mut buf[..len];
                             drop_reason = if len == 0 {
                                 Some("empty")
+                            } else if len > offload::MAX_LARGE_FRAME {
+                                Some("larger than a link frame")
                             } else if hdr.gso_type == GSO_NONE && len > max_frame {
                                 Some("above the MTU")
                             } else if hdr.gso_type != GSO_NONE && !offload_on.get() {

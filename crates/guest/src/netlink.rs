@@ -224,6 +224,15 @@ impl Netlink {
         self.set_link(name, &format!("set mtu {mtu} on"), |b| b.mtu(mtu)).await
     }
 
+    /// Caps the size of the GSO packets the kernel hands `name` (`ip link
+    /// set NAME gso_max_size N`); it applies to IPv4 too.
+    pub async fn set_gso_max_size(&self, name: &str, size: u32) -> Result<(), NetlinkError> {
+        self.set_link(name, &format!("set gso_max_size {size} on"), |b| {
+            b.append_extra_attribute(LinkAttribute::GsoMaxSize(size))
+        })
+        .await
+    }
+
     pub async fn set_mac(&self, name: &str, mac: Mac) -> Result<(), NetlinkError> {
         self.set_link(name, "set MAC address of", |b| b.address(mac.to_vec())).await
     }

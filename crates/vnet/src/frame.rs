@@ -123,6 +123,17 @@ fn tcp_offset(packet: &[u8]) -> Option<usize> {
 /// Sets the MSS option of the TCP segment in an IPv4 packet to `mss`, if
 /// it has one. The checksum is left alone: smoltcp does not verify it.
 pub fn set_tcp_mss(packet: &mut [u8], mss: u16) {
+    rewrite_tcp_mss(packet, |_| mss);
+}
+
+/// Lowers the MSS option of the TCP segment in an IPv4 packet to `max` if
+/// it is above (a peer announcing more than its link carries).
+pub fn clamp_tcp_mss(packet: &mut [u8], max: u16) {
+    rewrite_tcp_mss(packet, |mss| mss.min(max));
+}
+
+/// Replaces the value of the MSS option, if there is one, with `f(value)`.
+fn rewrite_tcp_mss(packet: &mut [u8], f: impl FnOnce(u16) -> u16) {
     let Some(ip_hl) = tcp_offset(packet) else { return };
     let Some(tcp_hl) = packet.get(ip_hl + 12).map(|b| usize::from(b >> 4) * 4) else { return };
     let Some(options) = packet.get_mut(ip_hl + 20..ip_hl + tcp_hl) else { return };
@@ -138,6 +149,7 @@ pub fn set_tcp_mss(packet: &mut [u8], mss: u16) {
                     return;
                 }
                 if kind == 2 && len == 4 {
+                    let mss = f(u16::from_be_bytes([options[i + 2], options[i + 3]]));
                     options[i + 2..i + 4].copy_from_slice(&mss.to_be_bytes());
                     return;
                 }
@@ -379,5 +391,25 @@ mod tests {
             assert!(diff.len() <= 2, "{diff:?} in {truncated:?}");
             assert!(diff.iter().all(|i| range.contains(i)), "{diff:?} outside {range:?} in {truncated:?}");
         }
+    }
+
+    #[test]
+    fn clamp_lowers_an_mss_above_the_cap_only() {
+        // IPv4 (IHL 5) + TCP with data offset 6: one MSS option.
+        let packet = |mss: u16| {
+            let mut p = vec![0u8; 44];
+            p[0] = 0x45;
+            p[9] = 6;
+            p[20 + 12] = 6 << 4;
+            p[20 + 13] = 0x02;
+            p[40..44].copy_from_slice(&[2, 4, (mss >> 8) as u8, mss as u8]);
+            p
+        };
+        let mut high = packet(60_000);
+        clamp_tcp_mss(&mut high, 1460);
+        assert_eq!(high, packet(1460));
+        let mut low = packet(536);
+        clamp_tcp_mss(&mut low, 1460);
+        assert_eq!(low, packet(536));
     }
 }

@@ -328,14 +328,22 @@ fn poll_flow(engine: &Engine, state: &mut FlowState, rx: Option<&[u8]>) {
 
 /// Entry point for a TCP segment from the guest (an IPv4 packet).
 /// `large_frames`: the guest's port takes segments above its MTU, so its
-/// SYN's MSS is raised to [`LARGE_MSS`] before smoltcp sees it.
+/// SYN's MSS is raised to [`LARGE_MSS`] before smoltcp sees it; any other
+/// guest's is capped at what its MTU allows.
 pub fn handle_guest_packet(engine: &Rc<Engine>, header: &Ipv4Repr, packet: &[u8], large_frames: bool) {
-    let raised;
-    let packet = if large_frames && crate::frame::is_tcp_syn(packet) {
+    let rewritten;
+    let packet = if crate::frame::is_tcp_syn(packet) {
         let mut p = packet.to_vec();
-        crate::frame::set_tcp_mss(&mut p, LARGE_MSS);
-        raised = p;
-        &raised[..]
+        if large_frames {
+            crate::frame::set_tcp_mss(&mut p, LARGE_MSS);
+        } else {
+            // smoltcp's MTU is the largest a link carries, so the MSS is
+            // all that keeps its segments within this guest's MTU.
+            let link_mtu = engine.tcp.borrow().link_mtu;
+            crate::frame::clamp_tcp_mss(&mut p, u16::try_from(link_mtu - IPV4_HEADER - 20).unwrap_or(u16::MAX));
+        }
+        rewritten = p;
+        &rewritten[..]
     } else {
         packet
     };
