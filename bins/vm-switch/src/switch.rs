@@ -298,9 +298,10 @@ async fn session(link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: 
     // accepting them always costs nothing and keeps the framing in sync.
     let mut reader = FrameReader::new(rd, Decoder::new(Framing::U16Le, offload::MAX_LARGE_FRAME));
     let mut writer = FrameWriter::new(wr, Framing::U16Le);
-    let offload_on = std::cell::Cell::new(false);
-    let result = session_io(&mut reader, &mut writer, tap, dhcp, cfg, max_frame, &offload_on).await;
-    if offload_on.get() {
+    // The gateway's MAC while offload is on.
+    let offload = std::cell::Cell::new(None);
+    let result = session_io(&mut reader, &mut writer, tap, dhcp, cfg, max_frame, &offload).await;
+    if offload.get().is_some() {
         // The next host may not take large frames: the kernel must cut
         // its segments again (and segments in flight are retransmitted so).
         if let Err(e) = tap.set_offload(false) {
@@ -317,7 +318,7 @@ async fn session_io<R, W>(
     dhcp: Option<&mut DhcpLink>,
     cfg: &Config,
     max_frame: usize,
-    offload_on: &std::cell::Cell<bool>,
+    offload: &std::cell::Cell<Option<Mac>>,
 ) -> Result<(), Error>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -361,13 +362,14 @@ where
                                 Some("larger than a link frame")
                             } else if hdr.gso_type == GSO_NONE && len > max_frame {
                                 Some("above the MTU")
-                            } else if hdr.gso_type != GSO_NONE && !offload_on.get() {
+                            } else if hdr.gso_type != GSO_NONE && offload.get().is_none() {
                                 Some("segmentation offload is off")
                             } else if offload::is_offload_frame(frame) {
                                 Some("offload negotiation is between vm-switch and the host")
-                            } else if len > max_frame {
-                                // A large segment's checksum is left to
-                                // whoever delivers it (offload.rs).
+                            } else if len > max_frame || offload.get().is_some_and(|gw| is_tcp_to(frame, &gw)) {
+                                // A large segment's checksum is left to whoever
+                                // delivers it, and the gateway does not check
+                                // those of TCP it terminates (offload.rs).
                                 None
                             } else if complete_from_tap(&hdr, frame).is_err() {
                                 Some("malformed offload header")
@@ -422,11 +424,11 @@ where
                         if let Some(h) = offload::parse_hello(frame)
                             && h.role == Role::Gateway
                             && h.flags & offload::LARGE_TCP != 0
-                            && !offload_on.get()
+                            && offload.get().is_none()
                         {
                             match tap.set_offload(true) {
                                 Ok(()) => {
-                                    offload_on.set(true);
+                                    offload.set(frame[6..12].try_into().ok());
                                     info!("host takes large TCP segments: segmentation offload on");
                                 }
                                 Err(e) => warn!("cannot turn on the tap's offloads: {e}"),
@@ -467,6 +469,11 @@ where
         r = up => r,
         r = down => r,
     }
+}
+
+/// Whether `frame` is IPv4 TCP addressed to the MAC `to`.
+fn is_tcp_to(frame: &[u8], to: &Mac) -> bool {
+    frame.len() > 34 && frame[..6] == to[..] && frame[12..14] == [0x08, 0x00] && frame[23] == 6
 }
 
 fn spawn_dhcp(cfg: &Config, nl: Netlink) -> DhcpLink {

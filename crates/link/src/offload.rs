@@ -22,8 +22,10 @@
 //! as on a NIC with TSO: the memory between the two programs does not
 //! corrupt data, summing 64 KiB was a fifth of the CPU time, and the
 //! receiving vm-switch hands the segment to its kernel as "checksum
-//! partial" with the pseudo header's sum in that field anyway. Frames up
-//! to the MTU always have complete checksums.
+//! partial" with the pseudo header's sum in that field anyway. For the same
+//! reasons a VM's TCP frames to the gateway's MAC may carry the partial
+//! checksum its kernel left: host-switch terminates that TCP and does not
+//! check. Every other frame up to the MTU has complete checksums.
 
 /// IEEE 802 "local experimental" EtherType 1.
 pub const ETHERTYPE: u16 = 0x88B5;
