@@ -63,8 +63,12 @@ impl Default for EngineConfig {
 pub const MAX_PENDING_PER_PORT: usize = 16 * 1024 * 1024;
 
 struct PortTx {
-    /// Frames waiting for the writer, each with its length prefix.
+    /// Frames waiting for the writer, each with its length prefix, are
+    /// `pending[..used]`; the rest is scratch kept from earlier batches so
+    /// a frame built in place (`Engine::build_frame_to_guest`) does not
+    /// zero memory first.
     pending: Vec<u8>,
+    used: usize,
     /// Stream ports use the configured framing; datagram ports a u32
     /// prefix the writer strips again.
     framing: Framing,
@@ -74,7 +78,7 @@ struct PortTx {
 
 impl PortTx {
     fn new(framing: Framing, notify: Rc<Notify>) -> Self {
-        PortTx { pending: Vec::with_capacity(64 * 1024), framing, notify, closed: false }
+        PortTx { pending: Vec::with_capacity(64 * 1024), used: 0, framing, notify, closed: false }
     }
 }
 
@@ -90,12 +94,49 @@ impl FrameSink for Ports {
             c.record(frame);
         }
         let Some(tx) = self.map.get_mut(&port) else { return };
-        if tx.closed || tx.pending.len() + frame.len() > MAX_PENDING_PER_PORT {
+        if tx.closed || tx.used + frame.len() > MAX_PENDING_PER_PORT {
             self.overflow_drops += 1;
             return;
         }
-        let was_empty = tx.pending.is_empty();
-        if encode_frame(tx.framing, frame, &mut tx.pending).is_ok() && was_empty {
+        let was_empty = tx.used == 0;
+        tx.pending.truncate(tx.used);
+        let ok = encode_frame(tx.framing, frame, &mut tx.pending).is_ok();
+        tx.used = tx.pending.len();
+        if ok && was_empty {
+            tx.notify.notify_one();
+        }
+    }
+}
+
+impl Ports {
+    /// Reserves room for a `frame_len`-byte frame at the end of `port`'s
+    /// queue and returns it, or `None` if the port is gone, closed or full.
+    /// The frame is queued by [`commit`](Self::commit).
+    fn reserve(&mut self, port: PortId, frame_len: usize) -> Option<&mut [u8]> {
+        let tx = self.map.get_mut(&port)?;
+        if tx.closed || tx.used + frame_len > MAX_PENDING_PER_PORT {
+            return None;
+        }
+        let mut prefix = Vec::with_capacity(4);
+        tx.framing.put_prefix(frame_len, &mut prefix).ok()?;
+        let start = tx.used + prefix.len();
+        if tx.pending.len() < start + frame_len {
+            tx.pending.resize(start + frame_len, 0);
+        }
+        tx.pending[tx.used..start].copy_from_slice(&prefix);
+        Some(&mut tx.pending[start..start + frame_len])
+    }
+
+    /// Queues the frame last reserved on `port`.
+    fn commit(&mut self, port: PortId, frame_len: usize) {
+        let Some(tx) = self.map.get_mut(&port) else { return };
+        let was_empty = tx.used == 0;
+        let start = tx.used + tx.framing.prefix_len();
+        tx.used = start + frame_len;
+        if let Some(c) = self.capture.as_mut() {
+            c.record(&tx.pending[start..tx.used]);
+        }
+        if was_empty {
             tx.notify.notify_one();
         }
     }
@@ -236,6 +277,37 @@ impl Engine {
         net.send_ipv4_frame_to_guest(frame, Instant::now(), &mut *ports)
     }
 
+    /// Builds an IPv4 packet of `len` bytes for the guest at `dst` straight
+    /// into its port's queue: `fill` gets the packet's bytes (after the
+    /// Ethernet header this writes). Saves the copy of a 64 KiB segment
+    /// from a buffer of its own. Takes `fill` out of the option only if
+    /// that works; otherwise (destination unknown, frame too big for the
+    /// port, port full) the caller still has it and takes the general path,
+    /// which deals with those cases.
+    pub fn build_frame_to_guest<R>(
+        &self,
+        dst: std::net::Ipv4Addr,
+        len: usize,
+        fill: &mut Option<impl FnOnce(&mut [u8]) -> R>,
+    ) -> Option<R> {
+        let mut net = self.net.borrow_mut();
+        let frame_len = crate::frame::ETH_HEADER + len;
+        let (port, mac) = net.port_for_guest(dst, frame_len)?;
+        let gateway_mac = net.cfg.gateway_mac;
+        let mut ports = self.ports.borrow_mut();
+        let buf = ports.reserve(port, frame_len)?;
+        let f = fill.take()?;
+        let mut eth = smoltcp::wire::EthernetFrame::new_unchecked(&mut *buf);
+        eth.set_dst_addr(mac);
+        eth.set_src_addr(gateway_mac);
+        eth.set_ethertype(smoltcp::wire::EthernetProtocol::Ipv4);
+        let r = f(&mut buf[crate::frame::ETH_HEADER..]);
+        ports.commit(port, frame_len);
+        net.stats.frames_out += 1;
+        net.stats.bytes_out += frame_len as u64;
+        Some(r)
+    }
+
     /// Sends a complete IPv4 packet to the guest owning its destination.
     pub fn send_ipv4_to_guest(&self, packet: &[u8]) -> bool {
         let mut net = self.net.borrow_mut();
@@ -256,18 +328,17 @@ impl Engine {
             tokio::task::spawn_local(async move {
                 let mut spare = Vec::with_capacity(64 * 1024);
                 loop {
-                    let closed = {
+                    let (closed, used) = {
                         let mut ports = engine.ports.borrow_mut();
                         let Some(tx) = ports.map.get_mut(&port) else { break };
                         std::mem::swap(&mut tx.pending, &mut spare);
-                        tx.closed
+                        (tx.closed, std::mem::take(&mut tx.used))
                     };
-                    if !spare.is_empty() {
-                        if let Err(e) = write_half.write_all(&spare).await {
+                    if used > 0 {
+                        if let Err(e) = write_half.write_all(&spare[..used]).await {
                             tracing::warn!(port, error = %e, "writing to VM failed");
                             break;
                         }
-                        spare.clear();
                         // Large bursts leave a large buffer; give it back.
                         if spare.capacity() > 4 * 1024 * 1024 {
                             spare = Vec::with_capacity(64 * 1024);
@@ -326,6 +397,7 @@ impl Engine {
         if let Some(tx) = self.ports.borrow_mut().map.get_mut(&port) {
             tx.closed = true;
             tx.pending.clear();
+            tx.used = 0;
             tx.notify.notify_one();
         }
         let _ = writer.await;
@@ -350,14 +422,14 @@ impl Engine {
                 let mut spare = Vec::with_capacity(64 * 1024);
                 let decoder = Decoder::new(Framing::U32Be, u32::MAX as usize);
                 loop {
-                    let closed = {
+                    let (closed, used) = {
                         let mut ports = engine.ports.borrow_mut();
                         let Some(tx) = ports.map.get_mut(&port) else { break };
                         std::mem::swap(&mut tx.pending, &mut spare);
-                        tx.closed
+                        (tx.closed, std::mem::take(&mut tx.used))
                     };
                     let to = peer.borrow().clone();
-                    let mut rest = &spare[..];
+                    let mut rest = &spare[..used];
                     while let Ok(Some((frame, used))) = decoder.decode(rest) {
                         if let Some(to) = &to
                             && let Err(e) = link.send_to(frame, to).await
@@ -366,7 +438,6 @@ impl Engine {
                         }
                         rest = &rest[used..];
                     }
-                    spare.clear();
                     if closed {
                         break;
                     }

@@ -171,6 +171,14 @@ impl Network {
         self.emit(from, &reply, out);
     }
 
+    /// The port and MAC a `frame_len`-byte unicast frame to the guest at
+    /// `ip` goes to, if both are known and the port takes a frame that big.
+    pub fn port_for_guest(&self, ip: Ipv4Addr, frame_len: usize) -> Option<(PortId, EthernetAddress)> {
+        let mac = self.neighbor(ip)?;
+        let port = self.switch.lookup(&mac)?;
+        (frame_len <= self.cfg.max_frame() || self.switch.takes_large_frames(port)).then_some((port, mac))
+    }
+
     /// Whether `port` takes frames above the MTU.
     pub fn takes_large_frames(&self, port: PortId) -> bool {
         self.switch.takes_large_frames(port)
