@@ -11,7 +11,11 @@
 //! the sans-I/O client, its timers, and the netlink/resolv.conf side effects;
 //! it talks to sessions over bounded channels, so the packet path never
 //! waits on it (frames it sends while no link is up are dropped, and it is
-//! told when a link comes up so it retransmits at once). With the inherited
+//! told when a link comes up so it retransmits at once). Each session
+//! starts with the offload hello (`rdnet_link::offload`); while a host that
+//! answered it is connected the tap has TSO and checksum offload on, so
+//! frames cross the link as 64 KiB segments (see `rdnet_guest::vnet_hdr`
+//! for the header each tap read and write carries). With the inherited
 //! descriptor (`-vsock-fd`) the program ends with its only session: status
 //! 0 on EOF, 1 on an error. With `--connect` a lost link is redialled with
 //! backoff (100 ms doubling to 2 s), keeping the same tap. SIGTERM and
