@@ -344,7 +344,10 @@ fn poll_flow(engine: &Engine, state: &mut FlowState, rx: Option<&[u8]>) {
     if rx.is_some() {
         iface.poll(now, &mut dev, &mut state.sockets);
     } else {
-        iface.poll_egress(now, &mut dev, &mut state.sockets);
+        // One call sends at most one segment per socket: keep going until
+        // the window, the congestion window or the data runs out (a single
+        // call left most of a 2 MiB buffer waiting for the next ACK).
+        while iface.poll_egress(now, &mut dev, &mut state.sockets) != smoltcp::iface::PollResult::None {}
     }
 }
 
