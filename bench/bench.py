@@ -25,6 +25,7 @@ HOST_ALIAS = "192.168.127.254"
 GUEST_IP = "192.168.127.2"
 
 SECONDS = 4
+REPEAT = 3
 procs = []
 namespaces = []
 tmpdir = tempfile.mkdtemp(prefix="rdnet-bench-")
@@ -124,6 +125,16 @@ def iperf(client_ns, server, port, reverse=False, parallel=1, udp_rate=None, win
     stalled_at = next((t for t, b in sums[1:] if peak and b < peak / 100), None)
     return {"bps": s.get("bits_per_second", 0), "bytes": s.get("bytes", 0), "stalled_at": stalled_at,
             "error": j.get("error")}
+
+
+def median_of(run, n=None):
+    """Runs a measurement REPEAT times and keeps the median one: single
+    runs on two shared cores swing by 20 % and more, the kernel baseline
+    too (19 to 26 Gbit/s at MTU 65520 in runs minutes apart)."""
+    results = [run() for _ in range(n or REPEAT)]
+    key = lambda r: (r or {}).get("bps", 0) if isinstance(r, dict) or r is None else r
+    results.sort(key=key)
+    return results[len(results) // 2]
 
 
 def tool(ns, *args, timeout=60):
@@ -257,9 +268,9 @@ def tcp_rows(mtu, kernel, switch):
     spawn(k.server_ns, "iperf3", "-s", "-B", k.server_ip, "-p", "5201")
     wait_for(lambda: listening(k.server_ns, 5201))
     kb = {
-        "up": gbps(iperf(k.client, k.server_ip, 5201)),
-        "down": gbps(iperf(k.client, k.server_ip, 5201, reverse=True)),
-        "p4": gbps(iperf(k.client, k.server_ip, 5201, parallel=4)),
+        "up": gbps(median_of(lambda: iperf(k.client, k.server_ip, 5201))),
+        "down": gbps(median_of(lambda: iperf(k.client, k.server_ip, 5201, reverse=True))),
+        "p4": gbps(median_of(lambda: iperf(k.client, k.server_ip, 5201, parallel=4))),
     }
     row(f"kernel veth TCP, MTU {mtu}", kb["up"], "Gbit/s", kb["up"], "baseline")
     kernel[mtu] = kb
@@ -269,17 +280,25 @@ def tcp_rows(mtu, kernel, switch):
     spawn(s.g, "iperf3", "-s", "-p", "5201")
     wait_for(lambda: listening(s.h, 5201) and listening(s.g, 5201))
     pid = s.host_switch_pid()
+    ups = []
     c0 = cpu_seconds(pid)
-    up = iperf(s.g, HOST_ALIAS, 5201)
+
+    def one_up():
+        ups.append(iperf(s.g, HOST_ALIAS, 5201))
+        return ups[-1]
+
+    up = median_of(one_up)
     c1 = cpu_seconds(pid)
     row(f"host-switch TCP guest→host, MTU {mtu}", gbps(up), "Gbit/s", kb["up"])
-    if up and up["bytes"]:
-        row(f"host-switch CPU s/GB guest→host, MTU {mtu}", (c1 - c0) / (up["bytes"] / 1e9), "s/GB")
-    row(f"host-switch TCP host→guest, MTU {mtu}", gbps(iperf(s.g, HOST_ALIAS, 5201, reverse=True)), "Gbit/s",
-        kb["down"])
-    row(f"host-switch TCP port-forward in, MTU {mtu}", gbps(iperf(s.h, "127.0.0.1", 15201)), "Gbit/s", kb["up"])
-    row(f"host-switch TCP 4 streams guest→host, MTU {mtu}", gbps(iperf(s.g, HOST_ALIAS, 5201, parallel=4)),
-        "Gbit/s", kb["p4"])
+    moved = sum(u["bytes"] for u in ups if u)
+    if moved:
+        row(f"host-switch CPU s/GB guest→host, MTU {mtu}", (c1 - c0) / (moved / 1e9), "s/GB")
+    row(f"host-switch TCP host→guest, MTU {mtu}",
+        gbps(median_of(lambda: iperf(s.g, HOST_ALIAS, 5201, reverse=True))), "Gbit/s", kb["down"])
+    row(f"host-switch TCP port-forward in, MTU {mtu}", gbps(median_of(lambda: iperf(s.h, "127.0.0.1", 15201))),
+        "Gbit/s", kb["up"])
+    row(f"host-switch TCP 4 streams guest→host, MTU {mtu}",
+        gbps(median_of(lambda: iperf(s.g, HOST_ALIAS, 5201, parallel=4))), "Gbit/s", kb["p4"])
     switch[mtu] = s
 
 
@@ -289,18 +308,22 @@ def rr_rows(kernel_world, s):
     spawn(s.h, os.path.join(REL, "rdnet-bench"), "server", "--listen", "127.0.0.1:7000")
     spawn(s.g, os.path.join(REL, "rdnet-bench"), "server", "--listen", "0.0.0.0:7000")
     wait_for(lambda: listening(k.server_ns, 7000) and listening(s.h, 7000) and listening(s.g, 7000))
-    krr = tool(k.client, "rr", "--connect", f"{k.server_ip}:7000", "--seconds", str(SECONDS))
+
+    def rate(ns, kind, target):
+        # One connection-rate run only: each leaves tens of thousands of
+        # client ports in TIME-WAIT, and three in a row ran the guest out of
+        # ports (the 5000-connection row after them then failed part way).
+        runs = REPEAT if kind == "rr" else 1
+        return median_of(lambda: tool(ns, kind, "--connect", target, "--seconds", str(SECONDS)), runs)
+
+    krr = rate(k.client, "rr", f"{k.server_ip}:7000")
     row("kernel veth request/response (1 byte)", krr, "rt/s", krr, "baseline")
-    row("host-switch request/response guest→host", tool(s.g, "rr", "--connect", f"{HOST_ALIAS}:7000", "--seconds",
-                                                        str(SECONDS)), "rt/s", krr)
-    row("host-switch request/response port-forward", tool(s.h, "rr", "--connect", "127.0.0.1:17000", "--seconds",
-                                                           str(SECONDS)), "rt/s", krr)
-    kcrr = tool(k.client, "crr", "--connect", f"{k.server_ip}:7000", "--seconds", str(SECONDS))
+    row("host-switch request/response guest→host", rate(s.g, "rr", f"{HOST_ALIAS}:7000"), "rt/s", krr)
+    row("host-switch request/response port-forward", rate(s.h, "rr", "127.0.0.1:17000"), "rt/s", krr)
+    kcrr = rate(k.client, "crr", f"{k.server_ip}:7000")
     row("kernel veth connection rate", kcrr, "conn/s", kcrr, "baseline")
-    row("host-switch connection rate guest→host", tool(s.g, "crr", "--connect", f"{HOST_ALIAS}:7000", "--seconds",
-                                                       str(SECONDS)), "conn/s", kcrr)
-    row("host-switch connection rate port-forward", tool(s.h, "crr", "--connect", "127.0.0.1:17000", "--seconds",
-                                                         str(SECONDS)), "conn/s", kcrr)
+    row("host-switch connection rate guest→host", rate(s.g, "crr", f"{HOST_ALIAS}:7000"), "conn/s", kcrr)
+    row("host-switch connection rate port-forward", rate(s.h, "crr", "127.0.0.1:17000"), "conn/s", kcrr)
 
 
 def udp_rows(k, s, rate="2G"):
@@ -407,12 +430,14 @@ def pasta_rows(mtu, kb):
 
 
 def main():
-    global SECONDS
+    global SECONDS, REPEAT
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=SECONDS)
+    ap.add_argument("--repeat", type=int, default=REPEAT, help="runs per TCP and rr/crr row; the median is shown")
     ap.add_argument("--quick", action="store_true", help="MTU 1500 only, no slirp4netns/pasta")
     a = ap.parse_args()
     SECONDS = a.seconds
+    REPEAT = max(1, a.repeat)
     kernel, switch = {}, {}
     mtus = [1500] if a.quick else [1500, 65520]
     print(f"{'row':<50} {'value':>10} {'unit':<8} {'ratio':>7}")
