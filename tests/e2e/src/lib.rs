@@ -61,6 +61,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Hashes each connection's bytes until EOF and answers "LEN SHA256" over
+/// the still-open other direction.
+pub const HASH_SERVER: &str = r#"
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8)
+while True:
+    c, _ = s.accept()
+    h = hashlib.sha256(); n = 0
+    while True:
+        b = c.recv(1 << 20)
+        if not b: break
+        h.update(b); n += len(b)
+    c.sendall(("%d %s" % (n, h.hexdigest())).encode())
+    c.close()
+"#;
+
 /// Runs a command to completion and fails the test if it fails.
 pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
     let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdnet_e2e::{DEVICE_MAC, Proc, World, privileged, tcp_ready_in, wait_until};
+use rdnet_e2e::{DEVICE_MAC, World, privileged};
 
 const LEASE_WAIT: Duration = Duration::from_secs(20);
 
@@ -12,17 +12,6 @@ fn world() -> World {
     let g = w.add_guest(DEVICE_MAC, &[]);
     assert!(w.guest(g).wait_for_address(LEASE_WAIT).is_some(), "{}", w.logs());
     w
-}
-
-/// A python3 server in the host namespace on 127.0.0.1:`port`.
-fn host_server(world: &World, port: u16, script: &str) -> Proc {
-    let p = world.host.spawn(&world.dir, "python3", &["-c", script, &port.to_string()]);
-    assert!(
-        wait_until(Duration::from_secs(10), || tcp_ready_in(&world.host, port)),
-        "server on {port} did not start: {}",
-        p.logs()
-    );
-    p
 }
 
 /// Runs python3 in the guest namespace and returns its stdout.
@@ -43,8 +32,7 @@ fn download_64mib_checksum_verified() {
     }
     let world = world();
     // Serves SIZE deterministic bytes, then closes; prints nothing.
-    let _server = host_server(
-        &world,
+    let _server = world.host_server(
         18080,
         r#"
 import socket, sys, hashlib
@@ -59,6 +47,7 @@ while True:
         n = c.send(block[:min(left, len(block))]); left -= n
     c.close()
 "#,
+        &[],
     );
     let out = guest_python(
         &world,
@@ -99,25 +88,7 @@ fn upload_64mib_with_half_close() {
     let world = world();
     // Hashes until EOF, then answers with the digest over the still-open
     // other direction: only works if the guest's FIN became a half-close.
-    let _server = host_server(
-        &world,
-        18081,
-        r#"
-import socket, sys, hashlib
-port = int(sys.argv[1])
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", port)); s.listen(8)
-while True:
-    c, _ = s.accept()
-    h = hashlib.sha256(); n = 0
-    while True:
-        b = c.recv(1 << 20)
-        if not b: break
-        h.update(b); n += len(b)
-    c.sendall(("%d %s" % (n, h.hexdigest())).encode())
-    c.close()
-"#,
-    );
+    let _server = world.host_server(18081, rdnet_e2e::HASH_SERVER, &[]);
     let out = guest_python(
         &world,
         r#"
@@ -172,8 +143,7 @@ fn a_thousand_connections_at_once() {
         return;
     }
     let world = world();
-    let _server = host_server(
-        &world,
+    let _server = world.host_server(
         18082,
         r#"
 import asyncio, sys
@@ -185,6 +155,7 @@ async def main():
     async with srv: await srv.serve_forever()
 asyncio.run(main())
 "#,
+        &[],
     );
     let out = guest_python(
         &world,

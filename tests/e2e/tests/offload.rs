@@ -36,23 +36,6 @@ while True:
     c.close()
 "#;
 
-/// Hashes each connection's bytes until EOF and answers "LEN SHA256" over
-/// the still-open other direction.
-const HASHER: &str = r#"
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8)
-while True:
-    c, _ = s.accept()
-    h = hashlib.sha256(); n = 0
-    while True:
-        b = c.recv(1 << 20)
-        if not b: break
-        h.update(b); n += len(b)
-    c.sendall(("%d %s" % (n, h.hexdigest())).encode())
-    c.close()
-"#;
-
 /// In the guest: receives from the host alias's `port` until EOF and
 /// prints "LEN SHA256".
 const DOWNLOAD: &str = r#"
@@ -153,7 +136,7 @@ fn bulk_tcp_crosses_the_link_in_large_frames_both_ways() {
 
     let (down_port, up_port) = (18110u16, 18111u16);
     let _sender = world.host_server(down_port, SENDER, &["1", &SIZE.to_string()]);
-    let _hasher = world.host_server(up_port, HASHER, &[]);
+    let _hasher = world.host_server(up_port, rdnet_e2e::HASH_SERVER, &[]);
 
     checked_download(&world, 0, down_port, 1, SIZE);
     let out = world.guest_python(0, 60, UPLOAD, &[&up_port.to_string(), "2", &SIZE.to_string()]);
