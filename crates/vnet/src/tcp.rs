@@ -30,6 +30,11 @@
 //! smoltcp advertises only the free part of that buffer as its window, so a
 //! slow host shrinks the guest's window.
 //!
+//! *Memory.* A flow's buffers are committed only as traffic touches them
+//! (`sys::LazyRegion`), and given back once both have been empty for
+//! [`IDLE_RELEASE`], so connections that once moved data and now idle
+//! cost little.
+//!
 //! *Closing.* A guest FIN shuts down the host socket's write side once all
 //! data is written; a host EOF closes the smoltcp socket, which sends FIN
 //! after the data. A guest RST aborts the host socket with a RST (linger 0);
@@ -69,6 +74,10 @@ use crate::engine::Engine;
 use crate::frame::{ETH_HEADER, IPV4_HEADER};
 use crate::sys::LazyRegion;
 
+/// How long a flow's buffers stay empty before their memory is given back
+/// (a 2 MiB buffer each way, committed as traffic touches it: thousands of
+/// connections that once moved data and now idle would otherwise keep it).
+pub const IDLE_RELEASE: Duration = Duration::from_secs(1);
 /// Host bytes a flow moves before it lets other tasks run.
 const YIELD_AFTER: usize = 256 * 1024;
 /// How long a host `connect()` may take before the flow is forgotten.
@@ -722,6 +731,10 @@ struct HostIo {
     host_write_shut: bool,
     /// The guest's handshake completed (FIN checks mean nothing before).
     established: bool,
+    /// Data moved since the buffers' memory was last given back.
+    dirty: bool,
+    /// Since when both socket buffers have been empty.
+    idle_since: Option<tokio::time::Instant>,
 }
 
 fn bridge<R, W>(
@@ -847,8 +860,31 @@ where
             return Poll::Pending;
         }
         if progressed {
+            io.dirty = true;
+            io.idle_since = None;
             continue;
         }
+
+        // Idle with nothing buffered for a while: give the memory back.
+        let release_at = {
+            let socket = state.sockets.get::<tcp::Socket>(handle);
+            if io.dirty && socket.recv_queue() == 0 && socket.send_queue() == 0 {
+                let at = *io.idle_since.get_or_insert_with(tokio::time::Instant::now) + IDLE_RELEASE;
+                if tokio::time::Instant::now() >= at {
+                    if let Some(region) = &state.region {
+                        region.release();
+                    }
+                    io.dirty = false;
+                    io.idle_since = None;
+                    None
+                } else {
+                    Some(at)
+                }
+            } else {
+                io.idle_since = None;
+                None
+            }
+        };
 
         // Nothing to do now: sleep until smoltcp's next deadline or a wake.
         let delay = {
@@ -866,6 +902,15 @@ where
                 cd.saturating_duration_since(tokio::time::Instant::now()).as_micros() as u64,
             )),
             (d, None) => d,
+        };
+        let delay = match (delay, release_at) {
+            (d, None) => d,
+            (d, Some(at)) => {
+                let until = smoltcp::time::Duration::from_micros(
+                    at.saturating_duration_since(tokio::time::Instant::now()).as_micros() as u64,
+                );
+                Some(d.map_or(until, |d| d.min(until)))
+            }
         };
         match delay {
             Some(d) => {

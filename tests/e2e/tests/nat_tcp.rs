@@ -214,3 +214,60 @@ fn sha256(data: &[u8]) -> Vec<u8> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Flows that moved data and then idle give their buffers' memory back
+/// (`tcp::IDLE_RELEASE`): host-switch's RSS falls back after a burst on
+/// connections that stay open.
+#[test]
+fn idle_flows_give_their_buffer_memory_back() {
+    if !privileged() {
+        return;
+    }
+    let mut world = world();
+    // Reads everything, never closes.
+    let _sink = world.host_server(
+        18083,
+        r#"
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+def drain(c):
+    while c.recv(1 << 20): pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=drain, args=(c,), daemon=True).start()
+"#,
+        &[],
+    );
+    let pid = world.host_switch().pid().to_string();
+    let out = world.guest_python(
+        0,
+        60,
+        r#"
+import socket, sys, time
+pid = sys.argv[1]
+assert open(f"/proc/{pid}/comm").read().strip() == "host-switch"
+def rss():
+    return int(next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")).split()[1])
+base = rss()
+data = b"x" * (1 << 20)
+socks = []
+for i in range(8):
+    c = socket.create_connection(("192.168.127.254", 18083), timeout=30)
+    socks.append(c)
+    for _ in range(16):
+        c.sendall(data)
+time.sleep(0.3)
+peak = rss()
+time.sleep(3)
+print(base, peak, rss())
+"#,
+        &[&pid],
+    );
+    let v: Vec<i64> = out.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    assert_eq!(v.len(), 3, "{out}");
+    let (base, peak, after) = (v[0], v[1], v[2]);
+    eprintln!("host-switch VmRSS: {base} KiB before, {peak} KiB after 8 × 16 MiB, {after} KiB idle");
+    assert!(peak - base >= 8 * 1024, "the transfers committed too little to tell: {out}");
+    assert!(after - base <= (peak - base) / 4, "idle flows kept their buffers: {out}");
+}
