@@ -294,8 +294,9 @@ fn vm_switch_with_inherited_link_exits_with_it() {
 
     // The link is handed over as an inherited descriptor (here stdin, so
     // `-vsock-fd 0`); -dhcp=false leaves DHCP traffic to the tap.
+    let log = dir.join("vm.log");
     let start = |stdin: UnixStream| {
-        let out = std::fs::File::create(dir.join(format!("vm-{}.log", rdnet_e2e::unique("x")))).unwrap();
+        let out = std::fs::File::options().create(true).append(true).open(&log).unwrap();
         ns.command(bin("vm-switch"))
             .args(["-vsock-fd", "0", "-dhcp=false", "-tap-interface", "tapfd", "-logfile", "/dev/stderr"])
             .stdin(Stdio::from(OwnedFd::from(stdin)))
@@ -320,10 +321,24 @@ fn vm_switch_with_inherited_link_exits_with_it() {
             assert!(dhcp_client_message(&f).is_none(), "-dhcp=false must not send DHCP");
         }
     }
-    // EOF on the link: exit status 0, tap gone.
+    // EOF on the link: exit status 0, tap gone. The host half-closes and
+    // drains what vm-switch still sends until vm-switch closes: a unix
+    // socket closed with unread data reads as a reset on the other end, not
+    // an EOF (that made this test flaky).
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    let mut sink = vec![0u8; 65536];
+    while Instant::now() < drain_until {
+        match host.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
     drop(host);
     let status = wait_child(&mut child, Duration::from_secs(10));
-    assert_eq!(status.code(), Some(0), "{status}");
+    assert_eq!(status.code(), Some(0), "{status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
     assert!(wait_until(Duration::from_secs(3), || link_line(&ns, "tapfd").is_none()));
 
     // A protocol error on the link (a zero length): non-zero exit.
