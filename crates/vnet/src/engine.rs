@@ -280,32 +280,30 @@ impl Engine {
     /// Builds an IPv4 packet of `len` bytes for the guest at `dst` straight
     /// into its port's queue: `fill` gets the packet's bytes (after the
     /// Ethernet header this writes). Saves the copy of a 64 KiB segment
-    /// from a buffer of its own. Takes `fill` out of the option only if
-    /// that works; otherwise (destination unknown, frame too big for the
-    /// port, port full) the caller still has it and takes the general path,
-    /// which deals with those cases.
-    pub fn build_frame_to_guest<R>(
+    /// from a buffer of its own. When that cannot be done (destination
+    /// unknown, frame too big for the port, port full) `fill` comes back
+    /// unused, for the general path, which deals with those cases.
+    pub fn build_frame_to_guest<R, F: FnOnce(&mut [u8]) -> R>(
         &self,
         dst: std::net::Ipv4Addr,
         len: usize,
-        fill: &mut Option<impl FnOnce(&mut [u8]) -> R>,
-    ) -> Option<R> {
+        fill: F,
+    ) -> Result<R, F> {
         let mut net = self.net.borrow_mut();
         let frame_len = crate::frame::ETH_HEADER + len;
-        let (port, mac) = net.port_for_guest(dst, frame_len)?;
+        let Some((port, mac)) = net.port_for_guest(dst, frame_len) else { return Err(fill) };
         let gateway_mac = net.cfg.gateway_mac;
         let mut ports = self.ports.borrow_mut();
-        let buf = ports.reserve(port, frame_len)?;
-        let f = fill.take()?;
+        let Some(buf) = ports.reserve(port, frame_len) else { return Err(fill) };
         let mut eth = smoltcp::wire::EthernetFrame::new_unchecked(&mut *buf);
         eth.set_dst_addr(mac);
         eth.set_src_addr(gateway_mac);
         eth.set_ethertype(smoltcp::wire::EthernetProtocol::Ipv4);
-        let r = f(&mut buf[crate::frame::ETH_HEADER..]);
+        let r = fill(&mut buf[crate::frame::ETH_HEADER..]);
         ports.commit(port, frame_len);
         net.stats.frames_out += 1;
         net.stats.bytes_out += frame_len as u64;
-        Some(r)
+        Ok(r)
     }
 
     /// Sends a complete IPv4 packet to the guest owning its destination.

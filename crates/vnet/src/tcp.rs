@@ -195,11 +195,10 @@ impl TxToken for FlowTx<'_> {
             r
         };
         // Usually straight into the guest port's queue, without a copy.
-        let mut emit = Some(emit);
-        if let Some(r) = self.engine.build_frame_to_guest(self.guest, len, &mut emit) {
-            return r;
-        }
-        let Some(emit) = emit else { unreachable!("taken only on success") };
+        let emit = match self.engine.build_frame_to_guest(self.guest, len, emit) {
+            Ok(r) => return r,
+            Err(emit) => emit,
+        };
         // The buffer keeps its size: zeroing 64 KiB per segment showed in
         // profiles, and smoltcp writes every byte of the `len` it asks for.
         if self.tx_frame.len() < ETH_HEADER + len {
