@@ -78,6 +78,19 @@ while True:
     c.close()
 "#;
 
+/// In the guest: receives from the host alias's `port` until EOF and
+/// prints "LEN SHA256".
+pub const HASH_DOWNLOAD: &str = r#"
+import hashlib, socket, sys
+c = socket.create_connection(("192.168.127.254", int(sys.argv[1])), timeout=30)
+h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 20)
+    if not b: break
+    h.update(b); n += len(b)
+print(n, h.hexdigest())
+"#;
+
 /// Runs a command to completion and fails the test if it fails.
 pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
     let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));

@@ -49,20 +49,7 @@ while True:
 "#,
         &[],
     );
-    let out = guest_python(
-        &world,
-        r#"
-import socket, hashlib, sys
-c = socket.create_connection(("192.168.127.254", 18080), timeout=30)
-h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 20)
-    if not b: break
-    h.update(b); n += len(b)
-print(n, h.hexdigest())
-"#,
-        &[],
-    );
+    let out = guest_python(&world, rdnet_e2e::HASH_DOWNLOAD, &["18080"]);
     let block: Vec<u8> = {
         use std::io::Write;
         let seed = sha256(b"seed");

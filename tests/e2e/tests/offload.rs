@@ -36,19 +36,6 @@ while True:
     c.close()
 "#;
 
-/// In the guest: receives from the host alias's `port` until EOF and
-/// prints "LEN SHA256".
-const DOWNLOAD: &str = r#"
-import hashlib, socket, sys
-c = socket.create_connection(("192.168.127.254", int(sys.argv[1])), timeout=30)
-h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 20)
-    if not b: break
-    h.update(b); n += len(b)
-print(n, h.hexdigest())
-"#;
-
 /// In the guest: sends `random.Random(seed).randbytes(size)` to the host
 /// alias's `port`, half-closes, and prints the server's "LEN SHA256", a
 /// bar, and its own.
@@ -87,7 +74,7 @@ fn expected_digest(seed: u32, size: usize) -> String {
 /// Downloads `size` bytes (seeded with `seed`) from a [`SENDER`] on the
 /// host's `port` into guest `g` and checks every byte arrived in order.
 fn checked_download(world: &World, g: usize, port: u16, seed: u32, size: usize) {
-    let got = world.guest_python(g, 60, DOWNLOAD, &[&port.to_string()]);
+    let got = world.guest_python(g, 60, rdnet_e2e::HASH_DOWNLOAD, &[&port.to_string()]);
     assert_eq!(got, expected_digest(seed, size), "download corrupted\n{}", world.logs());
 }
 
