@@ -260,7 +260,7 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Opts, clap::Error> {
+    fn parse(args: &[&str]) -> Result<Opts, rdnet_cli::FlagError> {
         rdnet_cli::parse_go_args_from(std::iter::once("network-setup").chain(args.iter().copied()))
     }
 

@@ -6,9 +6,31 @@ pub mod flags;
 pub mod logging;
 pub mod sys;
 
-pub use flags::{go_bool, parse_go_args, parse_go_args_from};
+pub use flags::{FlagError, USAGE_EXIT, go_bool, out_of_range, parse_go_args, parse_go_args_from, usage_message};
 pub use logging::{LogOptions, init_logging};
 pub use sys::{close_inherited_fds, fds_named_in_args};
+
+use std::process::ExitCode;
+
+/// Reports a command line that cannot work (a flag's value, a missing
+/// flag) found after parsing, and gives Go's usage exit status, 2. Call it
+/// before anything is opened: only stderr is written.
+pub fn usage_error(program: &str, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("{}", usage_message(program, &msg.to_string()));
+    ExitCode::from(USAGE_EXIT)
+}
+
+/// Reports a runtime failure once and gives exit status 1: into the log,
+/// and on stderr too unless the log already goes there (or to stdout,
+/// which then is the same terminal or file).
+pub fn runtime_error(program: &str, err: &dyn std::error::Error) -> ExitCode {
+    let msg = error_chain(err);
+    tracing::error!("{msg}");
+    if !logging::logs_to_std_stream() {
+        eprintln!("{program}: {msg}");
+    }
+    ExitCode::FAILURE
+}
 
 /// Formats an error and every `source()` below it as one line, the way the
 /// binaries print a fatal error once before exiting.
