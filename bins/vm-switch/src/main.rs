@@ -49,6 +49,14 @@ pub struct Opts {
     /// MTU of the tap; the largest frame on the link is MTU + 14.
     #[arg(long, default_value_t = 1500)]
     pub mtu: u32,
+    /// Log one decoded line per packet (SIGUSR1 toggles it at run time).
+    #[arg(long = "trace-packets", num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = rdnet_cli::go_bool)]
+    pub trace_packets: bool,
+    /// A udhcpc-style script (as busybox udhcpc -s) that applies each lease;
+    /// empty: vm-switch configures the interface itself.
+    #[arg(long = "dhcp-script", default_value = "")]
+    pub dhcp_script: PathBuf,
 }
 
 #[cfg(target_os = "linux")]
