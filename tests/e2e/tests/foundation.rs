@@ -115,7 +115,7 @@ fn junk_on_one_link_does_not_disturb_others() {
 
     let junk: [&[u8]; 3] = [
         &[0, 0, 1, 2, 3],          // zero length
-        &[0xff, 0xff, 0, 0, 0, 0], // a 65535-byte frame cut short (the largest a link takes)
+        &[0xff, 0xff, 0, 0, 0, 0], // 65535 bytes: above the link's limit before the offload hello
         b"\x10\x00random bytes that are not a frame at all",
     ];
     for bytes in junk {
