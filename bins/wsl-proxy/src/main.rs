@@ -404,14 +404,6 @@ mod tests {
     }
 
     #[test]
-    fn read_size_is_capped_by_the_largest_datagram() {
-        // Checked through the public sizing: reads never exceed 65535 bytes,
-        // smaller values are honoured (and truncate, as in Go).
-        assert_eq!(format!("{:?}", UdpSizing::new(8 << 20)), "UdpSizing { read: 65535, socket: 8388608 }");
-        assert_eq!(format!("{:?}", UdpSizing::new(512)), "UdpSizing { read: 512, socket: 512 }");
-    }
-
-    #[test]
     fn paths_are_checked_before_use() {
         assert_eq!(usage(&["-socketFile="]), r#"invalid value "" for flag -socketFile: empty path"#);
         assert_eq!(usage(&["-logfile", ""]), r#"invalid value "" for flag -logfile: empty path"#);

@@ -105,7 +105,7 @@ impl Proxy {
                         task.stop().await;
                         tracing::info!("removed {b}");
                     }
-                    None => tracing::info!("remove {b}: not published"),
+                    None => limited!(info, self.log, "remove {b}: not published"),
                 }
                 continue;
             }
@@ -115,7 +115,10 @@ impl Proxy {
                     Ok((task, on)) => {
                         slot.insert(task);
                         let upstream = SocketAddr::new(self.upstream, b.port);
-                        tracing::info!("published {b} on {on} (upstream {upstream})");
+                        match on {
+                            Some(on) => tracing::info!("published {b} on {on} (upstream {upstream})"),
+                            None => tracing::info!("published {b} (upstream {upstream})"),
+                        }
                     }
                     Err(e) => limited!(error, self.log, "publish {b}: {e}"),
                 },
@@ -131,8 +134,9 @@ impl Proxy {
         }
     }
 
-    /// Binds and starts serving; returns the task and what it listens on.
-    fn start(&self, b: &Binding) -> io::Result<(AbortOnDrop, String)> {
+    /// Binds and starts serving; returns the task and, for every address,
+    /// what that became.
+    fn start(&self, b: &Binding) -> io::Result<(AbortOnDrop, Option<String>)> {
         let upstream = SocketAddr::new(self.upstream, b.port);
         let (socket, on) = self.listen_socket(b)?;
         let task = match b.proto {
@@ -145,18 +149,18 @@ impl Proxy {
         Ok((AbortOnDrop(Some(task)), on))
     }
 
-    fn listen_socket(&self, b: &Binding) -> io::Result<(Socket, String)> {
+    fn listen_socket(&self, b: &Binding) -> io::Result<(Socket, Option<String>)> {
         let ip = match b.host {
-            Host::Ip(ip) => return Ok((self.open(b.proto, SocketAddr::new(ip, b.port), true)?, b.to_string())),
+            Host::Ip(ip) => return Ok((self.open(b.proto, SocketAddr::new(ip, b.port), true)?, None)),
             Host::All => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
         match self.open(b.proto, SocketAddr::new(ip, b.port), false) {
-            Ok(s) => Ok((s, format!("[::]:{} (IPv4 and IPv6)", b.port))),
+            Ok(s) => Ok((s, Some(format!("[::]:{} (IPv4 and IPv6)", b.port)))),
             Err(e) if ipv6_unavailable(&e) => {
                 let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), b.port);
                 let s = self.open(b.proto, v4, true)?;
                 limited!(warn, self.log, "{b}: no IPv6 here ({e}), listening on IPv4 only");
-                Ok((s, format!("{v4} (IPv4 only)")))
+                Ok((s, Some(format!("{v4} (IPv4 only)"))))
             }
             Err(e) => Err(e),
         }
@@ -447,4 +451,29 @@ async fn relay_udp_replies(
         }
     }
     let _ = ended.send((key, id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::errno::Errno;
+
+    #[test]
+    fn only_a_missing_ipv6_falls_back_to_ipv4() {
+        let err = |e: Errno| io::Error::from_raw_os_error(e as i32);
+        assert!(ipv6_unavailable(&err(Errno::EAFNOSUPPORT)));
+        assert!(ipv6_unavailable(&err(Errno::EADDRNOTAVAIL)));
+        // A taken port is a conflict to report, not a reason to half-publish.
+        assert!(!ipv6_unavailable(&err(Errno::EADDRINUSE)));
+        assert!(!ipv6_unavailable(&err(Errno::EACCES)));
+        assert!(!ipv6_unavailable(&io::Error::other("x")));
+    }
+
+    #[test]
+    fn reads_never_exceed_a_datagram_and_smaller_values_are_honoured() {
+        let s = UdpSizing::new(8 << 20);
+        assert_eq!((s.read, s.socket), (MAX_DATAGRAM, 8 << 20));
+        let s = UdpSizing::new(512);
+        assert_eq!((s.read, s.socket), (512, 512));
+    }
 }
