@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use rdnet_cli::{LogOptions, error_chain, go_bool, init_logging, parse_go_args};
 #[cfg(windows)]
 use rdnet_link::discovery::{AbortOnDrop, DiscoveryError, Server, discover_and_serve};
-use rdnet_link::handshake::{DataLinks, HostTiming, SIGNATURE, host_handshake_loop, validate_signature};
+use rdnet_link::handshake::{DataLinks, HOST_SIGNATURES, HostTiming, host_handshake_loop, validate_signature};
 use rdnet_link::{Endpoint, Framing, Listener, listen};
 use rdnet_vnet::forward::StaticForward;
 use rdnet_vnet::{Engine, EngineConfig, NetConfig, Network};
@@ -73,9 +73,11 @@ struct Opts {
     /// up, and pair again whenever its data connection is lost.
     #[arg(long)]
     handshake: Option<Endpoint>,
-    /// The signature phrase the guest's network-setup announces.
-    #[arg(long, default_value = SIGNATURE)]
-    signature: String,
+    /// A signature phrase the guest's network-setup may announce
+    /// (repeatable); by default both the current Rancher Desktop's and the
+    /// seed's are accepted.
+    #[arg(long, default_values_t = HOST_SIGNATURES.map(String::from))]
+    signature: Vec<String>,
 }
 
 const DEFAULT_LISTEN: &str = "vsock://:6656";
@@ -99,7 +101,9 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = NetConfig::new(opts.subnet, opts.mtu)?;
     cfg.search_domains = host_search_domains();
     raise_fd_limit();
-    validate_signature(&opts.signature).map_err(|e| format!("invalid --signature: {e}"))?;
+    for s in &opts.signature {
+        validate_signature(s).map_err(|e| format!("invalid --signature: {e}"))?;
+    }
     // Windows without --listen or --handshake: find the guest's VM (COMPAT §4).
     let discover = cfg!(windows) && opts.listen.is_empty() && opts.handshake.is_none();
     let listen_on = if !opts.listen.is_empty() {
@@ -221,14 +225,14 @@ async fn accept_loop(engine: Rc<Engine>, listener: Rc<Listener>, links: Option<D
 /// among the running compute systems, serve its Hyper-V port 6656, and
 /// follow the guest to a new VM when WSL restarts.
 #[cfg(windows)]
-async fn serve_discovered(engine: Rc<Engine>, signature: &str, links: &DataLinks) -> DiscoveryError {
+async fn serve_discovered(engine: Rc<Engine>, signatures: &[String], links: &DataLinks) -> DiscoveryError {
     let mut vms = rdnet_link::sys::compute_systems;
     let endpoint = |vm: &str, port: u32| Endpoint::HvSock { vm: vm.to_string(), port };
     let mut serve = |l: Listener| -> Server {
         let task = tokio::task::spawn_local(accept_loop(engine.clone(), Rc::new(l), Some(links.clone())));
         Box::new(AbortOnDrop(task.abort_handle()))
     };
-    discover_and_serve(&mut vms, &endpoint, signature, &HostTiming::default(), links, &mut serve).await
+    discover_and_serve(&mut vms, &endpoint, signatures, &HostTiming::default(), links, &mut serve).await
 }
 
 async fn wait_for_shutdown() {

@@ -56,7 +56,7 @@ pub struct Opts {
     /// A udhcpc-style script (as busybox udhcpc -s) that applies each lease;
     /// empty: vm-switch configures the interface itself.
     #[arg(long = "dhcp-script", default_value = "")]
-    pub dhcp_script: PathBuf,
+    pub dhcp_script: String,
 }
 
 #[cfg(target_os = "linux")]
