@@ -13,8 +13,8 @@ use rdnet_cli::{LogOptions, go_bool, init_logging, out_of_range, parse_go_args, 
 use rdnet_link::discovery::{AbortOnDrop, DiscoveryError, Server, discover_and_serve};
 use rdnet_link::handshake::{DataLinks, HOST_SIGNATURES, HostTiming, host_handshake_loop, validate_signature};
 use rdnet_link::{Endpoint, Framing, Listener, listen};
-use rdnet_vnet::forward::StaticForward;
 use rdnet_vnet::config::{ConfigError, MAX_MTU, MIN_MTU};
+use rdnet_vnet::forward::StaticForward;
 use rdnet_vnet::{Engine, EngineConfig, NetConfig, Network};
 
 /// Virtual switch and gateway for a VM's network, with NAT onto the host's
@@ -70,7 +70,7 @@ struct Opts {
     #[arg(long)]
     capture: Option<String>,
     /// The guest's handshake endpoint (vsock://CID:6669, unix:///path): find
-    /// network-setup there by its signature, tell it READY once --listen is
+    /// network-setup there by its signature, tell it READY once -listen is
     /// up, and pair again whenever its data connection is lost.
     #[arg(long)]
     handshake: Option<Endpoint>,

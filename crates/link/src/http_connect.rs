@@ -157,10 +157,8 @@ fn content_length(headers: &[httparse::Header<'_>]) -> usize {
 /// The request gvisor-tap-vsock's `cmd/vm` writes (Go's
 /// `http.Request.Write` of `POST /connect` with no body).
 pub fn connect_request() -> Vec<u8> {
-    format!(
-        "POST {CONNECT_PATH} HTTP/1.1\r\nHost: \r\nUser-Agent: rdnet-vm-switch\r\nContent-Length: 0\r\n\r\n"
-    )
-    .into_bytes()
+    format!("POST {CONNECT_PATH} HTTP/1.1\r\nHost: \r\nUser-Agent: rdnet-vm-switch\r\nContent-Length: 0\r\n\r\n")
+        .into_bytes()
 }
 
 /// A stream whose first reads return `prefix` (bytes already taken from

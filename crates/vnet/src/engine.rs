@@ -427,8 +427,8 @@ impl Engine {
             Ok(()) => tracing::info!(port, %peer, "VM disconnected"),
             Err(LinkError::Frame(FrameError::TooLong { len, max })) => {
                 self.net.borrow_mut().stats.drops.link_errors += 1;
-                let why = if large { "the link's limit" } else { "the link's limit (MTU + 14; 65535 after the offload hello)" };
-                tracing::warn!(port, %peer, "closing VM connection: a frame of {len} bytes is longer than {why}, {max} bytes")
+                let limit = if large { "" } else { ": MTU + 14 until the offload hello" };
+                tracing::warn!(port, %peer, "closing VM connection: a {len}-byte frame is longer than the link allows ({max} bytes{limit})")
             }
             Err(LinkError::Frame(e)) => {
                 self.net.borrow_mut().stats.drops.link_errors += 1;

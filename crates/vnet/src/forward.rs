@@ -81,7 +81,10 @@ mod tests {
     #[test]
     fn errors_say_which_part_is_wrong() {
         let e = |s: &str| s.parse::<StaticForward>().unwrap_err();
-        assert_eq!(e("127.0.0.1:99999=192.168.127.2:80"), "the host port 99999 is out of range: must be between 1 and 65535");
+        assert_eq!(
+            e("127.0.0.1:99999=192.168.127.2:80"),
+            "the host port 99999 is out of range: must be between 1 and 65535"
+        );
         assert_eq!(e("127.0.0.1:80=192.168.127.2:0"), "the guest port 0 is out of range: must be between 1 and 65535");
         assert_eq!(e("localhost:80=192.168.127.2:80"), r#"the host address "localhost" is not an IP address"#);
         assert_eq!(e("127.0.0.1:http=192.168.127.2:80"), r#"the host port "http" is not a number"#);

@@ -118,7 +118,9 @@ impl Network {
                 self.stats.drops.mac_table_full += 1;
                 crate::limited_warn!(self.logs, now, "mac-table", port = from, mac = %rdnet_wire::MacDisplay(src.0), "port has too many MAC addresses; not learning more");
             }
-            Learn::Moved(old) => tracing::debug!(mac = %rdnet_wire::MacDisplay(src.0), old, new = from, "MAC moved to another port"),
+            Learn::Moved(old) => {
+                tracing::debug!(mac = %rdnet_wire::MacDisplay(src.0), old, new = from, "MAC moved to another port")
+            }
             _ => {}
         }
         let for_gateway = if dst == self.cfg.gateway_mac {
