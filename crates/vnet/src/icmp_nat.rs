@@ -16,6 +16,18 @@
 //! flow idle for [`IDLE`] ends, and at most [`MAX_FLOWS`] exist (least
 //! recently used evicted first); ending a flow aborts its task and closes
 //! its socket. Anything other than an echo request is dropped.
+//!
+//! On Windows neither socket kind is open to an ordinary user (raw sockets
+//! need an administrator, and there are no ping sockets), so each request
+//! goes to the system's ICMP API instead: `IcmpSendEcho2` (iphlpapi), a
+//! blocking call made on tokio's blocking pool, never on the engine thread.
+//! Its reply, when the host gets one within [`ECHO_TIMEOUT`], goes to the
+//! guest with the guest's own identifier and sequence number and the
+//! payload the host got back; when the host gets none, neither does the
+//! guest. Requests waiting for the API are bounded per guest
+//! ([`MAX_IN_FLIGHT_PER_GUEST`]) and in total ([`MAX_IN_FLIGHT`]): beyond
+//! that a request is dropped and counted (`busy`), so a flood towards an
+//! address that never answers holds a bounded number of threads.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -40,6 +52,13 @@ pub const MAX_FLOWS: usize = 1024;
 pub const IDLE: Duration = Duration::from_secs(30);
 /// A socket whose reads fail this many times in a row is given up.
 const MAX_ERRORS_IN_A_ROW: u32 = 8;
+/// Echo requests waiting for the system's ICMP API (Windows), in total and
+/// per guest address.
+pub const MAX_IN_FLIGHT: usize = 64;
+pub const MAX_IN_FLIGHT_PER_GUEST: usize = 16;
+/// How long the host waits for an echo reply through the ICMP API (what
+/// Windows' own `ping` waits).
+pub const ECHO_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The kind of host socket that carries pings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,6 +68,9 @@ pub enum Mode {
     /// Raw ICMP socket (root): replies arrive with their IP header and
     /// every process's ICMP; filtered by identifier.
     Raw,
+    /// The system's ICMP API (Windows: `IcmpSendEcho2`): no socket; the
+    /// system matches replies to requests.
+    Api,
 }
 
 /// Counters for `/stats`.
@@ -62,6 +84,50 @@ pub struct IcmpNatStats {
     pub send_errors: u64,
     /// ICMP from guests that is not an echo request.
     pub ignored: u64,
+    /// Requests the host got no reply to (timeout, unreachable): ICMP API only.
+    pub no_reply: u64,
+    /// Requests dropped because too many were waiting: ICMP API only.
+    pub busy: u64,
+}
+
+/// Echo requests waiting for an answer, per guest and in total, within
+/// [`MAX_IN_FLIGHT_PER_GUEST`] and [`MAX_IN_FLIGHT`] (so the map holds at
+/// most [`MAX_IN_FLIGHT`] guests).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    per_guest: std::collections::HashMap<Ipv4Addr, usize>,
+    total: usize,
+}
+
+impl InFlight {
+    /// Takes a slot for a request from `guest`, if the bounds allow.
+    pub fn try_start(&mut self, guest: Ipv4Addr) -> bool {
+        if self.total >= MAX_IN_FLIGHT {
+            return false;
+        }
+        let n = self.per_guest.entry(guest).or_default();
+        if *n >= MAX_IN_FLIGHT_PER_GUEST {
+            return false;
+        }
+        *n += 1;
+        self.total += 1;
+        true
+    }
+
+    /// Gives back a slot taken by [`InFlight::try_start`].
+    pub fn finish(&mut self, guest: Ipv4Addr) {
+        if let Some(n) = self.per_guest.get_mut(&guest) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_guest.remove(&guest);
+            }
+            self.total -= 1;
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
 }
 
 /// Guest source, destination as the guest sees it, guest identifier.
@@ -75,6 +141,9 @@ pub struct IcmpNat {
     logs: LogLimiter,
     stats: IcmpNatStats,
     scratch: Vec<u8>,
+    /// Requests waiting for the ICMP API (Windows).
+    #[cfg_attr(not(windows), allow(dead_code))]
+    in_flight: InFlight,
 }
 
 impl Default for IcmpNat {
@@ -92,15 +161,17 @@ impl IcmpNat {
             logs: LogLimiter::default(),
             stats: IcmpNatStats::default(),
             scratch: Vec::new(),
+            in_flight: InFlight::default(),
         }
     }
 
+    /// Echo flows (sockets), or on Windows requests waiting for the API.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.table.len() + self.in_flight.total()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.len() == 0
     }
 
     pub fn stats(&self) -> IcmpNatStats {
@@ -120,6 +191,10 @@ impl IcmpNat {
             return;
         };
         nat.stats.requests += 1;
+        if cfg!(windows) {
+            nat.echo_through_api(engine, header, ident, seq_no, data, now);
+            return;
+        }
         let key = (header.src_addr, header.dst_addr, ident);
         let socket = match nat.table.get(&key, now) {
             Some(flow) => flow.socket.clone(),
@@ -140,6 +215,75 @@ impl IcmpNat {
             crate::limited_warn!(nat.logs, now, "icmp-send", src = %header.src_addr, dst = %header.dst_addr, error = %e, "dropping ping: host send failed");
         }
     }
+
+    /// Windows: the request goes to `IcmpSendEcho2` on a worker thread; its
+    /// reply, if any, comes back to the guest.
+    #[cfg(windows)]
+    fn echo_through_api(
+        &mut self,
+        engine: &Rc<Engine>,
+        header: &Ipv4Repr,
+        ident: u16,
+        seq_no: u16,
+        data: &[u8],
+        now: Instant,
+    ) {
+        use crate::sys::EchoOutcome;
+        let (guest, dst) = (header.src_addr, header.dst_addr);
+        let target = match engine.nat.translate(dst) {
+            Ok(IpAddr::V4(ip)) => ip,
+            Ok(IpAddr::V6(_)) => {
+                self.stats.refused += 1;
+                return;
+            }
+            Err(why) => {
+                self.stats.refused += 1;
+                crate::limited_warn!(self.logs, now, "icmp-refused", src = %guest, %dst, reason = %why, "dropping ping");
+                return;
+            }
+        };
+        if !self.in_flight.try_start(guest) {
+            self.stats.busy += 1;
+            crate::limited_warn!(self.logs, now, "icmp-busy", src = %guest, %dst,
+                "dropping ping: too many waiting for the host's ICMP API");
+            return;
+        }
+        if self.mode != Some(Mode::Api) {
+            tracing::info!("ICMP echo NAT uses the system's ICMP API (IcmpSendEcho2)");
+            self.mode = Some(Mode::Api);
+        }
+        let payload = data.to_vec();
+        let engine = engine.clone();
+        tokio::task::spawn_local(async move {
+            let outcome =
+                tokio::task::spawn_blocking(move || crate::sys::icmp_echo(target, &payload, ECHO_TIMEOUT)).await;
+            let mut nat = engine.icmp.borrow_mut();
+            nat.in_flight.finish(guest);
+            match outcome {
+                Ok(Ok(EchoOutcome::Reply { data, .. })) => {
+                    nat.stats.replies += 1;
+                    drop(nat);
+                    engine.send_ipv4_to_guest(&echo_reply_packet(dst, guest, ident, seq_no, &data));
+                }
+                Ok(Ok(EchoOutcome::NoReply(status))) => {
+                    nat.stats.no_reply += 1;
+                    tracing::debug!(src = %guest, %dst, %target, status, "no echo reply");
+                }
+                Ok(Err(e)) => {
+                    nat.stats.send_errors += 1;
+                    crate::limited_warn!(nat.logs, Instant::now(), "icmp-send", src = %guest, %dst, error = %e,
+                        "dropping ping: IcmpSendEcho2 failed");
+                }
+                Err(e) => {
+                    nat.stats.send_errors += 1;
+                    tracing::warn!(error = %e, "ICMP echo worker failed");
+                }
+            }
+        });
+    }
+
+    #[cfg(not(windows))]
+    fn echo_through_api(&mut self, _: &Rc<Engine>, _: &Ipv4Repr, _: u16, _: u16, _: &[u8], _: Instant) {}
 
     fn open(&mut self, engine: &Rc<Engine>, key: FlowKey, now: Instant) -> Option<Rc<UdpSocket>> {
         let (src, dst, ident) = key;
@@ -202,7 +346,7 @@ pub fn parse_echo_request(packet: &[u8]) -> Option<(u16, u16, &[u8])> {
 /// replies carrying `ident` are ours; a ping socket's are all ours).
 pub fn parse_host_reply(mode: Mode, bytes: &[u8], ident: u16) -> Option<(u16, &[u8])> {
     let icmp_bytes = match mode {
-        Mode::Ping => bytes,
+        Mode::Ping | Mode::Api => bytes,
         Mode::Raw => {
             let ip = Ipv4Packet::new_checked(bytes).ok()?;
             if ip.next_header() != IpProtocol::Icmp {
@@ -329,6 +473,35 @@ async fn reply_task(engine: Rc<Engine>, key: FlowKey, id: u64, socket: Rc<UdpSoc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_flight_requests_are_bounded_per_guest_and_in_total() {
+        let mut f = InFlight::default();
+        let guest = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+        for _ in 0..MAX_IN_FLIGHT_PER_GUEST {
+            assert!(f.try_start(guest(1)));
+        }
+        assert!(!f.try_start(guest(1)), "one guest's bound");
+        // Other guests fill the rest, then nobody gets a slot.
+        let mut i = 2;
+        while f.total() < MAX_IN_FLIGHT {
+            assert!(f.try_start(guest(100 + i / 2)));
+            i += 1;
+        }
+        assert!(!f.try_start(guest(1000)), "the total bound");
+        f.finish(guest(1));
+        assert!(f.try_start(guest(1000)));
+        // Finishing what never started changes nothing; the map empties.
+        f.finish(guest(5000));
+        assert_eq!(f.total(), MAX_IN_FLIGHT);
+        for g in 0..2000 {
+            while f.per_guest.contains_key(&guest(g)) {
+                f.finish(guest(g));
+            }
+        }
+        assert_eq!(f.total(), 0);
+        assert!(f.per_guest.is_empty());
+    }
 
     #[test]
     fn echo_request_parse_and_reply_build() {

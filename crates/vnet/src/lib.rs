@@ -9,6 +9,7 @@ pub mod config;
 pub mod dhcp_server;
 pub mod dns;
 pub mod engine;
+pub mod flow_memory;
 pub mod forward;
 pub mod forwarder;
 pub mod frame;

@@ -30,10 +30,14 @@
 //! smoltcp advertises only the free part of that buffer as its window, so a
 //! slow host shrinks the guest's window.
 //!
-//! *Memory.* A flow's buffers are committed only as traffic touches them
-//! (`sys::LazyRegion`), and given back once both have been empty for
-//! [`IDLE_RELEASE`], so connections that once moved data and now idle
-//! cost little.
+//! *Memory.* A flow's buffers are reserved address space, committed only as
+//! data reaches them and given back once both have been empty for
+//! [`IDLE_RELEASE`] (`flow_memory`, `sys::LazyRegion`), so connections that
+//! once moved data and now idle cost little. Before a guest segment goes to
+//! smoltcp and before a host read fills the send buffer, the bytes they will
+//! write are committed; where the system refuses, the flow is reset (a new
+//! one refused with RST) and counted in `memory_refused`: the process never
+//! aborts for want of memory.
 //!
 //! *Closing.* A guest FIN shuts down the host socket's write side once all
 //! data is written; a host EOF closes the smoltcp socket, which sends FIN
@@ -71,8 +75,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::engine::Engine;
+use crate::flow_memory::FlowMemory;
 use crate::frame::{ETH_HEADER, IPV4_HEADER};
-use crate::sys::LazyRegion;
 
 /// How long a flow's buffers stay empty before their memory is given back
 /// (a 2 MiB buffer each way, committed as traffic touches it: thousands of
@@ -90,6 +94,8 @@ pub const HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// MTU 65520), 4 MiB was slower again (cache), see bench/RESULTS.md.
 pub const RX_BUFFER: usize = 2048 * 1024;
 pub const TX_BUFFER: usize = 2048 * 1024;
+// `flow_memory` maps sequence numbers onto the receive ring: a power of two.
+const _: () = assert!(RX_BUFFER.is_power_of_two());
 /// The IP MTU of the TCP stack: the largest packet a u16-framed link can
 /// carry. Segments to a guest are further bounded by the MSS it announced,
 /// which for a VM that negotiated offload is raised to [`LARGE_MSS`].
@@ -120,13 +126,13 @@ enum Phase {
 }
 
 struct FlowState {
-    // Drops before `region`, whose memory its socket's buffers borrow.
+    // Drops before `memory`, whose region its socket's buffers borrow.
     sockets: SocketSet<'static>,
     /// The guest's address: where every segment the socket sends goes.
     guest: Ipv4Addr,
     phase: Phase,
     waker: Option<Waker>,
-    region: Option<LazyRegion>,
+    memory: Option<FlowMemory>,
 }
 
 pub struct Flow {
@@ -159,6 +165,9 @@ pub struct TcpNat {
     tx_frame: Vec<u8>,
     services: FastMap<u16, GatewayService>,
     pub refused_syns: u64,
+    /// Flows refused or reset because their buffer memory could not be
+    /// reserved or committed.
+    pub memory_refused: u64,
     next_port: u16,
 }
 
@@ -275,6 +284,7 @@ impl TcpNat {
             tx_frame,
             services: FastMap::default(),
             refused_syns: 0,
+            memory_refused: 0,
             next_port: 0,
         }
     }
@@ -407,8 +417,8 @@ pub fn handle_guest_packet(engine: &Rc<Engine>, header: &Ipv4Repr, packet: &[u8]
                     remove_flow(engine, &flow);
                 }
             }
-            Phase::Open { .. } => {
-                poll_flow(engine, &mut state, Some(packet));
+            Phase::Open { handle } => {
+                poll_guest_segment(engine, &flow, &mut state, handle, &seg, packet);
                 let waker = state.waker.take();
                 drop(state);
                 if let Some(w) = waker {
@@ -470,7 +480,7 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
                 guest: *key.guest.ip(),
                 phase: Phase::Connecting { syn: packet.to_vec() },
                 waker: None,
-                region: None,
+                memory: None,
             }),
             connect_deadline: std::cell::Cell::new(None),
             half_open: std::cell::Cell::new(true),
@@ -494,6 +504,8 @@ pub enum GuestConnectError {
     TooManyFlows,
     #[error("no free source port on the gateway")]
     NoPort,
+    #[error("no memory for the connection's buffers")]
+    NoMemory,
     #[error("cannot open a connection to {0}")]
     Unaddressable(SocketAddrV4),
 }
@@ -522,7 +534,10 @@ where
         }
     }
     let key = key.ok_or(GuestConnectError::NoPort)?;
-    let (mut socket, region) = new_socket();
+    let Some((mut socket, memory)) = new_socket() else {
+        nat.memory_refused += 1;
+        return Err(GuestConnectError::NoMemory);
+    };
     let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(gateway)), port: key.remote.port() };
     socket
         .connect(nat.iface.context(), (IpAddress::Ipv4(*guest.ip()), guest.port()), local)
@@ -536,7 +551,7 @@ where
             guest: *guest.ip(),
             phase: Phase::Open { handle },
             waker: None,
-            region,
+            memory: Some(memory),
         }),
         connect_deadline: std::cell::Cell::new(Some(tokio::time::Instant::now() + GUEST_CONNECT_TIMEOUT)),
         half_open: std::cell::Cell::new(false),
@@ -547,21 +562,16 @@ where
     Ok(())
 }
 
-/// A tuned socket whose buffers live in a lazily committed region (the
-/// region must outlive the socket: keep both in the same `FlowState`).
-fn new_socket() -> (tcp::Socket<'static>, Option<LazyRegion>) {
-    let mut region = LazyRegion::new(RX_BUFFER + TX_BUFFER);
-    let mut socket = match region.as_mut().and_then(|r| r.split(RX_BUFFER)) {
-        Some((rx, tx)) => tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx)),
-        None => {
-            region = None;
-            tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; RX_BUFFER]), tcp::SocketBuffer::new(vec![0u8; TX_BUFFER]))
-        }
-    };
+/// A tuned socket whose buffers live in a lazily committed region; `None`
+/// when the address space cannot be had. The memory must outlive the
+/// socket: keep both in the same `FlowState`, socket set first.
+fn new_socket() -> Option<(tcp::Socket<'static>, FlowMemory)> {
+    let (memory, rx, tx) = FlowMemory::new(RX_BUFFER, TX_BUFFER)?;
+    let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     socket.set_nagle_enabled(false);
     socket.set_ack_delay(None);
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
-    (socket, region)
+    Some((socket, memory))
 }
 
 async fn connect_and_run(engine: Rc<Engine>, flow: Rc<Flow>, target: Target) {
@@ -616,17 +626,67 @@ fn accept_guest(engine: &Engine, flow: &Rc<Flow>) -> bool {
     let Phase::Connecting { syn } = std::mem::replace(&mut state.phase, Phase::Connecting { syn: Vec::new() }) else {
         return false;
     };
-    let (mut socket, region) = new_socket();
+    let Some((mut socket, memory)) = new_socket() else {
+        drop(state);
+        refuse_for_memory(engine, &flow.key);
+        remove_flow(engine, flow);
+        rst_for_packet(engine, &flow.key, &syn);
+        return false;
+    };
     let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(*flow.key.remote.ip())), port: flow.key.remote.port() };
     if socket.listen(local).is_err() {
         return false;
     }
     let handle = state.sockets.add(socket);
-    state.region = region;
+    state.memory = Some(memory);
     state.phase = Phase::Open { handle };
     flow.connect_deadline.set(Some(tokio::time::Instant::now() + HALF_OPEN_TIMEOUT));
-    poll_flow(engine, &mut state, Some(&syn));
+    let Ok(ip) = Ipv4Packet::new_checked(&syn[..]) else { return false };
+    let Some(Ok(seg)) = syn.get(ip.header_len() as usize..).map(TcpPacket::new_checked) else { return false };
+    poll_guest_segment(engine, flow, &mut state, handle, &seg, &syn);
     true
+}
+
+/// Counts and logs a flow refused because its memory could not be had.
+fn refuse_for_memory(engine: &Engine, key: &FlowKey) {
+    engine.tcp.borrow_mut().memory_refused += 1;
+    crate::limited_warn!(engine.logs.borrow_mut(), std::time::Instant::now(), "tcp-memory",
+        flow = %key, "no memory for the connection's buffers; resetting it");
+}
+
+/// Hands one guest segment to an open flow's socket: first commits the
+/// buffer bytes its payload may land in (where that fails the connection
+/// is reset instead), and learns where the guest's data starts once smoltcp
+/// accepted its SYN.
+fn poll_guest_segment(
+    engine: &Engine,
+    flow: &Flow,
+    state: &mut FlowState,
+    handle: SocketHandle,
+    seg: &TcpPacket<&[u8]>,
+    packet: &[u8],
+) {
+    let queued = state.sockets.get::<tcp::Socket>(handle).recv_queue();
+    if let Some(memory) = &mut state.memory
+        && let Err(e) = memory.before_guest_segment(seg, queued)
+    {
+        tracing::debug!(flow = %flow.key, error = %e, "cannot commit receive buffer memory");
+        refuse_for_memory(engine, &flow.key);
+        state.sockets.get_mut::<tcp::Socket>(handle).abort();
+        poll_flow(engine, state, None);
+        return;
+    }
+    poll_flow(engine, state, Some(packet));
+    if seg.syn()
+        && let Some(memory) = &mut state.memory
+        && !memory.has_origin()
+        && !matches!(
+            state.sockets.get::<tcp::Socket>(handle).state(),
+            tcp::State::Listen | tcp::State::SynSent | tcp::State::Closed
+        )
+    {
+        memory.set_origin(seg.seq_number());
+    }
 }
 
 fn reset_connecting(engine: &Engine, flow: &Rc<Flow>) {
@@ -635,10 +695,15 @@ fn reset_connecting(engine: &Engine, flow: &Rc<Flow>) {
         Phase::Open { .. } => Vec::new(),
     };
     remove_flow(engine, flow);
-    let Ok(ip) = Ipv4Packet::new_checked(&syn[..]) else { return };
+    rst_for_packet(engine, &flow.key, &syn);
+}
+
+/// Answers a guest's TCP packet (an IPv4 packet) with a RST.
+fn rst_for_packet(engine: &Engine, key: &FlowKey, packet: &[u8]) {
+    let Ok(ip) = Ipv4Packet::new_checked(packet) else { return };
     let hl = ip.header_len() as usize;
-    if let Some(Ok(seg)) = syn.get(hl..).map(TcpPacket::new_checked) {
-        send_rst(engine, &flow.key, &seg);
+    if let Some(Ok(seg)) = packet.get(hl..).map(TcpPacket::new_checked) {
+        send_rst(engine, key, &seg);
     }
 }
 
@@ -736,8 +801,6 @@ struct HostIo {
     host_write_shut: bool,
     /// The guest's handshake completed (FIN checks mean nothing before).
     established: bool,
-    /// Data moved since the buffers' memory was last given back.
-    dirty: bool,
     /// Since when both socket buffers have been empty.
     idle_since: Option<tokio::time::Instant>,
 }
@@ -766,12 +829,19 @@ where
         let mut progressed = false;
         let mut reset = false;
         {
-            let socket = state.sockets.get_mut::<tcp::Socket>(handle);
+            let FlowState { sockets, memory, .. } = &mut *state;
+            let socket = sockets.get_mut::<tcp::Socket>(handle);
 
-            // Host → guest, into free space of the send buffer only.
+            // Host → guest, into free space of the send buffer only (its
+            // memory committed first: a refusal resets the connection).
             while !io.host_eof && socket.may_send() && socket.send_queue() < socket.send_capacity() {
                 let r = socket.send(|buf| {
-                    let mut rb = ReadBuf::new(buf);
+                    let room = match memory.as_mut().map(|m| m.before_host_read(buf)) {
+                        Some(Ok(n)) => n,
+                        Some(Err(e)) => return (0, Poll::Ready(Err(io::Error::other(e)))),
+                        None => buf.len(),
+                    };
+                    let mut rb = ReadBuf::new(&mut buf[..room]);
                     match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
                         Poll::Ready(Ok(())) => (rb.filled().len(), Poll::Ready(Ok(rb.filled().len()))),
                         Poll::Ready(Err(e)) => (0, Poll::Ready(Err(e))),
@@ -789,6 +859,9 @@ where
                         moved += n;
                     }
                     Ok(Poll::Ready(Err(e))) => {
+                        if e.get_ref().is_some_and(|inner| inner.is::<crate::sys::CommitError>()) {
+                            refuse_for_memory(engine, &flow.key);
+                        }
                         tracing::debug!(flow = %flow.key, error = %e, "host read failed; resetting guest");
                         socket.abort();
                         reset = true;
@@ -806,7 +879,12 @@ where
                     Poll::Pending => (0, Poll::Pending),
                 });
                 match r {
-                    Ok(Poll::Ready(Ok(n))) if n > 0 => progressed = true,
+                    Ok(Poll::Ready(Ok(n))) if n > 0 => {
+                        if let Some(m) = memory.as_mut() {
+                            m.taken(n);
+                        }
+                        progressed = true;
+                    }
                     Ok(Poll::Ready(Err(e))) => {
                         tracing::debug!(flow = %flow.key, error = %e, "host write failed; resetting guest");
                         socket.abort();
@@ -865,21 +943,18 @@ where
             return Poll::Pending;
         }
         if progressed {
-            io.dirty = true;
             io.idle_since = None;
             continue;
         }
 
         // Idle with nothing buffered for a while: give the memory back.
         let release_at = {
-            let socket = state.sockets.get::<tcp::Socket>(handle);
-            if io.dirty && socket.recv_queue() == 0 && socket.send_queue() == 0 {
+            let FlowState { sockets, memory, .. } = &mut *state;
+            let socket = sockets.get::<tcp::Socket>(handle);
+            if let Some(memory) = memory.as_mut().filter(|m| m.releasable(socket.recv_queue(), socket.send_queue())) {
                 let at = *io.idle_since.get_or_insert_with(tokio::time::Instant::now) + IDLE_RELEASE;
                 if tokio::time::Instant::now() >= at {
-                    if let Some(region) = &state.region {
-                        region.release();
-                    }
-                    io.dirty = false;
+                    memory.release();
                     io.idle_since = None;
                     None
                 } else {

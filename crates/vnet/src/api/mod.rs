@@ -429,6 +429,19 @@ struct Flows {
     icmp: usize,
     forwards: usize,
     forward_udp: usize,
+    /// TCP connections refused or reset for want of buffer memory.
+    tcp_memory_refused: u64,
+}
+
+/// Where memory goes: TCP buffers (committed as data reaches them) and the
+/// process as the system counts it.
+#[derive(Serialize)]
+struct MemoryView {
+    tcp_buffers_committed: usize,
+    /// Buffer chunks committed on a fault instead of ahead (Windows; 0
+    /// unless a write was not foreseen).
+    tcp_buffer_fault_commits: u64,
+    process: Option<crate::sys::ProcessMemory>,
 }
 
 #[derive(Serialize)]
@@ -448,6 +461,7 @@ struct StatsView {
     udp_nat: crate::udp_nat::UdpNatStats,
     icmp_nat: crate::icmp_nat::IcmpNatStats,
     forwarder: crate::forwarder::ForwardStats,
+    memory: MemoryView,
 }
 
 fn stats(engine: &Engine) -> StatsView {
@@ -470,12 +484,18 @@ fn stats(engine: &Engine) -> StatsView {
             icmp: engine.icmp.borrow().len(),
             forwards: engine.forwarder.len(),
             forward_udp: engine.forwarder.udp_flows(),
+            tcp_memory_refused: tcp.memory_refused,
         },
         dhcp_leases: leases,
         dns: engine.dns.stats(),
         udp_nat: engine.udp.borrow().stats(),
         icmp_nat: engine.icmp.borrow().stats(),
         forwarder: engine.forwarder.stats(),
+        memory: MemoryView {
+            tcp_buffers_committed: crate::sys::committed_total(),
+            tcp_buffer_fault_commits: crate::sys::fault_commits(),
+            process: crate::sys::process_memory(),
+        },
     }
 }
 

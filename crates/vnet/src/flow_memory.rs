@@ -1,0 +1,412 @@
+//! A TCP flow's buffer memory: which bytes are about to be written, so they
+//! are committed first ([`crate::sys::LazyRegion`]), and when the memory may
+//! be given back.
+//!
+//! How this works. A flow's region holds its receive buffer (guest → host)
+//! and then its transmit buffer (host → guest), both smoltcp ring buffers.
+//! Two writers touch them, and each is told apart here before it writes:
+//!
+//! - *A host read*, into the free space that smoltcp's `send` offers in the
+//!   transmit buffer. The slice is known when the read is made, so its start
+//!   is committed just before: [`READ_AHEAD`] bytes, or as many as the
+//!   region already holds when that is more (growth by doubling, as a `Vec`
+//!   grows), so a flow moving a few bytes commits one chunk and a bulk flow
+//!   soon reads as much per call as it would with no commits at all.
+//! - *smoltcp*, placing a guest segment's payload into the receive ring.
+//!   That ring maps sequence numbers onto positions linearly: the byte with
+//!   sequence number S sits at (S − origin) mod capacity, where origin is the
+//!   guest's first data byte (its ISN + 1), because the ring starts at
+//!   position 0 and reading moves the read position and smoltcp's
+//!   `remote_seq_no` forward together (the capacity, a power of two, divides
+//!   2^32, so this survives sequence wrap-around). smoltcp writes only inside
+//!   its receive window, which never reaches past rcv_nxt + free space
+//!   (rcv_nxt = origin + bytes taken out + bytes queued). So before a segment
+//!   goes to smoltcp, the part of it inside that span is committed.
+//!
+//! A refused commit is returned to the flow, which resets the connection
+//! (and counts it): the process never dies for want of memory.
+//!
+//! *Giving memory back.* When both buffers are empty for a while the flow
+//! calls [`FlowMemory::release`], unless out-of-order guest data waits past
+//! rcv_nxt: smoltcp keeps it in the free part of the ring, and a release
+//! would turn it into zeros. The furthest in-window data end seen tells.
+
+use smoltcp::wire::{TcpPacket, TcpSeqNumber};
+
+use crate::sys::{CommitError, LazyRegion};
+
+/// The least a host read may fill (and so commit) at once.
+pub const READ_AHEAD: usize = 64 * 1024;
+
+pub struct FlowMemory {
+    region: LazyRegion,
+    rx_len: usize,
+    /// The guest's first data byte (ISN + 1), once its SYN was accepted.
+    origin: Option<u32>,
+    /// Bytes taken out of the receive buffer (mod 2^32).
+    taken: u32,
+    /// The end of the furthest guest data seen inside the window.
+    furthest: Option<u32>,
+    /// Written since the last release.
+    dirty: bool,
+}
+
+impl FlowMemory {
+    /// Reserves a region for an `rx_len`-byte receive buffer and a
+    /// `tx_len`-byte transmit buffer and hands out the two buffers (see
+    /// [`LazyRegion`] for their contract: this value must outlive them).
+    /// `None` if the address space cannot be reserved, or `rx_len` is not a
+    /// power of two (the sequence mapping needs one).
+    pub fn new(rx_len: usize, tx_len: usize) -> Option<(FlowMemory, &'static mut [u8], &'static mut [u8])> {
+        if !rx_len.is_power_of_two() || rx_len > 1 << 31 {
+            return None;
+        }
+        let mut region = LazyRegion::new(rx_len.checked_add(tx_len)?)?;
+        let (rx, tx) = region.split(rx_len)?;
+        let memory = FlowMemory { region, rx_len, origin: None, taken: 0, furthest: None, dirty: false };
+        Some((memory, rx, tx))
+    }
+
+    /// The guest's SYN (sequence number `syn_seq`) was accepted by smoltcp.
+    pub fn set_origin(&mut self, syn_seq: TcpSeqNumber) {
+        self.origin.get_or_insert((syn_seq.0 as u32).wrapping_add(1));
+    }
+
+    pub fn has_origin(&self) -> bool {
+        self.origin.is_some()
+    }
+
+    /// Before smoltcp sees a guest segment: commits what its payload may be
+    /// written to. `recv_queue`: the socket's queued received bytes.
+    pub fn before_guest_segment(&mut self, seg: &TcpPacket<&[u8]>, recv_queue: usize) -> Result<(), CommitError> {
+        let len = seg.payload().len();
+        if len == 0 {
+            return Ok(());
+        }
+        // Data of a segment that carries SYN starts after it.
+        let seq = (seg.seq_number().0 as u32).wrapping_add(u32::from(seg.syn()));
+        self.before_guest_data(seq, len, recv_queue)
+    }
+
+    /// `len` bytes from sequence number `seq` are about to reach smoltcp.
+    fn before_guest_data(&mut self, seq: u32, len: usize, recv_queue: usize) -> Result<(), CommitError> {
+        self.dirty = true;
+        let Some(origin) = self.origin else {
+            // smoltcp writes no data before it accepted a SYN; should it,
+            // the whole receive buffer is ready.
+            return self.region.commit(0, self.rx_len);
+        };
+        let rcv_nxt = self.rcv_nxt(origin, recv_queue);
+        let free = self.rx_len.saturating_sub(recv_queue) as i64;
+        // The segment relative to rcv_nxt, clipped to the window [0, free).
+        let rel = i64::from(seq.wrapping_sub(rcv_nxt) as i32);
+        let (lo, hi) = (rel.max(0), (rel + len as i64).min(free));
+        if lo >= hi {
+            return Ok(());
+        }
+        let end = rcv_nxt.wrapping_add(hi as u32);
+        if self.furthest.is_none_or(|f| (end.wrapping_sub(f) as i32) > 0) {
+            self.furthest = Some(end);
+        }
+        let pos = rcv_nxt.wrapping_add(lo as u32).wrapping_sub(origin) as usize % self.rx_len;
+        let n = (hi - lo) as usize;
+        let first = n.min(self.rx_len - pos);
+        // The receive buffer starts the region: ring positions are offsets.
+        self.region.commit(pos, first)?;
+        self.region.commit(0, n - first)
+    }
+
+    fn rcv_nxt(&self, origin: u32, recv_queue: usize) -> u32 {
+        origin.wrapping_add(self.taken).wrapping_add(recv_queue as u32)
+    }
+
+    /// How much of `buf`, a slice of the transmit buffer that smoltcp's
+    /// `send` offers, a host read may fill; commits that much first.
+    pub fn before_host_read(&mut self, buf: &[u8]) -> Result<usize, CommitError> {
+        let Some(offset) = self.region.offset_of(buf.as_ptr()) else { return Ok(buf.len()) };
+        let n = buf.len().min(READ_AHEAD.max(self.region.committed()));
+        self.region.commit(offset, n)?;
+        self.dirty = true;
+        Ok(n)
+    }
+
+    /// `n` bytes were taken out of the receive buffer.
+    pub fn taken(&mut self, n: usize) {
+        self.taken = self.taken.wrapping_add(n as u32);
+    }
+
+    /// Whether the memory can be given back: something was written since
+    /// the last release, both buffers are empty and no out-of-order data
+    /// waits in the receive ring.
+    pub fn releasable(&self, recv_queue: usize, send_queue: usize) -> bool {
+        if !self.dirty || recv_queue != 0 || send_queue != 0 {
+            return false;
+        }
+        match (self.origin, self.furthest) {
+            (Some(origin), Some(f)) => (f.wrapping_sub(self.rcv_nxt(origin, 0)) as i32) <= 0,
+            _ => true,
+        }
+    }
+
+    /// Gives the memory back (see [`LazyRegion::release`]).
+    pub fn release(&mut self) {
+        self.region.release();
+        self.dirty = false;
+    }
+
+    /// Bytes committed now.
+    pub fn committed(&self) -> usize {
+        self.region.committed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::CHUNK;
+    use smoltcp::iface::{Config, Interface, SocketSet};
+    use smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Medium, RxToken, TxToken};
+    use smoltcp::socket::tcp;
+    use smoltcp::time::Instant;
+    use smoltcp::wire::{
+        HardwareAddress, IpAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpRepr,
+    };
+
+    const US: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
+    const GUEST: Ipv4Address = Ipv4Address::new(10, 0, 0, 2);
+    const RX: usize = 4 * CHUNK;
+
+    /// One packet in, whatever smoltcp sends out.
+    #[derive(Default)]
+    struct Wire {
+        rx: Option<Vec<u8>>,
+        tx: Vec<Vec<u8>>,
+    }
+    struct Rx(Vec<u8>);
+    struct Tx<'a>(&'a mut Vec<Vec<u8>>);
+    impl RxToken for Rx {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0)
+        }
+    }
+    impl TxToken for Tx<'_> {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let mut buf = vec![0; len];
+            let r = f(&mut buf);
+            self.0.push(buf);
+            r
+        }
+    }
+    impl Device for Wire {
+        type RxToken<'a> = Rx;
+        type TxToken<'a> = Tx<'a>;
+        fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+            let rx = self.rx.take()?;
+            Some((Rx(rx), Tx(&mut self.tx)))
+        }
+        fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+            Some(Tx(&mut self.tx))
+        }
+        fn capabilities(&self) -> DeviceCapabilities {
+            let mut caps = DeviceCapabilities::default();
+            caps.medium = Medium::Ip;
+            caps.max_transmission_unit = 1500;
+            caps
+        }
+    }
+
+    fn segment(seq: u32, ack: Option<u32>, control: TcpControl, payload: &[u8]) -> Vec<u8> {
+        let tcp = TcpRepr {
+            src_port: 1234,
+            dst_port: 80,
+            control,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: 65535,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        let ip = Ipv4Repr {
+            src_addr: GUEST,
+            dst_addr: US,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0; 20 + tcp.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+        tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[20..]), &IpAddress::Ipv4(GUEST), &IpAddress::Ipv4(US), &caps);
+        buf
+    }
+
+    struct Rig {
+        iface: Interface,
+        wire: Wire,
+        sockets: SocketSet<'static>,
+        handle: smoltcp::iface::SocketHandle,
+        memory: FlowMemory,
+        now: i64,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let (memory, rx, tx) = FlowMemory::new(RX, 4 * CHUNK).unwrap();
+            let mut wire = Wire::default();
+            let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut wire, Instant::from_millis(0));
+            iface.update_ip_addrs(|a| a.push(IpCidr::new(IpAddress::Ipv4(US), 24)).unwrap());
+            let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
+            socket.set_ack_delay(None);
+            socket.listen(80).unwrap();
+            let mut sockets = SocketSet::new(Vec::new());
+            let handle = sockets.add(socket);
+            Rig { iface, wire, sockets, handle, memory, now: 0 }
+        }
+
+        fn socket(&mut self) -> &mut tcp::Socket<'static> {
+            self.sockets.get_mut(self.handle)
+        }
+
+        /// Hands one guest packet to smoltcp the way `tcp.rs` does:
+        /// commit first, learn the origin once the SYN is taken.
+        fn feed(&mut self, packet: Vec<u8>) {
+            let queued = self.socket().recv_queue();
+            let ip = Ipv4Packet::new_checked(&packet[..]).unwrap();
+            let seg = TcpPacket::new_checked(ip.payload()).unwrap();
+            self.memory.before_guest_segment(&seg, queued).unwrap();
+            let syn = seg.syn().then(|| seg.seq_number());
+            self.wire.rx = Some(packet.clone());
+            self.now += 1;
+            self.iface.poll(Instant::from_millis(self.now), &mut self.wire, &mut self.sockets);
+            if let Some(seq) = syn
+                && !matches!(self.socket().state(), tcp::State::Listen | tcp::State::SynSent | tcp::State::Closed)
+            {
+                self.memory.set_origin(seq);
+            }
+        }
+
+        fn take(&mut self) -> Vec<u8> {
+            let mut out = Vec::new();
+            while self.socket().recv_queue() > 0 {
+                let got = self.socket().recv(|b| (b.len(), b.to_vec())).unwrap();
+                self.memory.taken(got.len());
+                out.extend(got);
+            }
+            out
+        }
+    }
+
+    fn pattern(from: usize, n: usize) -> Vec<u8> {
+        (from..from + n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// smoltcp driven through a handshake, data in and out of order across
+    /// the ring's wrap and a sequence-number wrap, a release and more data:
+    /// in debug builds every byte smoltcp or a "host read" writes must have
+    /// been committed first (an unpredicted write is a SIGSEGV), and what
+    /// comes out is what went in.
+    #[test]
+    fn commits_what_smoltcp_writes_and_releases_only_when_safe() {
+        // On Windows an unforeseen write is committed by the fault handler
+        // and counted instead of crashing: none may happen here either.
+        let faults = crate::sys::fault_commits_on_this_thread();
+        let mut rig = Rig::new();
+        // An ISN just below the 2^32 wrap.
+        let isn = u32::MAX - 5000;
+        rig.feed(segment(isn, None, TcpControl::Syn, &[]));
+        let synack = rig.wire.tx.pop().expect("SYN-ACK");
+        let ours = TcpPacket::new_checked(&synack[20..]).unwrap().seq_number().0 as u32;
+        assert!(rig.memory.has_origin());
+        let mut seq = isn.wrapping_add(1);
+        let ack = Some(ours.wrapping_add(1));
+        rig.feed(segment(seq, ack, TcpControl::None, &[]));
+        assert_eq!(rig.socket().state(), tcp::State::Established);
+        assert_eq!(rig.memory.committed(), 0, "a handshake commits nothing");
+
+        // A little data: one chunk.
+        let data = pattern(0, 100);
+        rig.feed(segment(seq, ack, TcpControl::Psh, &data));
+        seq = seq.wrapping_add(100);
+        assert_eq!(rig.take(), data);
+        assert_eq!(rig.memory.committed(), CHUNK);
+
+        // Several ring lengths in 1400-byte segments, with one segment
+        // held back and sent after its successor (out of order) each round.
+        let mut sent = 100;
+        let mut got = Vec::new();
+        for round in 0..16 {
+            let a = pattern(sent, 1400);
+            let b = pattern(sent + 1400, 1400);
+            rig.feed(segment(seq.wrapping_add(1400), ack, TcpControl::Psh, &b));
+            assert!(!rig.memory.releasable(0, 0), "out-of-order data waits (round {round})");
+            rig.feed(segment(seq, ack, TcpControl::Psh, &a));
+            seq = seq.wrapping_add(2800);
+            sent += 2800;
+            for i in 0..8 {
+                let c = pattern(sent, 1400);
+                rig.feed(segment(seq, ack, TcpControl::Psh, &c));
+                seq = seq.wrapping_add(1400);
+                sent += 1400;
+                if (round + i) % 3 == 0 {
+                    got.extend(rig.take());
+                }
+            }
+            got.extend(rig.take());
+        }
+        assert_eq!(got, pattern(100, sent - 100));
+        assert!(sent > 3 * RX, "the ring wrapped");
+
+        // Host → guest: a "host read" into what `send` offers.
+        let out = pattern(0, 3000);
+        let Rig { sockets, handle, memory, .. } = &mut rig;
+        let n = sockets
+            .get_mut::<tcp::Socket>(*handle)
+            .send(|buf| {
+                let room = memory.before_host_read(buf).unwrap();
+                let n = room.min(out.len());
+                buf[..n].copy_from_slice(&out[..n]);
+                (n, n)
+            })
+            .unwrap();
+        assert_eq!(n, 3000);
+        rig.now += 1;
+        rig.iface.poll(Instant::from_millis(rig.now), &mut rig.wire, &mut rig.sockets);
+        assert!(rig.wire.tx.iter().any(|p| p.len() > 40), "data went out");
+
+        // Nothing queued and everything in order: the memory goes back, and
+        // data afterwards is committed again.
+        let acked = ours.wrapping_add(1 + 3000);
+        rig.feed(segment(seq, Some(acked), TcpControl::None, &[]));
+        assert_eq!(rig.socket().send_queue(), 0);
+        assert!(rig.memory.releasable(0, 0));
+        rig.memory.release();
+        assert_eq!(rig.memory.committed(), 0);
+        let last = pattern(7, 5000);
+        rig.feed(segment(seq, Some(acked), TcpControl::Psh, &last[..1400]));
+        rig.feed(segment(seq.wrapping_add(1400), Some(acked), TcpControl::Psh, &last[1400..2800]));
+        assert_eq!(rig.take(), last[..2800]);
+        assert!(rig.memory.committed() <= 2 * CHUNK, "{}", rig.memory.committed());
+        assert_eq!(crate::sys::fault_commits_on_this_thread(), faults, "writes nobody committed first");
+    }
+
+    #[test]
+    fn out_of_window_data_commits_nothing() {
+        let (mut m, _rx, _tx) = FlowMemory::new(RX, CHUNK).unwrap();
+        m.set_origin(TcpSeqNumber(999));
+        // Before rcv_nxt (an old retransmission) and far past the window.
+        m.before_guest_data(900, 50, 0).unwrap();
+        m.before_guest_data(1000 + RX as u32, 50, 0).unwrap();
+        assert_eq!(m.committed(), 0);
+        // Straddling rcv_nxt: only the new part; straddling the ring's end: both ends.
+        m.before_guest_data(990, 20, 0).unwrap();
+        assert_eq!(m.committed(), CHUNK);
+        m.taken(RX - 10);
+        m.before_guest_data(1000 + RX as u32 - 10, 20, 0).unwrap();
+        assert_eq!(m.committed(), 2 * CHUNK, "last chunk and first chunk");
+        assert!(FlowMemory::new(3 * CHUNK, CHUNK).is_none(), "the ring must be a power of two");
+    }
+}
