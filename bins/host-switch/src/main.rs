@@ -83,6 +83,9 @@ struct Opts {
 
 const DEFAULT_LISTEN: &str = "vsock://:6656";
 const PROGRAM: &str = "host-switch";
+/// How long blocking work may hold the exit (part of the time a console
+/// close leaves us, `rdnet_cli::sys::CLOSE_GRACE`).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Bounds of the flow-table flags.
 const MAX_FLOW_LIMIT: usize = 1 << 20;
 
@@ -96,10 +99,16 @@ fn main() -> ExitCode {
         Err(msg) => return usage_error(PROGRAM, msg),
     };
     init_logging(&LogOptions { logfile: opts.logfile.clone(), debug: opts.debug });
-    match run(opts, cfg) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match run(opts, cfg) {
+        Ok(()) => {
+            tracing::info!("host-switch stopped");
+            ExitCode::SUCCESS
+        }
         Err(e) => runtime_error(PROGRAM, &*e),
-    }
+    };
+    // A console close or logoff waits for this before Windows ends us.
+    rdnet_cli::console_shutdown_done();
+    code
 }
 
 /// The network's settings from the flags, or the usage error that says
@@ -145,7 +154,7 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
     );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    let result = local.block_on(&rt, async move {
         let engine_cfg = EngineConfig {
             framing: opts.framing,
             allow_link_local: opts.allow_link_local,
@@ -225,7 +234,13 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!("shutting down");
         engine.forwarder.close_all();
         Ok::<(), Box<dyn std::error::Error>>(())
-    })
+    });
+    // Dropping the tasks closes every listener; blocking work still
+    // running (an ICMP echo waiting for its reply, a Hyper-V socket's
+    // bridge thread) gets a bounded time, so the shutdown is bounded.
+    drop(local);
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
 
 async fn accept_loop(engine: Rc<Engine>, listener: Rc<Listener>, links: Option<DataLinks>) {
@@ -271,7 +286,17 @@ async fn wait_for_shutdown() {
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        // Ctrl-C, Ctrl-Break, console close, logoff and shutdown.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        if let Err(e) = rdnet_cli::watch_console(move |event| {
+            let _ = tx.try_send(event);
+        }) {
+            tracing::warn!(error = %e, "cannot watch console control events (Ctrl-C, console close)");
+            std::future::pending::<()>().await;
+        }
+        if let Some(event) = rx.recv().await {
+            tracing::info!(%event, "console control event");
+        }
     }
 }
 

@@ -8,7 +8,7 @@ pub mod sys;
 
 pub use flags::{FlagError, USAGE_EXIT, go_bool, out_of_range, parse_go_args, parse_go_args_from, usage_message};
 pub use logging::{LogOptions, init_logging};
-pub use sys::{close_inherited_fds, fds_named_in_args};
+pub use sys::{ConsoleEvent, close_inherited_fds, console_shutdown_done, fds_named_in_args, watch_console};
 
 use std::process::ExitCode;
 

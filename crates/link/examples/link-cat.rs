@@ -3,6 +3,11 @@
 //! input, half-closes, and copies what comes back to standard output until
 //! the other end closes. The Wine test uses it as a Windows client of
 //! host-switch's API on a named pipe.
+//!
+//! `link-cat --security npipe://./pipe/NAME` (Windows) instead prints who
+//! this process runs as and the pipe's owner and DACL, read back with
+//! `GetSecurityInfo`: `user SID`, `sddl O:…D:…`, and `admits-only-owner-and-system
+//! yes|no`.
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -11,9 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn main() -> ExitCode {
     let Some(url) = std::env::args().nth(1) else {
-        eprintln!("usage: link-cat URL < request");
+        eprintln!("usage: link-cat URL < request | link-cat --security npipe://./pipe/NAME");
         return ExitCode::from(2);
     };
+    if url == "--security" {
+        return security(std::env::args().nth(2).unwrap_or_default());
+    }
     let mut request = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut request) {
         eprintln!("link-cat: reading standard input: {e}");
@@ -49,4 +57,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints the current user's SID and the pipe's security descriptor.
+#[cfg(windows)]
+fn security(url: String) -> ExitCode {
+    let name = match url.parse::<rdnet_link::Endpoint>() {
+        Ok(rdnet_link::Endpoint::Npipe(name)) => name,
+        _ => {
+            eprintln!("link-cat: --security takes npipe://./pipe/NAME, not {url:?}");
+            return ExitCode::from(2);
+        }
+    };
+    let result =
+        rdnet_link::sys::current_user_sid().and_then(|user| Ok((user, rdnet_link::sys::pipe_security(&name)?)));
+    match result {
+        Ok((user, sddl)) => {
+            let admits = rdnet_link::sys::Sddl::parse(&sddl).is_some_and(|s| s.admits_only(&user));
+            println!("user {user}\nsddl {sddl}\nadmits-only-owner-and-system {}", if admits { "yes" } else { "no" });
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("link-cat: {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(windows))]
+fn security(_url: String) -> ExitCode {
+    eprintln!("link-cat: --security reads a named pipe's DACL: Windows only");
+    ExitCode::from(2)
 }

@@ -15,7 +15,12 @@
 //!
 //! Named pipes use tokio's own support (overlapped I/O on its completion
 //! port): the listener keeps one unconnected instance ready and creates the
-//! next as soon as a client connects; remote clients are rejected.
+//! next as soon as a client connects; remote clients are rejected. Every
+//! instance is created with an explicit security descriptor: owned by the
+//! user running this process, with a protected DACL granting `GENERIC_ALL`
+//! to that user and to LocalSystem and to nobody else (the default DACL
+//! would also let Everyone and anonymous clients read, and administrators
+//! in); [`pipe_security`] reads it back.
 //!
 //! What has been exercised where: the socket code (the same functions, with
 //! an AF_INET address instead of AF_HYPERV), the named pipes and the
@@ -411,17 +416,17 @@ fn hand_over(
 pub struct PipeListener {
     path: String,
     url: String,
+    /// Security descriptor of every instance, as SDDL.
+    sddl: String,
     next: Mutex<NamedPipeServer>,
 }
 
 fn listen_pipe(name: &str) -> io::Result<PipeListener> {
     let path = pipe_path(name)?;
-    let first = ServerOptions::new()
-        .first_pipe_instance(true)
-        .reject_remote_clients(true)
-        .create(&path)
+    let sddl = owner_only_sddl(&current_user_sid()?);
+    let first = create_pipe(&path, &sddl, true)
         .map_err(|e| io::Error::new(e.kind(), format!("creating the pipe {path}: {e}")))?;
-    Ok(PipeListener { url: format!("npipe://{name}"), path, next: Mutex::new(first) })
+    Ok(PipeListener { url: format!("npipe://{name}"), path, sddl, next: Mutex::new(first) })
 }
 
 impl PipeListener {
@@ -429,10 +434,188 @@ impl PipeListener {
         let mut next = self.next.lock().await;
         let connected = next.connect().await;
         // Whatever happened to this instance, the next client gets a fresh one.
-        let fresh = ServerOptions::new().reject_remote_clients(true).create(&self.path)?;
+        let fresh = create_pipe(&self.path, &self.sddl, false)?;
         let server = std::mem::replace(&mut *next, fresh);
         connected.map(|()| server)
     }
+}
+
+/// The pipe's security descriptor: owner `sid`, and a protected DACL (no
+/// inherited entries) granting everything to `sid` and LocalSystem only.
+fn owner_only_sddl(sid: &str) -> String {
+    format!("O:{sid}D:P(A;;GA;;;{sid})(A;;GA;;;SY)")
+}
+
+/// A pipe instance whose security descriptor is `sddl`.
+fn create_pipe(path: &str, sddl: &str, first: bool) -> io::Result<NamedPipeServer> {
+    use windows_sys::Win32::Security::SECURITY_ATTRIBUTES;
+    let sd = SecurityDescriptor::from_sddl(sddl)?;
+    let mut attrs = SECURITY_ATTRIBUTES {
+        nLength: size_of::<SECURITY_ATTRIBUTES>() as u32,
+        lpSecurityDescriptor: sd.0,
+        bInheritHandle: 0,
+    };
+    let mut options = ServerOptions::new();
+    options.first_pipe_instance(first).reject_remote_clients(true);
+    // SAFETY: `attrs` is a valid SECURITY_ATTRIBUTES whose descriptor (`sd`)
+    // lives until after the call, which copies it into the new pipe.
+    unsafe { options.create_with_security_attributes_raw(path, (&raw mut attrs).cast()) }
+}
+
+/// A self-relative security descriptor allocated by the system (LocalFree).
+struct SecurityDescriptor(windows_sys::Win32::Security::PSECURITY_DESCRIPTOR);
+
+impl SecurityDescriptor {
+    fn from_sddl(sddl: &str) -> io::Result<SecurityDescriptor> {
+        use windows_sys::Win32::Security::Authorization::{
+            ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
+        };
+        let wide = wide(sddl);
+        let mut sd = std::ptr::null_mut();
+        // SAFETY: `wide` is NUL-terminated; `sd` receives a LocalAlloc'd
+        // descriptor that `Drop` frees; the size output is optional.
+        let ok = unsafe {
+            ConvertStringSecurityDescriptorToSecurityDescriptorW(
+                wide.as_ptr(),
+                SDDL_REVISION_1,
+                &mut sd,
+                std::ptr::null_mut(),
+            )
+        };
+        if ok == 0 || sd.is_null() {
+            return Err(io::Error::new(
+                io::Error::last_os_error().kind(),
+                format!("security descriptor {sddl}: {}", io::Error::last_os_error()),
+            ));
+        }
+        Ok(SecurityDescriptor(sd))
+    }
+}
+
+impl Drop for SecurityDescriptor {
+    fn drop(&mut self) {
+        // SAFETY: allocated by ConvertStringSecurityDescriptorToSecurityDescriptorW
+        // with LocalAlloc, freed once.
+        unsafe { windows_sys::Win32::Foundation::LocalFree(self.0) };
+    }
+}
+
+fn wide(s: &str) -> Vec<u16> {
+    s.encode_utf16().chain(std::iter::once(0)).collect()
+}
+
+/// A wide string the system allocated with LocalAlloc, as a `String`
+/// (and freed).
+///
+/// # Safety
+/// `p` is null or a NUL-terminated wide string from LocalAlloc, not used
+/// afterwards.
+unsafe fn take_local_wide(p: *mut u16) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's contract: NUL-terminated, so the scan stops
+    // inside the allocation; freed once, after the copy.
+    unsafe {
+        let len = (0..).take_while(|i| *p.add(*i) != 0).count();
+        let s = String::from_utf16_lossy(std::slice::from_raw_parts(p, len));
+        windows_sys::Win32::Foundation::LocalFree(p.cast());
+        Some(s)
+    }
+}
+
+/// The SID of the user this process runs as, as a string (`S-1-5-21-…`).
+pub fn current_user_sid() -> io::Result<String> {
+    use windows_sys::Win32::Foundation::CloseHandle;
+    use windows_sys::Win32::Security::Authorization::ConvertSidToStringSidW;
+    use windows_sys::Win32::Security::{GetTokenInformation, TOKEN_QUERY, TOKEN_USER, TokenUser};
+    use windows_sys::Win32::System::Threading::{GetCurrentProcess, OpenProcessToken};
+    let mut token = std::ptr::null_mut();
+    // SAFETY: the current-process pseudo-handle needs no closing; `token`
+    // is closed below.
+    if unsafe { OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &mut token) } == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let result = (|| {
+        let mut len = 0u32;
+        // SAFETY: a size query (null buffer, length 0).
+        unsafe { GetTokenInformation(token, TokenUser, std::ptr::null_mut(), 0, &mut len) };
+        // u64s: TOKEN_USER holds pointers.
+        let mut buf = vec![0u64; (len as usize).div_ceil(8).max(size_of::<TOKEN_USER>().div_ceil(8))];
+        let cap = (buf.len() * 8) as u32;
+        // SAFETY: `buf` is writable for `cap` bytes and 8-byte aligned.
+        if unsafe { GetTokenInformation(token, TokenUser, buf.as_mut_ptr().cast(), cap, &mut len) } == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: on success the buffer starts with a TOKEN_USER whose SID
+        // points into the same buffer, alive until the end of this closure.
+        let sid = unsafe { (*buf.as_ptr().cast::<TOKEN_USER>()).User.Sid };
+        let mut text = std::ptr::null_mut();
+        // SAFETY: a valid SID; `text` receives a LocalAlloc'd string.
+        if unsafe { ConvertSidToStringSidW(sid, &mut text) } == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just allocated by ConvertSidToStringSidW.
+        unsafe { take_local_wide(text) }.ok_or_else(|| io::Error::other("no SID string"))
+    })();
+    // SAFETY: opened above, closed once.
+    unsafe { CloseHandle(token) };
+    result
+}
+
+/// The security of a named pipe as its clients see it: the owner and DACL
+/// read back with `GetSecurityInfo` from a client handle, as SDDL.
+pub fn pipe_security(name: &str) -> io::Result<String> {
+    use windows_sys::Win32::Foundation::{CloseHandle, INVALID_HANDLE_VALUE, LocalFree};
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertSecurityDescriptorToStringSecurityDescriptorW, GetSecurityInfo, SDDL_REVISION_1, SE_KERNEL_OBJECT,
+    };
+    use windows_sys::Win32::Security::{DACL_SECURITY_INFORMATION, OWNER_SECURITY_INFORMATION};
+    use windows_sys::Win32::Storage::FileSystem::{CreateFileW, OPEN_EXISTING, READ_CONTROL};
+    let path = wide(&pipe_path(name)?);
+    // SAFETY: `path` is NUL-terminated; the handle is checked and closed.
+    let handle = unsafe {
+        CreateFileW(path.as_ptr(), READ_CONTROL, 0, std::ptr::null(), OPEN_EXISTING, 0, std::ptr::null_mut())
+    };
+    if handle == INVALID_HANDLE_VALUE {
+        return Err(io::Error::last_os_error());
+    }
+    let what = OWNER_SECURITY_INFORMATION | DACL_SECURITY_INFORMATION;
+    let mut sd = std::ptr::null_mut();
+    // SAFETY: a valid handle opened with READ_CONTROL; the owner and DACL
+    // pointers are not asked for (they point into `sd`); `sd` receives a
+    // LocalAlloc'd descriptor, freed below.
+    let rc = unsafe {
+        GetSecurityInfo(
+            handle,
+            SE_KERNEL_OBJECT,
+            what,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut sd,
+        )
+    };
+    // SAFETY: opened above, closed once.
+    unsafe { CloseHandle(handle) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc as i32));
+    }
+    let mut text = std::ptr::null_mut();
+    // SAFETY: `sd` is the descriptor GetSecurityInfo returned; `text`
+    // receives a LocalAlloc'd string; the length output is optional.
+    let ok = unsafe {
+        ConvertSecurityDescriptorToStringSecurityDescriptorW(sd, SDDL_REVISION_1, what, &mut text, std::ptr::null_mut())
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: allocated by GetSecurityInfo, freed once.
+    unsafe { LocalFree(sd) };
+    if ok == 0 {
+        return Err(err);
+    }
+    // SAFETY: just allocated by the conversion.
+    unsafe { take_local_wide(text) }.ok_or_else(|| io::Error::other("no SDDL string"))
 }
 
 async fn dial_pipe(name: &str) -> io::Result<NamedPipeClient> {
@@ -582,6 +765,18 @@ mod tests {
         let name = format!("./pipe/rdnet-test-{}", std::process::id());
         let ep = Endpoint::Npipe(name.clone());
         let l = crate::listen(&ep).await.unwrap();
+        // Only this user and LocalSystem get in, as read back from a client
+        // handle (which takes the waiting instance; the next one has the
+        // same descriptor).
+        let user = current_user_sid().unwrap();
+        let sddl = tokio::task::spawn_blocking({
+            let name = name.clone();
+            move || pipe_security(&name)
+        });
+        let (sddl, _) = tokio::join!(sddl, l.accept());
+        let sddl = sddl.unwrap().unwrap();
+        let parsed = crate::sys::Sddl::parse(&sddl).unwrap();
+        assert!(parsed.admits_only(&user), "{sddl} (user {user})");
         // A second server on the same name is refused (FILE_FLAG_FIRST_PIPE_INSTANCE,
         // which Wine 8.0 does not enforce).
         if !under_wine() {
