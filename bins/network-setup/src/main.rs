@@ -48,7 +48,7 @@ pub struct Opts {
     #[arg(long = "vm-switch-logfile")]
     pub vm_switch_logfile: Option<PathBuf>,
     /// Where vm-switch's DHCP client writes the DNS settings (passed on as
-    /// its --resolv-conf; by default vm-switch writes /etc/resolv.conf).
+    /// its -resolv-conf; by default vm-switch writes /etc/resolv.conf).
     #[arg(long = "vm-switch-resolv-conf")]
     pub vm_switch_resolv_conf: Option<PathBuf>,
     /// The namespaced init: one argument for `unshare --pid --mount-proc
@@ -274,7 +274,7 @@ mod tests {
         assert_eq!(o.logfile, PathBuf::from("/var/log/network-setup.log"));
         assert_eq!(o.handshake_listen.to_string(), "vsock://:6669");
         assert_eq!(o.host_connect.to_string(), "vsock://2:6656");
-        assert_eq!(o.signature, "github.com/rancher-sandbox/rancher-desktop-networking");
+        assert_eq!(o.signature, "github.com/rancher-sandbox/rancher-desktop/src/go/networking");
         assert_eq!(o.pid_file, PathBuf::from("/run/wsl-init.pid"));
         assert_eq!(
             (o.veth_host_name.as_str(), o.veth_host_address.to_string().as_str()),
@@ -315,7 +315,7 @@ mod tests {
         ])
         .unwrap();
         let c = Config::from_opts(&o).unwrap();
-        assert_eq!(c.signature, rdnet_link::handshake::LATER_SIGNATURE);
+        assert_eq!(c.signature, rdnet_link::handshake::SIGNATURE);
         assert_eq!(c.veth_host.0, "veth-rd-wsl");
         assert_eq!(c.veth_ns.1.to_string(), "192.168.143.1/24");
         assert!(c.debug);

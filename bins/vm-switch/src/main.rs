@@ -35,7 +35,7 @@ pub struct Opts {
     /// Log file, opened for append.
     #[arg(long, default_value = "/var/log/vm-switch.log")]
     pub logfile: PathBuf,
-    /// Inherited, already-connected host link (unused with --connect).
+    /// Inherited, already-connected host link (unused with -connect).
     #[arg(long = "vsock-fd", default_value_t = 3)]
     pub vsock_fd: i32,
     /// Dial the host link at this URL (unix://, tcp://, vsock://) and redial

@@ -191,7 +191,12 @@ fn go_error(e: &clap::Error) -> FlagError {
         (ErrorKind::ValueValidation | ErrorKind::InvalidValue, Some(arg), Some(value)) => {
             let reason = std::error::Error::source(e)
                 .map(|s| s.to_string())
-                .or_else(|| context_str(e, ContextKind::ValidValue).map(|v| format!("expected one of {v}")))
+                .or_else(|| {
+                    context_str(e, ContextKind::ValidValue)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| format!("expected one of {v}"))
+                })
+                .or_else(|| value.is_empty().then(|| "must not be empty".into()))
                 .unwrap_or_else(|| "not accepted".into());
             format!("invalid value {value:?} for flag {arg}: {reason}")
         }
@@ -247,11 +252,12 @@ fn go_usage(cmd: &clap::Command) -> String {
                 let _ = write!(line, " (default {d})");
             }
             Some(d) if !d.is_empty() => {
-                let _ = write!(line, " (default {d:?})");
+                let all: Vec<String> = defaults.iter().map(|d| format!("{d:?}")).collect();
+                let _ = write!(line, " (default {})", all.join(", "));
             }
             _ => {}
         }
-        if repeatable {
+        if repeatable && !line.contains("repeatable") {
             line.push_str(" (repeatable)");
         }
         let _ = writeln!(out, "    \t{line}");
@@ -273,6 +279,8 @@ mod tests {
         port_forward: Vec<String>,
         #[arg(long = "unshare-arg")]
         unshare_arg: Option<String>,
+        #[arg(long)]
+        path: Option<std::path::PathBuf>,
     }
 
     fn parse(args: &[&str]) -> Result<Opts, FlagError> {
@@ -348,6 +356,7 @@ mod tests {
         assert_eq!(usage(&["--", "x"]), usage(&["x"]));
         assert!(parse(&["--"]).is_ok());
         assert!(usage_message("prog", "m").starts_with("prog: m\n"));
+        assert_eq!(usage(&["-path="]), r#"invalid value "" for flag -path: must not be empty"#);
     }
 
     #[test]

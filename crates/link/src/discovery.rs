@@ -31,11 +31,12 @@ use tracing::{debug, info, warn};
 use crate::endpoint::{Endpoint, Listener, listen};
 use crate::handshake::{
     DATA_PORT, DataLinks, HANDSHAKE_PORT, HandshakeError, HostTiming, host_handshake_loop, host_probe,
+    log_probe_failure,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("no VM answered on port {port} with the signature within {waited:?} ({vms} VMs seen)")]
+    #[error("no VM answered on port {port} with the signature within {} ({vms} VMs seen)", crate::handshake::Seconds(*.waited))]
     NotFound {
         port: u32,
         waited: Duration,
@@ -81,7 +82,7 @@ fn list_or_empty(vms: &mut dyn VmList) -> Vec<String> {
 pub async fn find_vm(
     vms: &mut dyn VmList,
     endpoint: &dyn Fn(&str, u32) -> Endpoint,
-    signature: &str,
+    signatures: &[String],
     t: &HostTiming,
 ) -> Result<String, DiscoveryError> {
     let start = Instant::now();
@@ -117,7 +118,7 @@ pub async fn find_vm(
                     in_flight.push(vm.clone());
                     let limit = t.io_timeout;
                     probes.push(async move {
-                        let r = host_probe(&ep, signature, limit).await;
+                        let r = host_probe(&ep, signatures, limit).await;
                         (vm, r)
                     });
                 }
@@ -130,8 +131,12 @@ pub async fn find_vm(
                         return Ok(vm);
                     }
                     Err(e) => {
-                        // Why a VM does not answer, once at info level; then quietly.
-                        if !failed.contains(&vm) {
+                        // Why a VM does not answer, once at info level; then
+                        // quietly, but for a wrong phrase, which will not fix
+                        // itself (once a minute).
+                        if matches!(e, HandshakeError::WrongSignature { .. }) {
+                            log_probe_failure(&format_args!("VM {vm}"), &e, false);
+                        } else if !failed.contains(&vm) {
                             info!(vm = %vm, "no answer from this VM yet: {}", chain(&e));
                             failed.push(vm.clone());
                         } else {
@@ -197,7 +202,7 @@ impl Drop for AbortOnDrop {
 pub async fn discover_and_serve(
     vms: &mut dyn VmList,
     endpoint: &dyn Fn(&str, u32) -> Endpoint,
-    signature: &str,
+    signatures: &[String],
     t: &HostTiming,
     links: &DataLinks,
     serve: &mut dyn FnMut(Listener) -> Server,
@@ -205,7 +210,7 @@ pub async fn discover_and_serve(
     let mut current: Option<(String, Server)> = None;
     let mut listen_failures = 0;
     loop {
-        let vm = match find_vm(vms, endpoint, signature, t).await {
+        let vm = match find_vm(vms, endpoint, signatures, t).await {
             Ok(vm) => vm,
             Err(e) => return e,
         };
@@ -233,7 +238,7 @@ pub async fn discover_and_serve(
         }
         let handshake = endpoint(&vm, HANDSHAKE_PORT);
         tokio::select! {
-            e = host_handshake_loop(&handshake, signature, t, links) => match e {
+            e = host_handshake_loop(&handshake, signatures, t, links) => match e {
                 HandshakeError::NotFound { .. } => {
                     warn!(vm = %vm, "the guest stopped answering; looking for it among all VMs again");
                 }
@@ -295,6 +300,10 @@ mod tests {
         move |vm, port| Endpoint::Npipe(format!("./pipe/{tag}-{vm}-{port}"))
     }
 
+    fn sigs() -> Vec<String> {
+        vec![SIGNATURE.to_string()]
+    }
+
     /// A guest that answers probes with `signature` forever.
     async fn prober_target(ep: Endpoint, signature: &'static str) {
         let l = listen(&ep).await.unwrap();
@@ -323,7 +332,7 @@ mod tests {
             }
             Ok(v)
         };
-        let found = find_vm(&mut vms, &ep, SIGNATURE, &fast()).await.unwrap();
+        let found = find_vm(&mut vms, &ep, &sigs(), &fast()).await.unwrap();
         assert_eq!(found, "c");
         drop(silent);
         a.abort();
@@ -336,10 +345,10 @@ mod tests {
         let ep = endpoints(d.0.clone());
         let t = HostTiming { deadline: Duration::from_millis(300), ..fast() };
         let mut vms = || Ok(vec!["a".to_string()]);
-        let e = find_vm(&mut vms, &ep, SIGNATURE, &t).await.unwrap_err();
+        let e = find_vm(&mut vms, &ep, &sigs(), &t).await.unwrap_err();
         assert!(matches!(e, DiscoveryError::NotFound { vms: 1, last: Some(_), .. }), "{e}");
         let mut none = || Err(io::Error::from(io::ErrorKind::NotFound));
-        let e = find_vm(&mut none, &ep, SIGNATURE, &t).await.unwrap_err();
+        let e = find_vm(&mut none, &ep, &sigs(), &t).await.unwrap_err();
         assert!(matches!(e, DiscoveryError::NotFound { vms: 0, last: None, .. }), "{e}");
     }
 
@@ -354,7 +363,7 @@ mod tests {
         };
         let mut vms = || Ok(vec!["a".to_string()]);
         let mut serve = |_: Listener| -> Server { Box::new(()) };
-        let e = discover_and_serve(&mut vms, &bad, SIGNATURE, &fast(), &DataLinks::new(), &mut serve).await;
+        let e = discover_and_serve(&mut vms, &bad, &sigs(), &fast(), &DataLinks::new(), &mut serve).await;
         assert!(matches!(e, DiscoveryError::Listen { .. }), "{e}");
         drop(t);
     }
@@ -413,7 +422,7 @@ mod tests {
                             });
                             Box::new(AbortOnDrop(task.abort_handle()))
                         };
-                        discover_and_serve(&mut vms, &*ep, SIGNATURE, &fast(), &links, &mut serve).await
+                        discover_and_serve(&mut vms, &*ep, &sigs(), &fast(), &links, &mut serve).await
                     })
                 };
                 // The guest runs in VM "b".

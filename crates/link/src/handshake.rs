@@ -7,9 +7,15 @@
 //! bytes, an early close, silence past a timeout) closes that connection and
 //! the guest keeps listening. Connections are answered concurrently, so one
 //! silent peer cannot hold up the others ([`guest_accept_ready`]). The host
-//! finds its guest by dialing that endpoint once a second and reading as many
-//! bytes as the signature has, until they match or a deadline passes (300 s,
-//! [`host_find_peer`]). With its own data listener already up, it dials once
+//! finds its guest by dialing that endpoint once a second and reading the
+//! signature, until it matches one the host accepts or a deadline passes
+//! (300 s, [`host_find_peer`]). The host accepts both generations of
+//! Rancher Desktop's phrase by default ([`HOST_SIGNATURES`]): it reads until
+//! what arrived is one of its phrases or can no longer become one. On a
+//! wrong phrase it writes its own back before closing, so the guest can say
+//! which phrase the host wanted (a Go guest just reads "githu", not
+//! `READY`, and closes, as for any other refusal). Both sides log a wrong
+//! phrase at info, with both phrases, at most once a minute. With its own data listener already up, it dials once
 //! more, checks the signature again and writes `READY`
 //! ([`host_send_ready`]); the guest then dials the host's data endpoint (port
 //! 6656). [`host_handshake_loop`] adds the later Rancher Desktop rules: after
@@ -34,10 +40,15 @@ use tracing::{debug, info, warn};
 
 use crate::endpoint::{Endpoint, Listener, dial};
 
-/// The seed's signature phrase (rancher-desktop-networking).
-pub const SIGNATURE: &str = "github.com/rancher-sandbox/rancher-desktop-networking";
-/// The phrase of the later Rancher Desktop (`src/go/networking`).
-pub const LATER_SIGNATURE: &str = "github.com/rancher-sandbox/rancher-desktop/src/go/networking";
+/// The phrase of the current Rancher Desktop (`src/go/networking`,
+/// `pkg/vsock/constants.go`): what network-setup writes by default.
+pub const SIGNATURE: &str = "github.com/rancher-sandbox/rancher-desktop/src/go/networking";
+/// The seed's phrase (rancher-desktop-networking v1.2.7).
+pub const SEED_SIGNATURE: &str = "github.com/rancher-sandbox/rancher-desktop-networking";
+/// What host-switch accepts by default: either generation of network-setup.
+pub const HOST_SIGNATURES: [&str; 2] = [SIGNATURE, SEED_SIGNATURE];
+/// How often a wrong phrase is logged at info on either side.
+const WRONG_SIGNATURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// What the host writes once its data listener is up.
 pub const READY: &[u8; 5] = b"READY";
 /// The guest's handshake port and the host's data port (vsock).
@@ -50,9 +61,9 @@ pub const MAX_SIGNATURE: usize = 4096;
 pub enum HandshakeError {
     #[error("the peer closed the connection after {got} of {want} bytes")]
     Closed { got: usize, want: usize },
-    #[error("no answer within {0:?}")]
+    #[error("no answer within {}", Seconds(*.0))]
     Timeout(Duration),
-    #[error("the peer's signature {got:?} is not {want:?}")]
+    #[error("the peer's signature {got:?} is not {want}")]
     WrongSignature { got: String, want: String },
     #[error("expected READY, got {0:?}")]
     NotReady(String),
@@ -64,15 +75,58 @@ pub enum HandshakeError {
     },
     #[error("handshake I/O failed")]
     Io(#[source] io::Error),
-    #[error("no peer at {endpoint} answered with the signature within {waited:?}")]
+    #[error("no peer at {endpoint} answered with the signature within {}", Seconds(*.waited))]
     NotFound {
         endpoint: String,
         waited: Duration,
         #[source]
         last: Option<Box<HandshakeError>>,
     },
-    #[error("no data connection arrived after {attempts} handshakes ({wait:?} each)")]
+    #[error("no data connection arrived after {attempts} handshakes ({} each)", Seconds(*.wait))]
     NoDataConnection { attempts: u32, wait: Duration },
+}
+
+/// A duration as people read it in a log: whole seconds from one second
+/// up (`300 s`), milliseconds below.
+#[derive(Debug, Clone, Copy)]
+pub struct Seconds(pub Duration);
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 >= Duration::from_secs(1) {
+            write!(f, "{} s", self.0.as_secs())
+        } else {
+            write!(f, "{} ms", self.0.as_millis())
+        }
+    }
+}
+
+/// Allows one log line per [`WRONG_SIGNATURE_LOG_INTERVAL`] per process
+/// (per side: host and guest each keep one).
+struct OncePerInterval(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl OncePerInterval {
+    const fn new() -> Self {
+        OncePerInterval(std::sync::Mutex::new(None))
+    }
+
+    fn allow(&self) -> bool {
+        let Ok(mut last) = self.0.lock() else { return false };
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < WRONG_SIGNATURE_LOG_INTERVAL) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+static GUEST_WRONG_SIGNATURE_LOG: OncePerInterval = OncePerInterval::new();
+static HOST_WRONG_SIGNATURE_LOG: OncePerInterval = OncePerInterval::new();
+
+/// The phrases a host accepts, as a message names them.
+fn phrases(signatures: &[impl AsRef<str>]) -> String {
+    signatures.iter().map(|s| format!("{:?}", s.as_ref())).collect::<Vec<_>>().join(" or ")
 }
 
 /// Checks a `--signature` value: non-empty and at most [`MAX_SIGNATURE`] bytes.
@@ -86,9 +140,9 @@ pub fn validate_signature(signature: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// At most 80 bytes of `b`, as text, for messages.
+/// At most 120 bytes of `b`, as text, for messages.
 fn printable(b: &[u8]) -> String {
-    String::from_utf8_lossy(&b[..b.len().min(80)]).into_owned()
+    String::from_utf8_lossy(&b[..b.len().min(120)]).into_owned()
 }
 
 /// Reads exactly `n` bytes within `limit`.
@@ -126,8 +180,17 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     write_all(s, signature.as_bytes(), limit).await?;
-    let got = read_n(s, READY.len(), limit).await?;
-    if got == READY { Ok(()) } else { Err(HandshakeError::NotReady(printable(&got))) }
+    let mut got = read_n(s, READY.len(), limit).await?;
+    if got == READY {
+        return Ok(());
+    }
+    // Not READY: perhaps a host that wants another phrase and wrote it
+    // back. Its write comes in one piece, so a short wait gets the rest.
+    let mut rest = vec![0u8; MAX_SIGNATURE];
+    if let Ok(Ok(n)) = timeout(Duration::from_millis(300), s.read(&mut rest)).await {
+        got.extend_from_slice(&rest[..n]);
+    }
+    Err(HandshakeError::NotReady(printable(&got)))
 }
 
 /// Accepts connections on `listener` and answers each with [`guest_answer`]
@@ -160,6 +223,16 @@ pub async fn guest_accept_ready(listener: &Listener, signature: &str, limit: Dur
                 // A probe reads the signature and closes: that is normal.
                 Ok((peer, Err(HandshakeError::Closed { got: 0, .. }))) => {
                     debug!(%peer, "handshake probe answered");
+                }
+                Ok((peer, Err(HandshakeError::NotReady(got)))) if got.len() > READY.len() => {
+                    if GUEST_WRONG_SIGNATURE_LOG.allow() {
+                        info!(
+                            %peer,
+                            "handshake refused: host-switch expects the signature {got:?}, this side sends {signature:?} (--signature)"
+                        );
+                    } else {
+                        debug!(%peer, "handshake refused: host-switch expects {got:?}");
+                    }
                 }
                 Ok((peer, Err(e))) => info!(%peer, "handshake connection closed: {e}"),
                 Err(e) => warn!(error = %e, "handshake task failed"),
@@ -197,17 +270,43 @@ impl Default for HostTiming {
     }
 }
 
-/// Reads `signature.len()` bytes and compares them with `signature`.
-pub async fn host_check_signature<S>(s: &mut S, signature: &str, limit: Duration) -> Result<(), HandshakeError>
+/// Reads the guest's phrase and returns the index of the accepted one it
+/// is. Reads until what arrived equals an accepted phrase or is a prefix of
+/// none, so phrases of any length can be accepted together.
+pub async fn host_check_signature<S>(
+    s: &mut S,
+    signatures: &[impl AsRef<str>],
+    limit: Duration,
+) -> Result<usize, HandshakeError>
 where
     S: AsyncRead + Unpin,
 {
-    let got = read_n(s, signature.len(), limit).await?;
-    if got == signature.as_bytes() {
-        Ok(())
-    } else {
-        Err(HandshakeError::WrongSignature { got: printable(&got), want: signature.to_string() })
-    }
+    let longest = signatures.iter().map(|p| p.as_ref().len()).max().unwrap_or(0);
+    let check = async {
+        let mut buf = vec![0u8; longest];
+        let mut got = 0;
+        loop {
+            let candidates = signatures.iter().map(|p| p.as_ref().as_bytes());
+            if let Some(i) = candidates.clone().position(|p| got >= p.len() && buf[..p.len()] == *p) {
+                return Ok(i);
+            }
+            if got == longest || !candidates.clone().any(|p| p.starts_with(&buf[..got.min(p.len())])) {
+                // The rest of the guest's phrase, for the message: it was
+                // written in one piece, so it is there or nearly.
+                buf.resize(MAX_SIGNATURE, 0);
+                if let Ok(Ok(n)) = timeout(Duration::from_millis(100), s.read(&mut buf[got..])).await {
+                    got += n;
+                }
+                return Err(HandshakeError::WrongSignature { got: printable(&buf[..got]), want: phrases(signatures) });
+            }
+            match s.read(&mut buf[got..longest]).await {
+                Ok(0) => return Err(HandshakeError::Closed { got, want: longest }),
+                Ok(k) => got += k,
+                Err(e) => return Err(HandshakeError::Io(e)),
+            }
+        }
+    };
+    timeout(limit, check).await.map_err(|_| HandshakeError::Timeout(limit))?
 }
 
 async fn dial_within(ep: &Endpoint, limit: Duration) -> Result<crate::LinkStream, HandshakeError> {
@@ -218,40 +317,74 @@ async fn dial_within(ep: &Endpoint, limit: Duration) -> Result<crate::LinkStream
     }
 }
 
-/// One probe: dials the guest's handshake endpoint and checks its signature.
-pub async fn host_probe(ep: &Endpoint, signature: &str, limit: Duration) -> Result<(), HandshakeError> {
+/// Checks the guest's phrase on a fresh connection; on a wrong one, writes
+/// the host's first phrase back (best effort) so the guest can log it.
+async fn dial_and_check(
+    ep: &Endpoint,
+    signatures: &[impl AsRef<str>],
+    limit: Duration,
+) -> Result<crate::LinkStream, HandshakeError> {
     let mut s = dial_within(ep, limit).await?;
-    host_check_signature(&mut s, signature, limit).await
+    match host_check_signature(&mut s, signatures, limit).await {
+        Ok(_) => Ok(s),
+        Err(e @ HandshakeError::WrongSignature { .. }) => {
+            if let Some(ours) = signatures.first() {
+                let _ = write_all(&mut s, ours.as_ref().as_bytes(), Duration::from_millis(500)).await;
+            }
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// One probe: dials the guest's handshake endpoint and checks its signature.
+pub async fn host_probe(ep: &Endpoint, signatures: &[impl AsRef<str>], limit: Duration) -> Result<(), HandshakeError> {
+    dial_and_check(ep, signatures, limit).await.map(drop)
 }
 
 /// Tells the guest the data listener is up: dials, checks the signature and
 /// writes `READY`.
-pub async fn host_send_ready(ep: &Endpoint, signature: &str, limit: Duration) -> Result<(), HandshakeError> {
-    let mut s = dial_within(ep, limit).await?;
-    host_check_signature(&mut s, signature, limit).await?;
+pub async fn host_send_ready(
+    ep: &Endpoint,
+    signatures: &[impl AsRef<str>],
+    limit: Duration,
+) -> Result<(), HandshakeError> {
+    let mut s = dial_and_check(ep, signatures, limit).await?;
     write_all(&mut s, READY, limit).await?;
     let _ = timeout(limit, s.shutdown()).await;
     Ok(())
 }
 
+/// Logs a probe's failure: a wrong phrase at info once a minute (it will
+/// not fix itself), the first other failure at info, the rest at debug.
+pub fn log_probe_failure(what: &dyn std::fmt::Display, e: &HandshakeError, first: bool) {
+    match e {
+        HandshakeError::WrongSignature { got, want } if HOST_WRONG_SIGNATURE_LOG.allow() => {
+            info!("handshake: {what} announced the signature {got:?}; host-switch accepts {want} (--signature)")
+        }
+        _ if first => info!("handshake: waiting for {what} ({e})"),
+        _ => debug!("handshake: probing {what} failed: {e}"),
+    }
+}
+
 /// Probes `ep` every `interval` until the signature matches or `deadline`
 /// has passed.
-pub async fn host_find_peer(ep: &Endpoint, signature: &str, t: &HostTiming) -> Result<(), HandshakeError> {
+pub async fn host_find_peer(
+    ep: &Endpoint,
+    signatures: &[impl AsRef<str>],
+    t: &HostTiming,
+) -> Result<(), HandshakeError> {
     let start = Instant::now();
     let mut failures = 0u64;
     loop {
         let tried = Instant::now();
-        match host_probe(ep, signature, t.io_timeout).await {
+        match host_probe(ep, signatures, t.io_timeout).await {
             Ok(()) => {
                 info!(endpoint = %ep, "handshake: the guest answered with the signature");
                 return Ok(());
             }
             Err(e) => {
-                if failures == 0 {
-                    info!(endpoint = %ep, "handshake: waiting for the guest ({e})");
-                } else {
-                    debug!(endpoint = %ep, "handshake probe failed: {e}");
-                }
+                log_probe_failure(&format_args!("the guest at {ep}"), &e, failures == 0);
                 failures += 1;
                 let next = tried + t.interval;
                 if next.duration_since(start) >= t.deadline {
@@ -324,17 +457,22 @@ impl Drop for DataLinkGuard {
 /// for its data connection (redoing the handshake up to `attempts` times),
 /// and pair again whenever every data connection is gone. The data listener
 /// must already be up. Returns only when it gives up, with the reason.
-pub async fn host_handshake_loop(ep: &Endpoint, signature: &str, t: &HostTiming, links: &DataLinks) -> HandshakeError {
+pub async fn host_handshake_loop(
+    ep: &Endpoint,
+    signatures: &[impl AsRef<str>],
+    t: &HostTiming,
+    links: &DataLinks,
+) -> HandshakeError {
     let mut rx = links.tx.subscribe();
     loop {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            if let Err(e) = host_find_peer(ep, signature, t).await {
+            if let Err(e) = host_find_peer(ep, signatures, t).await {
                 return e;
             }
             let before = rx.borrow_and_update().total;
-            match host_send_ready(ep, signature, t.io_timeout).await {
+            match host_send_ready(ep, signatures, t.io_timeout).await {
                 Ok(()) => {
                     info!(endpoint = %ep, attempt, "handshake: READY sent; waiting for the data connection");
                     let arrived = async { rx.wait_for(|c| c.total > before).await.map(|_| ()) };
@@ -343,7 +481,7 @@ pub async fn host_handshake_loop(ep: &Endpoint, signature: &str, t: &HostTiming,
                             info!(endpoint = %ep, "handshake: the guest's data connection arrived");
                             break;
                         }
-                        Err(_) => warn!(attempt, "handshake: no data connection within {:?}", t.data_wait),
+                        Err(_) => warn!(attempt, "handshake: no data connection within {}", Seconds(t.data_wait)),
                     }
                 }
                 Err(e) => warn!(endpoint = %ep, attempt, "handshake: sending READY failed: {e}"),
@@ -368,9 +506,31 @@ mod tests {
     async fn both_halves_over_a_pipe() {
         let (mut guest, mut host) = duplex(4096);
         let g = tokio::spawn(async move { guest_answer(&mut guest, SIGNATURE, T).await });
-        host_check_signature(&mut host, SIGNATURE, T).await.unwrap();
+        host_check_signature(&mut host, &[SIGNATURE], T).await.unwrap();
         host.write_all(READY).await.unwrap();
         g.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn phrases_of_different_lengths_are_told_apart() {
+        for (i, phrase) in HOST_SIGNATURES.iter().enumerate() {
+            let (mut guest, mut host) = duplex(4096);
+            guest.write_all(phrase.as_bytes()).await.unwrap();
+            assert_eq!(host_check_signature(&mut host, &HOST_SIGNATURES, T).await.unwrap(), i);
+        }
+        // A prefix of an accepted phrase followed by other bytes is wrong
+        // as soon as it diverges, without waiting for more.
+        let (mut guest, mut host) = duplex(4096);
+        guest.write_all(b"github.com/rancher-sandbox/rancher-desktop-nope").await.unwrap();
+        let e = host_check_signature(&mut host, &HOST_SIGNATURES, T).await.unwrap_err();
+        assert!(matches!(&e, HandshakeError::WrongSignature { want, .. } if want.contains(SEED_SIGNATURE)), "{e}");
+    }
+
+    #[test]
+    fn durations_read_in_whole_seconds() {
+        let e = HandshakeError::NotFound { endpoint: "x".into(), waited: Duration::from_millis(300_004), last: None };
+        assert!(e.to_string().ends_with("within 300 s"), "{e}");
+        assert_eq!(Seconds(Duration::from_millis(250)).to_string(), "250 ms");
     }
 
     #[tokio::test]
@@ -379,7 +539,7 @@ mod tests {
         // Same length as SIGNATURE, different bytes.
         let other = "x".repeat(SIGNATURE.len());
         guest.write_all(other.as_bytes()).await.unwrap();
-        let e = host_check_signature(&mut host, SIGNATURE, T).await.unwrap_err();
+        let e = host_check_signature(&mut host, &[SIGNATURE], T).await.unwrap_err();
         assert!(matches!(e, HandshakeError::WrongSignature { .. }), "{e}");
     }
 
@@ -387,7 +547,7 @@ mod tests {
     async fn anything_but_ready_is_refused_by_the_guest() {
         let (mut guest, mut host) = duplex(4096);
         let g = tokio::spawn(async move { guest_answer(&mut guest, SIGNATURE, T).await });
-        host_check_signature(&mut host, SIGNATURE, T).await.unwrap();
+        host_check_signature(&mut host, &[SIGNATURE], T).await.unwrap();
         host.write_all(b"READX").await.unwrap();
         let e = g.await.unwrap().unwrap_err();
         assert!(matches!(&e, HandshakeError::NotReady(got) if got == "READX"), "{e}");
@@ -399,12 +559,12 @@ mod tests {
         let (mut guest, mut host) = duplex(4096);
         guest.write_all(&SIGNATURE.as_bytes()[..10]).await.unwrap();
         drop(guest);
-        let e = host_check_signature(&mut host, SIGNATURE, T).await.unwrap_err();
+        let e = host_check_signature(&mut host, &[SIGNATURE], T).await.unwrap_err();
         assert!(matches!(e, HandshakeError::Closed { got: 10, want } if want == SIGNATURE.len()), "{e}");
         // Guest side: the host reads the signature and hangs up (a probe).
         let (mut guest, mut host) = duplex(4096);
         let g = tokio::spawn(async move { guest_answer(&mut guest, SIGNATURE, T).await });
-        host_check_signature(&mut host, SIGNATURE, T).await.unwrap();
+        host_check_signature(&mut host, &[SIGNATURE], T).await.unwrap();
         host.write_all(b"RE").await.unwrap();
         drop(host);
         let e = g.await.unwrap().unwrap_err();
@@ -416,7 +576,7 @@ mod tests {
         let (mut guest, mut host) = duplex(4096);
         let started = Instant::now();
         let g = tokio::spawn(async move { guest_answer(&mut guest, SIGNATURE, Duration::from_secs(30)).await });
-        host_check_signature(&mut host, SIGNATURE, T).await.unwrap();
+        host_check_signature(&mut host, &[SIGNATURE], T).await.unwrap();
         // `host` stays open and silent.
         let e = g.await.unwrap().unwrap_err();
         assert!(matches!(e, HandshakeError::Timeout(d) if d == Duration::from_secs(30)), "{e}");
@@ -424,14 +584,14 @@ mod tests {
         drop(host);
         // And a guest that never writes its signature times the host out.
         let (_guest, mut host) = duplex(4096);
-        let e = host_check_signature(&mut host, SIGNATURE, T).await.unwrap_err();
+        let e = host_check_signature(&mut host, &[SIGNATURE], T).await.unwrap_err();
         assert!(matches!(e, HandshakeError::Timeout(_)), "{e}");
     }
 
     #[test]
     fn signatures_are_checked() {
         assert!(validate_signature(SIGNATURE).is_ok());
-        assert!(validate_signature(LATER_SIGNATURE).is_ok());
+        assert!(validate_signature(SEED_SIGNATURE).is_ok());
         assert!(validate_signature("").is_err());
         assert!(validate_signature(&"x".repeat(MAX_SIGNATURE + 1)).is_err());
     }
@@ -475,23 +635,41 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn later_signature_through_the_flag_value() {
-            let d = dir("later");
+        async fn host_accepts_either_generation_by_default() {
+            for phrase in HOST_SIGNATURES {
+                let d = dir("either");
+                let ep = Endpoint::Unix(d.0.join("hs.sock"));
+                let l = listen(&ep).await.unwrap();
+                let guest = async { guest_accept_ready(&l, phrase, T).await };
+                let host = async {
+                    host_find_peer(&ep, &HOST_SIGNATURES, &fast()).await.unwrap();
+                    host_send_ready(&ep, &HOST_SIGNATURES, T).await.unwrap();
+                };
+                let (peer, ()) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(guest, host) })
+                    .await
+                    .expect("handshake finished");
+                assert!(peer.starts_with("unix:pid="), "{peer}");
+            }
+        }
+
+        #[tokio::test]
+        async fn a_wrong_phrase_is_named_to_the_guest() {
+            let d = dir("wrong");
             let ep = Endpoint::Unix(d.0.join("hs.sock"));
             let l = listen(&ep).await.unwrap();
-            let guest = async { guest_accept_ready(&l, LATER_SIGNATURE, T).await };
-            let host = async {
-                // The seed's phrase does not match the later one ...
-                let e = host_probe(&ep, SIGNATURE, T).await.unwrap_err();
-                assert!(matches!(e, HandshakeError::WrongSignature { .. }), "{e}");
-                // ... the later phrase does.
-                host_find_peer(&ep, LATER_SIGNATURE, &fast()).await.unwrap();
-                host_send_ready(&ep, LATER_SIGNATURE, T).await.unwrap();
+            let guest = async {
+                let (mut s, _) = l.accept().await.unwrap();
+                guest_answer(&mut s, SEED_SIGNATURE, T).await
             };
-            let (peer, ()) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(guest, host) })
-                .await
-                .expect("handshake finished");
-            assert!(peer.starts_with("unix://"), "{peer}");
+            let host = async { host_probe(&ep, &[SIGNATURE], T).await };
+            let (g, h) = tokio::join!(guest, host);
+            let h = h.unwrap_err();
+            assert!(
+                matches!(&h, HandshakeError::WrongSignature { got, want } if got == SEED_SIGNATURE && want.contains(SIGNATURE)),
+                "{h}"
+            );
+            let g = g.unwrap_err();
+            assert!(matches!(&g, HandshakeError::NotReady(got) if got == SIGNATURE), "{g}");
         }
 
         #[tokio::test]
@@ -504,11 +682,11 @@ mod tests {
                 // One that says the wrong word, one that hangs up at once,
                 // one that stays silent: none of them ends the handshake.
                 let mut wrong = dial(&ep).await.unwrap();
-                host_check_signature(&mut wrong, SIGNATURE, T).await.unwrap();
+                host_check_signature(&mut wrong, &[SIGNATURE], T).await.unwrap();
                 wrong.write_all(b"HELLO").await.unwrap();
                 drop(dial(&ep).await.unwrap());
                 let silent = dial(&ep).await.unwrap();
-                host_send_ready(&ep, SIGNATURE, T).await.unwrap();
+                host_send_ready(&ep, &[SIGNATURE], T).await.unwrap();
                 silent
             };
             let (_, _silent) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(guest, host) })
@@ -521,7 +699,7 @@ mod tests {
             let d = dir("none");
             let ep = Endpoint::Unix(d.0.join("nobody.sock"));
             let t = HostTiming { deadline: Duration::from_millis(200), ..fast() };
-            let e = host_find_peer(&ep, SIGNATURE, &t).await.unwrap_err();
+            let e = host_find_peer(&ep, &[SIGNATURE], &t).await.unwrap_err();
             assert!(matches!(&e, HandshakeError::NotFound { last: Some(_), .. }), "{e}");
         }
 
@@ -544,7 +722,7 @@ mod tests {
             };
             let t = fast();
             let e = tokio::select! {
-                e = host_handshake_loop(&ep, SIGNATURE, &t, &links) => e,
+                e = host_handshake_loop(&ep, &[SIGNATURE], &t, &links) => e,
                 _ = guest => unreachable!(),
             };
             assert!(matches!(e, HandshakeError::NoDataConnection { attempts: 2, .. }), "{e}");
@@ -558,7 +736,7 @@ mod tests {
             let links = DataLinks::new();
             let host_links = links.clone();
             let hs = ep.clone();
-            let host = tokio::spawn(async move { host_handshake_loop(&hs, SIGNATURE, &fast(), &host_links).await });
+            let host = tokio::spawn(async move { host_handshake_loop(&hs, &[SIGNATURE], &fast(), &host_links).await });
             for _ in 0..2 {
                 tokio::time::timeout(Duration::from_secs(10), guest_accept_ready(&l, SIGNATURE, T))
                     .await

@@ -23,6 +23,7 @@ const LEASE_WAIT: Duration = Duration::from_secs(30);
 const HTTP_PORT: u16 = 18181;
 const TOKEN: &str = "network-setup-e2e-token";
 const LATER_SIGNATURE: &str = "github.com/rancher-sandbox/rancher-desktop/src/go/networking";
+const SEED_SIGNATURE: &str = "github.com/rancher-sandbox/rancher-desktop-networking";
 
 /// An init for `-unshare-arg`: PID 1 of its pid namespace, so it needs a
 /// handler to end on SIGTERM.
@@ -373,10 +374,33 @@ fn a_wrong_signature_never_completes_the_handshake() {
     if !privileged() {
         return;
     }
-    // host-switch expects the seed's phrase; network-setup announces the later one.
-    let mut rig = Rig::new(&[]);
-    rig.start_setup(&["--signature", LATER_SIGNATURE]);
+    // host-switch accepts only the seed's phrase; network-setup announces
+    // the current one (its default).
+    let mut rig = Rig::new(&["--signature", SEED_SIGNATURE]);
+    rig.start_setup(&[]);
     std::thread::sleep(Duration::from_secs(4));
+    // Both sides say so at info, naming both phrases, once (not per probe).
+    let host_log = rig.world.host_switch().logs();
+    let host_lines: Vec<&str> = host_log.lines().filter(|l| l.contains("announced the signature")).collect();
+    assert_eq!(host_lines.len(), 1, "{}", rig.logs());
+    assert!(
+        host_lines[0].contains(" INFO ")
+            && host_lines[0].contains(LATER_SIGNATURE)
+            && host_lines[0].contains(SEED_SIGNATURE),
+        "{}",
+        host_lines[0]
+    );
+    let setup_log = rig.setup().logs();
+    let setup_lines: Vec<&str> =
+        setup_log.lines().filter(|l| l.contains("host-switch expects the signature")).collect();
+    assert_eq!(setup_lines.len(), 1, "{}", rig.logs());
+    assert!(
+        setup_lines[0].contains(" INFO ")
+            && setup_lines[0].contains(LATER_SIGNATURE)
+            && setup_lines[0].contains(SEED_SIGNATURE),
+        "{}",
+        setup_lines[0]
+    );
     assert!(!rig.pid_file.exists(), "the distro was set up without a handshake\n{}", rig.logs());
     assert!(rig.setup().try_wait().is_none(), "network-setup gave up\n{}", rig.logs());
     assert!(rig.world.host_switch().try_wait().is_none(), "host-switch gave up early\n{}", rig.logs());
