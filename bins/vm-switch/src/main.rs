@@ -38,10 +38,17 @@ pub struct Opts {
     /// Inherited, already-connected host link (unused with -connect).
     #[arg(long = "vsock-fd", default_value_t = 3)]
     pub vsock_fd: i32,
-    /// Dial the host link at this URL (unix://, tcp://, vsock://) and redial
-    /// whenever it drops, instead of using the inherited descriptor.
+    /// Dial the host link at this URL (unix://, tcp://, vsock://; gvproxy's
+    /// vsock://2:1024/connect form too) and redial whenever it drops,
+    /// instead of using the inherited descriptor.
     #[arg(long)]
     pub connect: Option<String>,
+    /// Open each -connect connection with gvproxy's `POST /connect`, as
+    /// gvisor-tap-vsock's guest forwarder does (gvproxy's -listen requires
+    /// it; host-switch takes either); -connect-http=false sends frames at once.
+    #[arg(long = "connect-http", num_args = 0..=1, require_equals = true, default_value = "true",
+          default_missing_value = "true", value_parser = rdnet_cli::go_bool)]
+    pub connect_http: bool,
     /// Where the DHCP client writes the DNS settings (through a symlink
     /// there, which stays; unused with -dhcp-script).
     #[arg(long = "resolv-conf", default_value = "/etc/resolv.conf")]

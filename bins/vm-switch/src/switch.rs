@@ -47,8 +47,10 @@ use rdnet_guest::netlink::{Netlink, NetlinkError};
 use rdnet_guest::tap::{Tap, TapError};
 use rdnet_guest::trace::PacketSummary;
 use rdnet_guest::vnet_hdr::{GSO_NONE, complete_from_tap, header_to_tap};
+use rdnet_link::http_connect::{self, RefuseHttpAnswer};
 use rdnet_link::offload::{self, Hello, Role};
 use rdnet_link::{Decoder, Endpoint, EndpointError, FrameReader, FrameWriter, Framing, LinkError, LinkStream, dial};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
@@ -145,6 +147,8 @@ pub struct Config {
     subnet: Ipv4Net,
     endpoint: Endpoint,
     redial: bool,
+    /// Open each dialled link with gvproxy's `POST /connect`.
+    http_connect: bool,
     resolv_conf: PathBuf,
     dhcp: bool,
     mtu: u32,
@@ -179,7 +183,7 @@ impl Config {
             return Err(bad("mtu", o.mtu, out_of_range(MIN_MTU, MAX_MTU)));
         }
         let (endpoint, redial) = match &o.connect {
-            Some(url) => (url.parse().map_err(|e: EndpointError| bad("connect", url, e.reason))?, true),
+            Some(url) => (parse_connect_url(url).map_err(|e: EndpointError| bad("connect", url, e.reason))?, true),
             None => {
                 if o.vsock_fd < 0 {
                     return Err(bad("vsock-fd", o.vsock_fd, "must be a descriptor number (0 or more)"));
@@ -204,6 +208,7 @@ impl Config {
             subnet: subnet.trunc(),
             endpoint,
             redial,
+            http_connect: redial && o.connect_http,
             resolv_conf: o.resolv_conf.clone(),
             dhcp: o.dhcp,
             mtu: o.mtu,
@@ -344,6 +349,17 @@ async fn switch(cfg: Config) -> Result<ExitCode, Error> {
     }
 }
 
+/// A `--connect` URL: an endpoint, where gvisor-tap-vsock's form with the
+/// `/connect` path (`vsock://2:1024/connect`, `tcp://H:P/connect`) names the
+/// same endpoint (the path is what `POST /connect` asks for).
+fn parse_connect_url(url: &str) -> Result<Endpoint, EndpointError> {
+    let base = match url.strip_suffix(http_connect::CONNECT_PATH) {
+        Some(base) if base.starts_with("vsock://") || base.starts_with("tcp://") => base,
+        _ => url,
+    };
+    base.parse().map_err(|e: EndpointError| EndpointError { url: url.to_string(), ..e })
+}
+
 /// The session side of the DHCP task.
 struct DhcpLink {
     /// Frames from the link for the client.
@@ -364,9 +380,15 @@ async fn recv_or_pending(rx: &mut Option<&mut mpsc::Receiver<Vec<u8>>>) -> Optio
 /// (`Ok` on a clean EOF) or something fails. The session offers segmentation
 /// offload (`rdnet_link::offload`) and turns the tap's TSO on only while a
 /// host that answered the offer is connected.
-async fn session(link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: &Config) -> Result<(), Error> {
+async fn session(mut link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: &Config) -> Result<(), Error> {
     let max_frame = cfg.max_frame();
+    if cfg.http_connect {
+        link.write_all(&http_connect::connect_request()).await.map_err(Error::LinkWrite)?;
+    }
     let (rd, wr) = tokio::io::split(link);
+    // A peer that answers the POST with HTTP (gvproxy's 400 for a wrong
+    // path) instead of frames is reported as such.
+    let rd = if cfg.http_connect { RefuseHttpAnswer::new(rd) } else { RefuseHttpAnswer::passthrough(rd) };
     // Large frames come only from a host that agreed to send them, but
     // accepting them always costs nothing and keeps the framing in sync.
     let mut reader = FrameReader::new(rd, Decoder::new(Framing::U16Le, offload::MAX_LARGE_FRAME));
@@ -763,6 +785,23 @@ mod tests {
         assert_eq!(c.endpoint, Endpoint::Fd(3));
         assert!(!c.redial);
         assert_eq!(c.max_frame(), 1514);
+    }
+
+    #[test]
+    fn gvproxy_connect_urls_and_the_http_opening() {
+        let c = Config::from_opts(&opts(&["--connect", "vsock://2:1024/connect"])).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Vsock { cid: Some(2), port: 1024 });
+        assert!(c.http_connect);
+        let c =
+            Config::from_opts(&opts(&["--connect", "tcp://127.0.0.1:7777/connect", "-connect-http=false"])).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Tcp("127.0.0.1:7777".parse().unwrap()));
+        assert!(!c.http_connect);
+        // A unix socket's path is the whole path, /connect or not.
+        let c = Config::from_opts(&opts(&["--connect", "unix:///run/x/connect"])).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Unix("/run/x/connect".into()));
+        // The inherited link speaks frames at once.
+        assert!(!Config::from_opts(&opts(&[])).unwrap().http_connect);
+        assert!(Config::from_opts(&opts(&["--connect", "vsock://2:x/connect"])).is_err());
     }
 
     #[test]
