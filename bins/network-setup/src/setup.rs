@@ -91,6 +91,11 @@ pub enum Error {
     InitNotFound(u32),
     #[error("cannot find the distro's network namespace (systemd mode)")]
     Systemd(#[from] SystemdError),
+    #[error(
+        "{unit}'s main process (pid {main_pid}) is in network-setup's own network namespace: \
+         the unit made no namespace for the distro"
+    )]
+    UnitNotIsolated { unit: String, main_pid: u32 },
     #[error("cannot write the pid file {path}")]
     PidFile {
         path: String,
@@ -354,9 +359,15 @@ impl Supervisor {
     }
 }
 
-/// Under systemd: the namespace of `unit`'s main process.
+/// Under systemd: the namespace of `unit`'s main process, which must not be
+/// this one (the unit would have made no namespace: vm-switch's tap and
+/// the whole distro would land in WSL's default namespace).
 async fn find_unit_distro(unit: &str) -> Result<Distro, Error> {
     let (main_pid, ns) = unit_namespace(unit).await?;
+    let here = NetNs::current().and_then(|n| n.inode()).map_err(Error::Netns)?;
+    if ns.inode().map_err(Error::Netns)? == here {
+        return Err(Error::UnitNotIsolated { unit: unit.to_string(), main_pid });
+    }
     info!("the distro's network namespace is {unit}'s (main pid {main_pid}, net:[{}])", ns.inode().unwrap_or(0));
     Ok(Distro { ns, owner: Owner::Unit { unit: unit.to_string(), main_pid } })
 }

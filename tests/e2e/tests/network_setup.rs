@@ -840,7 +840,7 @@ fn systemd_mode_uses_the_units_namespace() {
         return;
     }
     let mut rig = Rig::new(&[]);
-    let (_bus, address) = private_bus(&rig.wsl, &rig.world.dir);
+    let (bus, address) = private_bus(&rig.wsl, &rig.world.dir);
     // The unit's main process: a sleeper holding its own network namespace.
     let sleeper = Proc::spawn(&rig.world.dir, Command::new("unshare").args(["--net", "sleep", "1000"]));
     let our_net = ns_inode(std::process::id() as i32, "net");
@@ -851,8 +851,15 @@ fn systemd_mode_uses_the_units_namespace() {
     let sleeper_pid = sleeper.pid();
     let sleeper_net = ns_inode(sleeper_pid, "net");
     rig.distro_net = sleeper_net;
-    let _systemd =
-        StandInSystemd::start(&address, &[("network-namespace.service", sleeper_pid as u32), ("stopped.service", 0)]);
+    // shared.service's process is in network-setup's own namespace (the bus's).
+    let _systemd = StandInSystemd::start(
+        &address,
+        &[
+            ("network-namespace.service", sleeper_pid as u32),
+            ("stopped.service", 0),
+            ("shared.service", bus.pid() as u32),
+        ],
+    );
     let env = [("SYSTEMD_EXEC_PID", "4242"), ("DBUS_SYSTEM_BUS_ADDRESS", address.as_str())];
 
     // Errors come at once, before any handshake, once each, exit status 1.
@@ -860,6 +867,7 @@ fn systemd_mode_uses_the_units_namespace() {
     for (env, extra, expected) in [
         (env, &["-namespace-service", "nope.service"][..], r#"systemd has no unit "nope.service" loaded"#),
         (env, &["-namespace-service", "stopped.service"], "stopped.service is not running (MainPID 0)"),
+        (env, &["-namespace-service", "shared.service"], "is in network-setup's own network namespace"),
         (
             [("SYSTEMD_EXEC_PID", "4242"), ("DBUS_SYSTEM_BUS_ADDRESS", unreachable.as_str())],
             &[],
