@@ -8,11 +8,12 @@ use std::rc::Rc;
 
 use clap::Parser;
 use ipnet::Ipv4Net;
-use rdnet_cli::{LogOptions, error_chain, go_bool, init_logging, parse_go_args};
+use rdnet_cli::{LogOptions, go_bool, init_logging, out_of_range, parse_go_args, runtime_error, usage_error};
 #[cfg(windows)]
 use rdnet_link::discovery::{AbortOnDrop, DiscoveryError, Server, discover_and_serve};
 use rdnet_link::handshake::{DataLinks, HOST_SIGNATURES, HostTiming, host_handshake_loop, validate_signature};
 use rdnet_link::{Endpoint, Framing, Listener, listen};
+use rdnet_vnet::config::{ConfigError, MAX_MTU, MIN_MTU};
 use rdnet_vnet::forward::StaticForward;
 use rdnet_vnet::{Engine, EngineConfig, NetConfig, Network};
 
@@ -69,7 +70,7 @@ struct Opts {
     #[arg(long)]
     capture: Option<String>,
     /// The guest's handshake endpoint (vsock://CID:6669, unix:///path): find
-    /// network-setup there by its signature, tell it READY once --listen is
+    /// network-setup there by its signature, tell it READY once -listen is
     /// up, and pair again whenever its data connection is lost.
     #[arg(long)]
     handshake: Option<Endpoint>,
@@ -81,29 +82,54 @@ struct Opts {
 }
 
 const DEFAULT_LISTEN: &str = "vsock://:6656";
+const PROGRAM: &str = "host-switch";
+/// Bounds of the flow-table flags.
+const MAX_FLOW_LIMIT: usize = 1 << 20;
 
 fn main() -> ExitCode {
     // A daemon keeps no descriptor it inherited but does not own (fd:// endpoints are its own).
     rdnet_cli::close_inherited_fds(&rdnet_cli::fds_named_in_args(std::env::args()));
     let opts: Opts = parse_go_args();
+    // Every flag is checked before anything is opened.
+    let cfg = match net_config(&opts) {
+        Ok(cfg) => cfg,
+        Err(msg) => return usage_error(PROGRAM, msg),
+    };
     init_logging(&LogOptions { logfile: opts.logfile.clone(), debug: opts.debug });
-    match run(opts) {
+    match run(opts, cfg) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{}", error_chain(&*e));
-            eprintln!("host-switch: {}", error_chain(&*e));
-            ExitCode::FAILURE
-        }
+        Err(e) => runtime_error(PROGRAM, &*e),
     }
 }
 
-fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
-    let mut cfg = NetConfig::new(opts.subnet, opts.mtu)?;
-    cfg.search_domains = host_search_domains();
-    raise_fd_limit();
+/// The network's settings from the flags, or the usage error that says
+/// which flag is wrong.
+fn net_config(opts: &Opts) -> Result<NetConfig, String> {
+    let invalid = |flag: &str, value: &dyn std::fmt::Display, reason: &str| {
+        format!("invalid value \"{value}\" for flag -{flag}: {reason}")
+    };
     for s in &opts.signature {
-        validate_signature(s).map_err(|e| format!("invalid --signature: {e}"))?;
+        validate_signature(s).map_err(|e| invalid("signature", s, &e))?;
     }
+    for (flag, value) in [("max-flows", opts.max_flows), ("max-udp-flows", opts.max_udp_flows)] {
+        if !(1..=MAX_FLOW_LIMIT).contains(&value) {
+            return Err(invalid(flag, &value, &out_of_range(1, MAX_FLOW_LIMIT)));
+        }
+    }
+    let mut cfg = NetConfig::new(opts.subnet, opts.mtu).map_err(|e| match e {
+        ConfigError::SubnetTooSmall(_) => invalid(
+            "subnet",
+            &opts.subnet,
+            "too small: it needs room for a gateway, a device and a host address (at most /29)",
+        ),
+        ConfigError::BadMtu(m) => invalid("mtu", &m, &out_of_range(MIN_MTU, MAX_MTU)),
+    })?;
+    cfg.search_domains = host_search_domains();
+    Ok(cfg)
+}
+
+fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
+    raise_fd_limit();
     // Windows without --listen or --handshake: find the guest's VM (COMPAT §4).
     let discover = cfg!(windows) && opts.listen.is_empty() && opts.handshake.is_none();
     let listen_on = if !opts.listen.is_empty() {
@@ -156,7 +182,7 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
         }
         for ep in &opts.api {
             let l = listen(ep).await.map_err(|e| format!("serving the API on {ep}: {e}"))?;
-            tracing::info!(endpoint = %ep, "serving the API");
+            tracing::info!(endpoint = %l.local_endpoint().unwrap_or_else(|| ep.clone()), "serving the API");
             tokio::task::spawn_local(rdnet_vnet::api::serve_listener(engine.clone(), l));
         }
         let mut listeners = Vec::new();
@@ -170,7 +196,7 @@ fn run(opts: Opts) -> Result<(), Box<dyn std::error::Error>> {
                 continue;
             }
             let l = listen(ep).await.map_err(|e| format!("listening on {ep}: {e}"))?;
-            tracing::info!(endpoint = %ep, "listening for VMs");
+            tracing::info!(endpoint = %l.local_endpoint().unwrap_or_else(|| ep.clone()), "listening for VMs");
             listeners.push(Rc::new(l));
         }
         // With --handshake, data connections are counted for the handshake.
@@ -206,12 +232,7 @@ async fn accept_loop(engine: Rc<Engine>, listener: Rc<Listener>, links: Option<D
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let open = links.as_ref().map(DataLinks::connected);
-                let serve = engine.clone().serve(stream, peer);
-                tokio::task::spawn_local(async move {
-                    serve.await;
-                    drop(open);
-                });
+                tokio::task::spawn_local(engine.clone().serve(stream, peer, links.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

@@ -78,7 +78,7 @@ pub struct Opts {
     #[arg(long = "vm-switch-logfile")]
     pub vm_switch_logfile: Option<PathBuf>,
     /// Where vm-switch's DHCP client writes the DNS settings (passed on as
-    /// its --resolv-conf; by default vm-switch writes /etc/resolv.conf).
+    /// its -resolv-conf; by default vm-switch writes /etc/resolv.conf).
     #[arg(long = "vm-switch-resolv-conf")]
     pub vm_switch_resolv_conf: Option<PathBuf>,
     /// The namespaced init: one argument for `unshare --pid --mount-proc

@@ -252,11 +252,12 @@ fn go_usage(cmd: &clap::Command) -> String {
                 let _ = write!(line, " (default {d})");
             }
             Some(d) if !d.is_empty() => {
-                let _ = write!(line, " (default {d:?})");
+                let all: Vec<String> = defaults.iter().map(|d| format!("{d:?}")).collect();
+                let _ = write!(line, " (default {})", all.join(", "));
             }
             _ => {}
         }
-        if repeatable {
+        if repeatable && !line.contains("repeatable") {
             line.push_str(" (repeatable)");
         }
         let _ = writeln!(out, "    \t{line}");

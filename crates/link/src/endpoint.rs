@@ -227,12 +227,42 @@ impl Listener {
                 Ok((LinkStream::Tcp(s), format!("tcp://{peer}")))
             }
             #[cfg(unix)]
-            Listener::Unix { listener, path } => {
-                let (s, _) = listener.accept().await?;
+            Listener::Unix { listener, .. } => {
+                let (s, addr) = listener.accept().await?;
                 enlarge_buffers(socket2::SockRef::from(&s));
-                Ok((LinkStream::Unix(s), format!("unix://{}", path.display())))
+                let peer = unix_peer_name(&s, &addr);
+                Ok((LinkStream::Unix(s), peer))
             }
             Listener::Sys(l) => l.accept().await,
+        }
+    }
+}
+
+/// Who is at the other end of an accepted unix connection: its path if it
+/// bound one, else its process (the listening path would name us, not it).
+#[cfg(unix)]
+fn unix_peer_name(s: &tokio::net::UnixStream, addr: &tokio::net::unix::SocketAddr) -> String {
+    if let Some(path) = addr.as_pathname() {
+        return format!("unix://{}", path.display());
+    }
+    match s.peer_cred() {
+        Ok(c) => match c.pid() {
+            Some(pid) => format!("unix:pid={pid},uid={}", c.uid()),
+            None => format!("unix:uid={}", c.uid()),
+        },
+        Err(_) => "unix:unnamed".to_string(),
+    }
+}
+
+impl Listener {
+    /// Where the listener really is: for `tcp://IP:0`, the port the system
+    /// chose.
+    pub fn local_endpoint(&self) -> Option<Endpoint> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(Endpoint::Tcp),
+            #[cfg(unix)]
+            Listener::Unix { path, .. } => Some(Endpoint::Unix(path.clone())),
+            Listener::Sys(_) => None,
         }
     }
 }

@@ -648,7 +648,7 @@ mod tests {
                 let (peer, ()) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(guest, host) })
                     .await
                     .expect("handshake finished");
-                assert!(peer.starts_with("unix://"), "{peer}");
+                assert!(peer.starts_with("unix:pid="), "{peer}");
             }
         }
 

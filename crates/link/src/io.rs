@@ -31,11 +31,34 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, decoder: Decoder) -> Self {
+        let cap = Self::capacity_for(decoder.max_frame());
+        FrameReader { inner, decoder, buf: vec![0; cap].into_boxed_slice(), start: 0, end: 0 }
+    }
+
+    /// Makes room for frames of up to `max_frame` bytes, for a link whose
+    /// limit may rise later ([`set_max_frame`](Self::set_max_frame)).
+    pub fn reserve_for(&mut self, max_frame: usize) {
+        let cap = Self::capacity_for(max_frame);
+        if cap > self.buf.len() {
+            let mut buf = vec![0; cap].into_boxed_slice();
+            buf[..self.end - self.start].copy_from_slice(&self.buf[self.start..self.end]);
+            self.end -= self.start;
+            self.start = 0;
+            self.buf = buf;
+        }
+    }
+
+    /// Changes the largest frame accepted from now on.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.reserve_for(max_frame);
+        self.decoder = Decoder::new(self.decoder.framing(), max_frame);
+    }
+
+    fn capacity_for(max_frame: usize) -> usize {
         // Room for eight maximal frames: with 64 KiB segments on the link
         // (offload), two per read made the reader wake twice as often as
         // four, and eight moved most (bench/RESULTS.md).
-        let cap = (decoder.max_frame() + 8).max(64 * 1024) * 8;
-        FrameReader { inner, decoder, buf: vec![0; cap].into_boxed_slice(), start: 0, end: 0 }
+        (max_frame + 8).max(64 * 1024) * 8
     }
 
     /// True if a complete frame is already buffered (no read needed).

@@ -8,6 +8,7 @@ pub mod datagram;
 pub mod discovery;
 pub mod endpoint;
 pub mod handshake;
+pub mod http_connect;
 pub mod hvsock;
 pub mod io;
 pub mod offload;

@@ -17,7 +17,9 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use rdnet_link::{Decoder, FrameReader, Framing, LinkError, LinkStream, encode_frame};
+use rdnet_link::handshake::DataLinks;
+use rdnet_link::http_connect::{Opening, OpeningError, Prefixed, read_opening};
+use rdnet_link::{Decoder, FrameError, FrameReader, Framing, LinkError, LinkStream, encode_frame};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
@@ -313,12 +315,50 @@ impl Engine {
         net.send_ipv4_to_guest(packet, Instant::now(), &mut *ports)
     }
 
-    /// Serves one VM connection until it ends. Must run inside a `LocalSet`.
-    pub async fn serve(self: Rc<Self>, stream: LinkStream, peer: String) {
+    /// Serves one connection on a VM listener until it ends. Must run inside
+    /// a `LocalSet`. Its first bytes say what it is
+    /// (`rdnet_link::http_connect`): frames (our vm-switch, the Go one), a
+    /// gvproxy-style `POST /connect` followed by frames (gvisor-tap-vsock's
+    /// guest forwarder), or another HTTP request, which the API answers. A
+    /// frame link is counted in `links` (the handshake's data connections)
+    /// while it is served; a probe that closes before sending anything is
+    /// logged at debug only.
+    pub async fn serve(self: Rc<Self>, mut stream: LinkStream, peer: String, links: Option<DataLinks>) {
+        let (opening, prefix) = match read_opening(&mut stream).await {
+            Ok(o) => o,
+            Err(OpeningError::Closed) => {
+                tracing::debug!(%peer, "connection closed before sending anything (a probe)");
+                return;
+            }
+            Err(e) => {
+                self.net.borrow_mut().stats.drops.link_errors += 1;
+                crate::limited_warn!(self.logs.borrow_mut(), Instant::now(), "link-opening",
+                    %peer, "closing a connection on the VM listener: {}", rdnet_link_error_chain(&e));
+                return;
+            }
+        };
+        let stream = Prefixed::new(prefix, stream);
+        let how = match opening {
+            Opening::Frames => "frames",
+            Opening::Connect => "gvproxy's POST /connect",
+            Opening::Http { method, path } => {
+                tracing::debug!(%peer, "HTTP {method} {path} on the VM listener: serving the API");
+                crate::api::serve_connection(self, stream, crate::api::Peer::from_link_peer(&peer)).await;
+                return;
+            }
+        };
+        let _counted = links.as_ref().map(DataLinks::connected);
+        self.serve_frames(stream, peer, how).await;
+    }
+
+    async fn serve_frames<S>(self: Rc<Self>, stream: S, peer: String, how: &str)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    {
         let port = self.net.borrow_mut().add_port();
         let notify = Rc::new(Notify::new());
         self.ports.borrow_mut().map.insert(port, PortTx::new(self.config.framing, notify.clone()));
-        tracing::info!(port, %peer, "VM connected");
+        tracing::info!(port, %peer, "VM connected ({how})");
         let (read_half, mut write_half) = tokio::io::split(stream);
 
         let writer = {
@@ -352,7 +392,11 @@ impl Engine {
             })
         };
 
-        let mut reader = FrameReader::new(read_half, Decoder::new(self.config.framing, self.max_link_frame()));
+        // The link carries frames of at most MTU + 14 bytes until the VM's
+        // offload hello was answered (rdnet_link::offload), 65535 after.
+        let mut reader = FrameReader::new(read_half, Decoder::new(self.config.framing, self.max_frame()));
+        reader.reserve_for(self.max_link_frame());
+        let mut large = false;
         let (mut frames, mut bytes) = (0u32, 0usize);
         let result = loop {
             // Buffered frames come without awaiting I/O; yield now and then
@@ -369,7 +413,11 @@ impl Engine {
                 Ok(Some(frame)) => {
                     frames += 1;
                     bytes += frame.len();
-                    self.handle_frame(port, frame)
+                    self.handle_frame(port, frame);
+                    if !large && self.net.borrow().switch.takes_large_frames(port) {
+                        large = true;
+                        reader.set_max_frame(self.max_link_frame());
+                    }
                 }
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
@@ -377,13 +425,18 @@ impl Engine {
         };
         match &result {
             Ok(()) => tracing::info!(port, %peer, "VM disconnected"),
+            Err(LinkError::Frame(FrameError::TooLong { len, max })) => {
+                self.net.borrow_mut().stats.drops.link_errors += 1;
+                let limit = if large { "" } else { ": MTU + 14 until the offload hello" };
+                tracing::warn!(port, %peer, "closing VM connection: a {len}-byte frame is longer than the link allows ({max} bytes{limit})")
+            }
             Err(LinkError::Frame(e)) => {
                 self.net.borrow_mut().stats.drops.link_errors += 1;
-                tracing::warn!(port, %peer, error = %e, "closing VM connection: protocol error")
+                tracing::warn!(port, %peer, "closing VM connection: protocol error: {e}")
             }
             Err(e) => {
                 self.net.borrow_mut().stats.drops.link_errors += 1;
-                tracing::warn!(port, %peer, error = %rdnet_link_error_chain(e), "closing VM connection")
+                tracing::warn!(port, %peer, "closing VM connection: {}", rdnet_link_error_chain(e))
             }
         }
         self.close_port(port, writer).await;
@@ -469,7 +522,7 @@ impl Engine {
     }
 }
 
-fn rdnet_link_error_chain(e: &LinkError) -> String {
+fn rdnet_link_error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(inner) = src {

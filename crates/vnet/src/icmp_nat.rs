@@ -160,7 +160,7 @@ impl IcmpNat {
             }
         };
         if self.mode != Some(mode) {
-            tracing::info!(?mode, "ICMP echo NAT uses {} sockets", if mode == Mode::Ping { "ping" } else { "raw" });
+            tracing::info!("ICMP echo NAT uses {} sockets", if mode == Mode::Ping { "ping" } else { "raw" });
             self.mode = Some(mode);
         }
         let socket = Rc::new(socket);
@@ -170,7 +170,7 @@ impl IcmpNat {
         // Flows that had to make room end here (dropping aborts their tasks).
         drop(self.table.insert(key, Flow { id, socket: socket.clone(), task: Some(task) }, now));
         self.stats.flows_opened += 1;
-        tracing::debug!(%src, %dst, %target, ident, ?mode, "ICMP echo flow opened");
+        tracing::debug!(%src, %dst, %target, ident, "ICMP echo flow opened");
         Some(socket)
     }
 

@@ -116,9 +116,11 @@ impl Network {
         match self.switch.learn(src, from) {
             Learn::Refused => {
                 self.stats.drops.mac_table_full += 1;
-                crate::limited_warn!(self.logs, now, "mac-table", port = from, mac = %src, "port has too many MAC addresses; not learning more");
+                crate::limited_warn!(self.logs, now, "mac-table", port = from, mac = %rdnet_wire::MacDisplay(src.0), "port has too many MAC addresses; not learning more");
             }
-            Learn::Moved(old) => tracing::debug!(mac = %src, old, new = from, "MAC moved to another port"),
+            Learn::Moved(old) => {
+                tracing::debug!(mac = %rdnet_wire::MacDisplay(src.0), old, new = from, "MAC moved to another port")
+            }
             _ => {}
         }
         let for_gateway = if dst == self.cfg.gateway_mac {
@@ -322,7 +324,7 @@ impl Network {
         if !reply.dst_ip.is_broadcast() && !reply.dst_ip.is_unspecified() {
             self.remember(reply.dst_ip, reply.dst_mac);
         }
-        tracing::debug!(kind = ?reply.kind, ip = %reply.dst_ip, mac = %reply.dst_mac, "DHCP reply");
+        tracing::debug!(ip = %reply.dst_ip, mac = %rdnet_wire::MacDisplay(reply.dst_mac.0), "DHCP {:?}", reply.kind);
         let mut buf = std::mem::take(&mut self.scratch);
         frame::udp(
             &mut buf,

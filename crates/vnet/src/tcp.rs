@@ -103,6 +103,12 @@ pub struct FlowKey {
     pub remote: SocketAddrV4,
 }
 
+impl std::fmt::Display for FlowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} → {}", self.guest, self.remote)
+    }
+}
+
 enum Phase {
     /// Host connect in progress; the guest's SYN waits here.
     Connecting {
@@ -580,11 +586,11 @@ async fn connect_and_run(engine: Rc<Engine>, flow: Rc<Flow>, target: Target) {
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(flow = ?flow.key, error = %e, "host connect failed; resetting guest");
+                    tracing::debug!(flow = %flow.key, error = %e, "host connect failed; resetting guest");
                     reset_connecting(&engine, &flow);
                 }
                 Err(_) => {
-                    tracing::debug!(flow = ?flow.key, "host connect timed out");
+                    tracing::debug!(flow = %flow.key, "host connect timed out");
                     remove_flow(&engine, &flow);
                 }
             }
@@ -719,7 +725,7 @@ where
     if end == End::Reset {
         abort_host(&stream);
     }
-    tracing::trace!(flow = ?flow.key, ?end, "flow done");
+    tracing::trace!(flow = %flow.key, "flow done ({end:?})");
 }
 
 #[derive(Default)]
@@ -783,7 +789,7 @@ where
                         moved += n;
                     }
                     Ok(Poll::Ready(Err(e))) => {
-                        tracing::debug!(flow = ?flow.key, error = %e, "host read failed; resetting guest");
+                        tracing::debug!(flow = %flow.key, error = %e, "host read failed; resetting guest");
                         socket.abort();
                         reset = true;
                         break;
@@ -802,7 +808,7 @@ where
                 match r {
                     Ok(Poll::Ready(Ok(n))) if n > 0 => progressed = true,
                     Ok(Poll::Ready(Err(e))) => {
-                        tracing::debug!(flow = ?flow.key, error = %e, "host write failed; resetting guest");
+                        tracing::debug!(flow = %flow.key, error = %e, "host write failed; resetting guest");
                         socket.abort();
                         reset = true;
                     }
@@ -816,7 +822,7 @@ where
                 settle_half_open(&mut engine.tcp.borrow_mut(), flow);
             }
             if !io.established && flow.connect_deadline.get().is_some_and(|d| tokio::time::Instant::now() >= d) {
-                tracing::debug!(flow = ?flow.key, "guest did not accept in time");
+                tracing::debug!(flow = %flow.key, "guest did not accept in time");
                 socket.abort();
                 reset = true;
             }

@@ -3,3 +3,6 @@
 
 pub mod checksum;
 pub mod dhcp;
+pub mod mac;
+
+pub use mac::MacDisplay;

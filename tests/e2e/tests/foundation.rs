@@ -113,10 +113,11 @@ fn junk_on_one_link_does_not_disturb_others() {
     let g = world.add_guest(DEVICE_MAC, &[]);
     assert!(world.guest(g).wait_for_address(LEASE_WAIT).is_some(), "{}", world.logs());
 
-    let junk: [&[u8]; 3] = [
+    let junk: [&[u8]; 4] = [
         &[0, 0, 1, 2, 3],          // zero length
-        &[0xff, 0xff, 0, 0, 0, 0], // a 65535-byte frame cut short (the largest a link takes)
+        &[0xff, 0xff, 0, 0, 0, 0], // 65535 bytes: above the link's limit before the offload hello
         b"\x10\x00random bytes that are not a frame at all",
+        &[0x40, 0x00, 0xde, 0xad], // 64 bytes announced, 2 sent, then the end
     ];
     for bytes in junk {
         let mut rogue = UnixStream::connect(&world.socket).expect("connect rogue");
@@ -141,6 +142,7 @@ fn junk_on_one_link_does_not_disturb_others() {
     assert!(world.guest(g).ping(GATEWAY), "guest disturbed\n{}", world.logs());
     let logs = world.host_switch().logs();
     assert!(logs.contains("zero-length frame"), "{logs}");
+    assert!(logs.contains("a 65535-byte frame is longer than the link allows (1514 bytes"), "{logs}");
     assert!(logs.contains("in the middle of a frame"), "{logs}");
 }
 
@@ -157,13 +159,44 @@ fn host_switch_refuses_a_too_small_subnet() {
 
 #[test]
 fn help_lists_flags_with_defaults() {
-    for prog in ["host-switch", "vm-switch"] {
-        for flag in ["-h", "--help"] {
-            let out = Command::new(bin(prog)).arg(flag).output().unwrap();
-            assert!(out.status.success(), "{prog} {flag}");
+    // Go's layout: `-name type`, then the text with the default.
+    for (prog, flag) in [
+        ("host-switch", "  -subnet string\n"),
+        ("vm-switch", "  -subnet string\n"),
+        ("network-setup", "  -vm-switch-path string\n"),
+        ("wsl-proxy", "  -socketFile string\n"),
+    ] {
+        for h in ["-h", "--help", "-help"] {
+            let out = Command::new(bin(prog)).arg(h).output().unwrap();
+            assert!(out.status.success(), "{prog} {h}");
             let text = String::from_utf8_lossy(&out.stdout);
-            assert!(text.contains("--subnet") && text.contains("192.168.127.0/24"), "{prog}: {text}");
+            assert!(text.contains(&format!("Usage of {prog}:")) && text.contains(flag), "{prog}: {text}");
+            assert!(!text.contains("\n  --"), "{prog}: double-dash forms in {text}");
         }
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_message_naming_the_part() {
+    let cases: [(&str, &[&str], &str); 6] = [
+        ("host-switch", &["-bogus"], "flag provided but not defined: -bogus"),
+        ("host-switch", &["-debug", "false"], "-debug=false"),
+        (
+            "host-switch",
+            &["-port-forward", "127.0.0.1:99999=192.168.127.2:80"],
+            "the host port 99999 is out of range: must be between 1 and 65535",
+        ),
+        ("host-switch", &["--mtu", "70000"], "invalid value \"70000\" for flag -mtu: must be between 576 and 65521"),
+        ("vm-switch", &["--bogus=1"], "flag provided but not defined: --bogus"),
+        ("wsl-proxy", &["-upstreamAddress"], "flag needs an argument: -upstreamAddress"),
+    ];
+    for (prog, args, want) in cases {
+        let out = Command::new(bin(prog)).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{prog} {args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{prog} {args:?}: {err}");
+        assert_eq!(err.matches(want).count(), 1, "printed once: {err}");
+        assert!(out.stdout.is_empty(), "{prog} {args:?}: {}", String::from_utf8_lossy(&out.stdout));
     }
 }
 

@@ -180,10 +180,9 @@ fn rogue_link_garbage_while_a_guest_keeps_working() {
     rogue.write_all(&batch).expect("rogue write");
     assert!(alive(&mut world), "host-switch died under random frames\n{}", world.logs());
 
-    // Broken framing: each kind closes that connection only. (No u16
-    // length is above the maximum: links take frames up to 65535 bytes
-    // for segmentation offload. A 65535-byte one cut short by the peer's
-    // end of stream is broken instead.)
+    // Broken framing: each kind closes that connection only: a zero
+    // length, a length above the link's limit (MTU + 14 until the offload
+    // hello, COMPAT §3), half a frame.
     let broken: [&[u8]; 3] = [&[0, 0, 1, 2, 3], &[0xff, 0xff, 0, 0, 0], &[0x40, 0x00, 0xde, 0xad]];
     for (i, bytes) in broken.iter().enumerate() {
         let mut s = UnixStream::connect(&world.socket).expect("connect");

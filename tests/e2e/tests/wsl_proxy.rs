@@ -10,6 +10,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::Duration;
@@ -66,7 +67,8 @@ while True:
 "#;
 
 /// Two clients on connected sockets (which accept replies only from the
-/// address they sent to), each expecting its own echo.
+/// address they sent to), each expecting its own echo; argv[3], if given,
+/// is the clients' own address.
 const UDP_CLIENT: &str = r#"
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
@@ -74,11 +76,45 @@ fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 socks = [socket.socket(fam, socket.SOCK_DGRAM) for _ in range(2)]
 for s in socks:
     s.settimeout(1)
+    if len(sys.argv) > 3:
+        s.bind((sys.argv[3], 0))
     s.connect((host, port))
 for i, s in enumerate(socks):
     s.send(b"hello%d" % i)
 print(" ".join(s.recv(65535).decode() for s in socks))
 "#;
+
+/// Answers each datagram with its length.
+const UDP_LEN_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    d, a = s.recvfrom(65535)
+    s.sendto(b"%d" % len(d), a)
+"#;
+
+/// Sends one datagram of argv[3] bytes, prints the answer.
+const UDP_SIZE_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"x" * int(sys.argv[3]))
+print(s.recv(65535).decode())
+"#;
+
+/// Rancher Desktop's veth layout (COMPAT §5): the distro end, which is
+/// wsl-proxy's default upstream, and WSL's end.
+const RD_DISTRO_ADDR: &str = "192.168.143.1";
+const RD_WSL_ADDR: &str = "192.168.143.2";
+
+/// Starts wsl-proxy exactly as Rancher Desktop does (COMPAT §8), socket and
+/// upstream at their defaults, in a private mount namespace whose /run is
+/// its own tmpfs, so the default /run/wsl-proxy.sock is never the
+/// machine's. `$0` is the binary, `$1` the log directory.
+const RD_START: &str =
+    r#"mount -t tmpfs -o mode=0755 rdnet-run /run && exec "$0" -debug=false -logfile="$1/wsl-proxy.log""#;
 
 /// The default namespace, the distro's namespace, and wsl-proxy.
 struct World {
@@ -88,7 +124,7 @@ struct World {
     def: Netns,
     /// The distro's namespace: the published services.
     distro: Netns,
-    /// The distro side of the veth, given as `-upstreamAddress`.
+    /// The distro side of the veth, wsl-proxy's upstream.
     upstream: String,
     sock: PathBuf,
     log: PathBuf,
@@ -96,36 +132,57 @@ struct World {
 }
 
 impl World {
-    fn new(name: &str) -> World {
-        let dir = TempDir::new(name);
-        let def = Netns::new("wpd");
-        let distro = Netns::new("wpn");
+    /// A veth of the test's own subnet, and wsl-proxy told its upstream
+    /// (every Go spelling of the flags): the Go original ignored
+    /// `-upstreamAddress`.
+    fn new(name: &str, extra: &[&str]) -> World {
         let n = SUBNET.fetch_add(1, Ordering::Relaxed) % 200 + 10;
-        let (a, b) = (
-            format!("10.{}.{n}.1", 90 + std::process::id() % 50),
-            format!("10.{}.{n}.2", 90 + std::process::id() % 50),
-        );
-        veth(&def, &unique("wpa"), &format!("{a}/24"), &distro, &unique("wpb"), &format!("{b}/24"));
+        let prefix = format!("10.{}.{n}", 90 + std::process::id() % 50);
+        World::with_upstream(name, &format!("{prefix}.1"), &format!("{prefix}.2"), extra)
+    }
+
+    fn with_upstream(name: &str, wsl_addr: &str, distro_addr: &str, extra: &[&str]) -> World {
+        let dir = TempDir::new(name);
+        let (def, distro) = namespaces(wsl_addr, distro_addr);
         let sock = dir.join("wsl-proxy.sock");
         let log = dir.join("wsl-proxy.log");
-        // Every Go spelling of the flags, and an upstream other than the
-        // default 192.168.1.2: the Go original ignored this flag.
-        let proxy = def.spawn(
-            &dir,
-            bin("wsl-proxy"),
-            &[
-                "-debug".to_string(),
-                format!("--socketFile={}", sock.display()),
-                "-upstreamAddress".to_string(),
-                b.clone(),
-                "--logfile".to_string(),
-                log.display().to_string(),
-            ],
-        );
-        let mut w = World { proxy, servers: Vec::new(), def, distro, upstream: b, sock, log, dir };
-        assert!(wait_until(Duration::from_secs(10), || socket_exists(&w.sock)), "no socket: {}", w.logs());
-        assert!(w.proxy.try_wait().is_none(), "wsl-proxy exited: {}", w.logs());
+        let mut args = vec![
+            "-debug".to_string(),
+            format!("--socketFile={}", sock.display()),
+            "-upstreamAddress".to_string(),
+            distro_addr.to_string(),
+            "--logfile".to_string(),
+            log.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let proxy = def.spawn(&dir, bin("wsl-proxy"), &args);
+        let upstream = distro_addr.to_string();
+        let mut w = World { proxy, servers: Vec::new(), def, distro, upstream, sock, log, dir };
+        w.wait_ready();
         w
+    }
+
+    /// Rancher Desktop's layout and argv; the test reaches the socket
+    /// through wsl-proxy's own root (`/proc/PID/root`).
+    fn rancher_desktop(name: &str) -> World {
+        let dir = TempDir::new(name);
+        let (def, distro) = namespaces(RD_WSL_ADDR, RD_DISTRO_ADDR);
+        let binary = bin("wsl-proxy").display().to_string();
+        let log_dir = dir.path.display().to_string();
+        let args = ["--mount", "--propagation", "private", "sh", "-c", RD_START, &binary, &log_dir];
+        let proxy = def.spawn(&dir, "unshare", &args);
+        // `ip netns exec`, unshare and sh each exec the next: one PID.
+        let sock = PathBuf::from(format!("/proc/{}/root/run/wsl-proxy.sock", proxy.pid()));
+        let log = dir.join("wsl-proxy.log");
+        let upstream = RD_DISTRO_ADDR.to_string();
+        let mut w = World { proxy, servers: Vec::new(), def, distro, upstream, sock, log, dir };
+        w.wait_ready();
+        w
+    }
+
+    fn wait_ready(&mut self) {
+        assert!(wait_until(Duration::from_secs(10), || socket_exists(&self.sock)), "no socket: {}", self.logs());
+        assert!(self.proxy.try_wait().is_none(), "wsl-proxy exited: {}", self.logs());
     }
 
     fn logs(&self) -> String {
@@ -170,6 +227,29 @@ impl World {
         let ok = wait_until(Duration::from_secs(10), || self.log_count(text) >= n);
         assert!(ok, "log never showed {n}× {text:?}:\n{}", self.logs());
     }
+
+    /// The UDP echo through wsl-proxy at `host:port` (from `bind`, if
+    /// given), retried until it answers or 10 s pass.
+    fn udp_echo(&self, host: &str, port: u16, bind: Option<&str>) -> String {
+        let port = port.to_string();
+        let mut args = vec!["-c", UDP_CLIENT, host, &port];
+        args.extend(bind);
+        let mut answer = String::new();
+        wait_until(Duration::from_secs(10), || {
+            let out = self.def.exec("python3", &args);
+            answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            answer == "echo:hello0 echo:hello1"
+        });
+        answer
+    }
+}
+
+/// WSL's default namespace and the distro's, joined by a veth.
+fn namespaces(wsl_addr: &str, distro_addr: &str) -> (Netns, Netns) {
+    let def = Netns::new("wpd");
+    let distro = Netns::new("wpn");
+    veth(&def, &unique("wpa"), &format!("{wsl_addr}/24"), &distro, &unique("wpb"), &format!("{distro_addr}/24"));
+    (def, distro)
 }
 
 /// `curl` in `ns`; the body on success.
@@ -187,7 +267,8 @@ fn tcp_reaches_the_distro_through_upstream_address() {
     if !privileged() {
         return;
     }
-    let mut w = World::new("wsl-tcp");
+    // The seed's layout: its upstream, 192.168.1.2, is a flag away.
+    let mut w = World::with_upstream("wsl-tcp", "192.168.1.1", "192.168.1.2", &[]);
     w.http_server(8080, "hello from the distro\n");
     w.python_server(TCP_COUNT_SERVER, 9000);
 
@@ -230,19 +311,37 @@ fn udp_round_trip() {
     if !privileged() {
         return;
     }
-    let mut w = World::new("wsl-udp");
+    let mut w = World::new("wsl-udp", &["-udpBuffer", "4096"]);
     w.python_server(UDP_ECHO_SERVER, 5353);
     w.publish(false, "udp", "127.0.0.1", 5353);
     w.wait_log("published", 1);
-    let mut answer = String::new();
-    let ok = wait_until(Duration::from_secs(15), || {
-        let out = w.def.exec("python3", &["-c", UDP_CLIENT, "127.0.0.1", "5353"]);
-        answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        answer == "echo:hello0 echo:hello1"
-    });
-    assert!(ok, "udp echo through wsl-proxy: {answer:?}\n{}", w.logs());
+    let answer = w.udp_echo("127.0.0.1", 5353, None);
+    assert_eq!(answer, "echo:hello0 echo:hello1", "udp echo through wsl-proxy:\n{}", w.logs());
     // The same port over TCP is another listener and is not published.
     assert_eq!(curl(&w.def, "http://127.0.0.1:5353/"), None);
+
+    // -udpBuffer 4096: a datagram that fits goes through whole; a longer one
+    // is cut to 4096 bytes, as Go's wsl-proxy does, and the log says so
+    // once. (The server answers with the length it got.)
+    w.python_server(UDP_LEN_SERVER, 5354);
+    w.publish(false, "udp", "127.0.0.1", 5354);
+    w.wait_log("published", 2);
+    let size = |n: &str| {
+        let mut got = String::new();
+        wait_until(Duration::from_secs(10), || {
+            let out = w.def.exec("python3", &["-c", UDP_SIZE_CLIENT, "127.0.0.1", "5354", n]);
+            got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            !got.is_empty()
+        });
+        got
+    };
+    assert_eq!(size("100"), "100", "{}", w.logs());
+    assert_eq!(size("4096"), "4096", "{}", w.logs());
+    assert_eq!(w.log_count("longer than -udpBuffer"), 0, "{}", w.logs());
+    assert_eq!(size("6000"), "4096", "{}", w.logs());
+    assert_eq!(size("6000"), "4096", "{}", w.logs());
+    w.wait_log("cut to 4096 bytes", 1);
+    assert_eq!(w.log_count("longer than -udpBuffer"), 1, "{}", w.logs());
 }
 
 #[test]
@@ -250,7 +349,7 @@ fn ipv6_binding_survives_removing_the_ipv4_one() {
     if !privileged() {
         return;
     }
-    let mut w = World::new("wsl-v6");
+    let mut w = World::new("wsl-v6", &[]);
     w.http_server(8080, "v6 ok\n");
     let v4 = "http://127.0.0.1:8080/hello.txt";
     let v6 = "http://[::1]:8080/hello.txt";
@@ -286,16 +385,19 @@ fn invalid_json_changes_nothing() {
     if !privileged() {
         return;
     }
-    let mut w = World::new("wsl-bad");
+    let mut w = World::new("wsl-bad", &[]);
     w.http_server(8080, "still here\n");
     let url = "http://127.0.0.1:8080/hello.txt";
     w.publish(false, "tcp", "127.0.0.1", 8080);
     assert!(wait_until(Duration::from_secs(10), || curl(&w.def, url).is_some()), "{}", w.logs());
 
     w.send("this is not json");
-    w.send(r#"{"remove":true,"ports":{"8080/tcp":[{"HostIp":"127.0.0.1","HostPort":"80x"}]}}"#);
     w.send(r#"{"remove":true,"ports":{"8080/tcp":[{"HostIp":"127.0.0.1","HostPort":"8080"}]"#); // truncated
+    w.send(r#"{"remove":"yes","ports":{"8080/tcp":[{"HostIp":"127.0.0.1","HostPort":"8080"}]}}"#);
+    // A bad entry costs only itself: nothing else in this message to apply.
+    w.send(r#"{"remove":true,"ports":{"8080/tcp":[{"HostIp":"127.0.0.1","HostPort":"80x"}]}}"#);
     w.wait_log("ignoring port mapping", 3);
+    w.wait_log(r#"skipping port mapping entry "8080/tcp": HostPort "80x""#, 1);
     assert!(w.proxy.try_wait().is_none(), "wsl-proxy exited:\n{}", w.logs());
     assert_eq!(curl(&w.def, url).as_deref(), Some("still here\n"), "{}", w.logs());
 }
@@ -329,4 +431,113 @@ fn socket_is_private_and_sigterm_cleans_up() {
     let status = proxy.terminate(Duration::from_secs(10)).expect("wsl-proxy did not exit on SIGTERM");
     assert_eq!(status.code(), Some(0), "exit status {status:?}:\n{}", proxy.logs());
     assert!(!sock.exists(), "socket file left behind");
+}
+
+/// Rancher Desktop's own command line, socket and upstream by default: an
+/// empty HostIp is reachable on every address of both families, TCP and
+/// UDP; one unusable key is skipped (and logged once) while the rest of its
+/// message applies, also for a removal.
+#[test]
+fn rancher_desktop_argv_and_layout() {
+    if !privileged() {
+        return;
+    }
+    // The machine's own socket file, which this test must never create.
+    let machine_sock = Path::new("/run/wsl-proxy.sock");
+    let machine_had_it = machine_sock.exists();
+    let mut w = World::rancher_desktop("wsl-rd");
+    assert_eq!(mode(&w.sock), 0o600, "socket mode");
+    assert_eq!(machine_sock.exists(), machine_had_it, "the machine's /run was touched");
+    let lo = w.def.stdout("ip", &["-6", "addr", "show", "dev", "lo"]);
+    assert!(lo.contains("::1/128"), "no ::1 in the WSL namespace:\n{lo}");
+    // Two more loopback addresses, for a client that must get its UDP reply
+    // from the address it wrote to.
+    w.def.exec_ok("ip", &["-6", "addr", "add", "fd00:143::2/128", "dev", "lo", "nodad"]);
+    w.def.exec_ok("ip", &["-6", "addr", "add", "fd00:143::3/128", "dev", "lo", "nodad"]);
+
+    w.http_server(8080, "from the distro\n");
+    w.python_server(UDP_ECHO_SERVER, 5353);
+    w.send(concat!(
+        r#"{"remove":false,"ports":{"#,
+        r#""7000/sctp":[{"HostIp":"","HostPort":"7000"}],"#,
+        r#""8080/tcp":[{"HostIp":"","HostPort":"8080"}],"#,
+        r#""5353/udp":[{"HostPort":"5353"}]"#,
+        r#"},"connectAddrs":null}"#
+    ));
+    w.wait_log("published", 2);
+    assert!(w.logs().contains("on [::]:8080 (IPv4 and IPv6)"), "{}", w.logs());
+
+    for url in ["http://127.0.0.1:8080/hello.txt", "http://[::1]:8080/hello.txt", "http://192.168.143.2:8080/hello.txt"]
+    {
+        assert_eq!(curl(&w.def, url).as_deref(), Some("from the distro\n"), "{url}:\n{}", w.logs());
+    }
+    for host in ["127.0.0.1", "::1"] {
+        assert_eq!(w.udp_echo(host, 5353, None), "echo:hello0 echo:hello1", "udp {host}:\n{}", w.logs());
+    }
+    // Replies come from the address the client wrote to, not the kernel's
+    // pick for the way back (127.0.0.1, fd00:143::2), which a connected
+    // client would drop.
+    assert_eq!(w.udp_echo("127.0.0.2", 5353, None), "echo:hello0 echo:hello1", "{}", w.logs());
+    assert_eq!(w.udp_echo("fd00:143::3", 5353, Some("fd00:143::2")), "echo:hello0 echo:hello1", "{}", w.logs());
+    assert_eq!(w.log_count(r#""7000/sctp""#), 1, "the bad key is logged once:\n{}", w.logs());
+    assert_eq!(w.log_count("ignoring port mapping"), 0, "{}", w.logs());
+
+    // A removal with bad entries removes the good ones.
+    w.send(concat!(
+        r#"{"remove":true,"ports":{"#,
+        r#""7000/sctp":[{"HostIp":"","HostPort":"7000"}],"#,
+        r#""8080/tcp":[{"HostIp":"","HostPort":"8080"},{"HostIp":"not-an-ip","HostPort":"8080"}]"#,
+        r#"},"connectAddrs":null}"#
+    ));
+    w.wait_log("removed *:8080/tcp", 1);
+    assert_eq!(curl(&w.def, "http://127.0.0.1:8080/hello.txt"), None, "{}", w.logs());
+    assert_eq!(curl(&w.def, "http://[::1]:8080/hello.txt"), None, "{}", w.logs());
+    assert_eq!(w.log_count(r#""7000/sctp""#), 2, "{}", w.logs());
+    assert_eq!(w.log_count(r#"HostIp "not-an-ip""#), 1, "{}", w.logs());
+    // The UDP port, not named in the removal, stays.
+    assert_eq!(w.udp_echo("::1", 5353, None), "echo:hello0 echo:hello1", "{}", w.logs());
+
+    let status = w.proxy.terminate(Duration::from_secs(10)).expect("wsl-proxy did not exit on SIGTERM");
+    assert_eq!(status.code(), Some(0), "exit status {status:?}:\n{}", w.logs());
+    assert_eq!(machine_sock.exists(), machine_had_it, "the machine's /run was touched");
+}
+
+/// A bad flag value is a usage error (exit 2, Go's wording) found before
+/// anything is opened: no socket, no log file.
+#[test]
+fn bad_flag_values_exit_2_before_opening_anything() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("wsl-flags");
+    let sock = dir.join("s.sock");
+    let log = dir.join("l.log");
+    let cases = [
+        ("-udpBuffer=0", r#"invalid value "0" for flag -udpBuffer: must be between 1 and 1073741824"#),
+        ("-udpBuffer=8MB", r#"invalid value "8MB" for flag -udpBuffer: parse error"#),
+        ("-upstreamAddress=nowhere", r#"invalid value "nowhere" for flag -upstreamAddress: not an IP address"#),
+    ];
+    for (flag, message) in cases {
+        let out = Command::new(bin("wsl-proxy"))
+            .args([flag, &format!("-socketFile={}", sock.display()), &format!("-logfile={}", log.display())])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.starts_with(&format!("wsl-proxy: {message}\n")), "{flag}: {stderr}");
+        assert!(!sock.exists() && !log.exists(), "{flag}: something was opened");
+    }
+    // And a good value is taken.
+    let mut ok = Proc::spawn(
+        &dir,
+        Command::new(bin("wsl-proxy")).args([
+            "-udpBuffer=65536".to_string(),
+            format!("-socketFile={}", sock.display()),
+            format!("-logfile={}", log.display()),
+        ]),
+    );
+    assert!(wait_until(Duration::from_secs(10), || socket_exists(&sock)), "{}", ok.logs());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("UDP buffer 65536 bytes"), "{text}");
+    assert_eq!(ok.terminate(Duration::from_secs(10)).and_then(|s| s.code()), Some(0), "{}", ok.logs());
 }

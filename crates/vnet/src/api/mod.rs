@@ -185,7 +185,7 @@ where
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                tracing::debug!(peer = ?peer, error = %e, "API connection ended with an error");
+                tracing::debug!(peer = %peer.remote_addr(), error = %e, "API connection ended with an error");
             }
         }
         _ = tokio::time::sleep(CONN_LIFETIME) => {
@@ -283,7 +283,7 @@ fn closing(mut r: Response<Body>) -> Response<Body> {
 async fn handle(engine: &Rc<Engine>, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let post = req.method() == Method::POST;
-    tracing::debug!(method = %req.method(), %path, peer = ?peer, "API request");
+    tracing::debug!(method = %req.method(), %path, peer = %peer.remote_addr(), "API request");
     match path.as_str() {
         "/services/forwarder/all" => json(&engine.forwarder.list()),
         "/services/forwarder/expose" if !post => error(StatusCode::BAD_REQUEST, "post only"),
@@ -398,8 +398,7 @@ fn add_zone(engine: &Rc<Engine>, body: &[u8]) -> Response<Body> {
 
 /// A MAC address as Go prints one.
 fn mac_text(mac: &smoltcp::wire::EthernetAddress) -> String {
-    let b = mac.as_bytes();
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+    rdnet_wire::MacDisplay(mac.0).to_string()
 }
 
 /// gvproxy's `IPPool.Leases()`: address → MAC, the gateway's and the static

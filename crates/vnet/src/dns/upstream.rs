@@ -131,7 +131,10 @@ impl Upstreams {
         self.modified = modified;
         let servers = std::fs::read_to_string(RESOLV_CONF).map(|t| parse_resolv_conf(&t)).unwrap_or_default();
         if servers != self.host {
-            tracing::info!(?servers, "DNS upstreams from {RESOLV_CONF}");
+            tracing::info!(
+                "DNS upstreams from {RESOLV_CONF}: {}",
+                servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            );
         }
         self.host = servers;
     }

@@ -1,0 +1,79 @@
+//! A bound on log lines that a client of the control socket can cause.
+//!
+//! How this works: within each [`WINDOW`] at most [`BURST`] lines pass; the
+//! rest are counted, and the first line of a later window says how many
+//! were left out. One limiter is shared by every control connection, so
+//! neither one big message nor many small ones can flood the log. Time is
+//! passed in, so tests drive it.
+
+use std::time::{Duration, Instant};
+
+pub const WINDOW: Duration = Duration::from_secs(10);
+pub const BURST: u32 = 30;
+
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    start: Option<Instant>,
+    passed: u32,
+    suppressed: u64,
+}
+
+/// Whether to log, and how many lines were dropped since the last one.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Log { suppressed: u64 },
+    Quiet,
+}
+
+impl LogLimiter {
+    pub fn check(&mut self, now: Instant) -> Verdict {
+        if self.start.is_none_or(|start| now.saturating_duration_since(start) >= WINDOW) {
+            self.start = Some(now);
+            self.passed = 0;
+        }
+        if self.passed < BURST {
+            self.passed += 1;
+            Verdict::Log { suppressed: std::mem::take(&mut self.suppressed) }
+        } else {
+            self.suppressed += 1;
+            Verdict::Quiet
+        }
+    }
+}
+
+/// `limited!(level, limiter, "fmt", args…)`: logs through a
+/// `std::sync::Mutex<LogLimiter>`, adding how many lines were left out.
+macro_rules! limited {
+    ($level:ident, $limiter:expr, $($arg:tt)+) => {{
+        let verdict = match $limiter.lock() {
+            Ok(mut l) => l.check(std::time::Instant::now()),
+            Err(poisoned) => poisoned.into_inner().check(std::time::Instant::now()),
+        };
+        if let $crate::ratelimit::Verdict::Log { suppressed } = verdict {
+            if suppressed > 0 {
+                tracing::$level!("{} ({suppressed} similar lines left out)", format_args!($($arg)+));
+            } else {
+                tracing::$level!($($arg)+);
+            }
+        }
+    }};
+}
+pub(crate) use limited;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bursts_then_quiet_then_reports() {
+        let mut l = LogLimiter::default();
+        let t0 = Instant::now();
+        for _ in 0..BURST {
+            assert_eq!(l.check(t0), Verdict::Log { suppressed: 0 });
+        }
+        assert_eq!(l.check(t0 + Duration::from_secs(1)), Verdict::Quiet);
+        assert_eq!(l.check(t0 + WINDOW - Duration::from_millis(1)), Verdict::Quiet);
+        assert_eq!(l.check(t0 + WINDOW), Verdict::Log { suppressed: 2 });
+        assert_eq!(l.check(t0 + WINDOW), Verdict::Log { suppressed: 0 });
+    }
+}
