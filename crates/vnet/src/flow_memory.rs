@@ -7,11 +7,14 @@
 //! Two writers touch them, and each is told apart here before it writes:
 //!
 //! - *A host read*, into the free space that smoltcp's `send` offers in the
-//!   transmit buffer. The slice is known when the read is made, so its start
-//!   is committed just before: [`READ_AHEAD`] bytes, or as many as the
-//!   region already holds when that is more (growth by doubling, as a `Vec`
-//!   grows), so a flow moving a few bytes commits one chunk and a bulk flow
-//!   soon reads as much per call as it would with no commits at all.
+//!   transmit buffer. Where that space is not committed yet, the read goes
+//!   to a small buffer on the stack first ([`HostRead::Probe`]) and only the
+//!   bytes that arrived are committed and copied in, so a connection whose
+//!   host is silent commits nothing however often its task is woken. Where
+//!   it is committed (data is flowing), the read goes straight into the
+//!   buffer, committing ahead [`READ_AHEAD`] bytes or as many as the region
+//!   already holds when that is more (growth by doubling, as a `Vec` grows):
+//!   a bulk flow soon reads as much per call as with no commits at all.
 //! - *smoltcp*, placing a guest segment's payload into the receive ring.
 //!   That ring maps sequence numbers onto positions linearly: the byte with
 //!   sequence number S sits at (S − origin) mod capacity, where origin is the
@@ -35,8 +38,20 @@ use smoltcp::wire::{TcpPacket, TcpSeqNumber};
 
 use crate::sys::{CommitError, LazyRegion};
 
-/// The least a host read may fill (and so commit) at once.
+/// The least a host read into committed memory may fill (and commit) at once.
 pub const READ_AHEAD: usize = 64 * 1024;
+/// The most a probing host read takes (the stack buffer's size).
+pub const PROBE: usize = crate::sys::CHUNK;
+
+/// How to make a host read into the transmit buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRead {
+    /// Straight into the first `n` bytes of the offered slice (committed).
+    Direct(usize),
+    /// Into a stack buffer of at most [`PROBE`] bytes, then
+    /// [`FlowMemory::commit_probe`] and a copy: nothing is committed here yet.
+    Probe,
+}
 
 pub struct FlowMemory {
     region: LazyRegion,
@@ -120,14 +135,26 @@ impl FlowMemory {
         origin.wrapping_add(self.taken).wrapping_add(recv_queue as u32)
     }
 
-    /// How much of `buf`, a slice of the transmit buffer that smoltcp's
-    /// `send` offers, a host read may fill; commits that much first.
-    pub fn before_host_read(&mut self, buf: &[u8]) -> Result<usize, CommitError> {
-        let Some(offset) = self.region.offset_of(buf.as_ptr()) else { return Ok(buf.len()) };
+    /// How a host read into `buf`, a slice of the transmit buffer that
+    /// smoltcp's `send` offers, is to be made; for a direct read, commits
+    /// what it may fill first.
+    pub fn before_host_read(&mut self, buf: &[u8]) -> Result<HostRead, CommitError> {
+        let Some(offset) = self.region.offset_of(buf.as_ptr()) else { return Ok(HostRead::Direct(buf.len())) };
+        if buf.is_empty() || !self.region.is_committed_at(offset) {
+            return Ok(HostRead::Probe);
+        }
         let n = buf.len().min(READ_AHEAD.max(self.region.committed()));
         self.region.commit(offset, n)?;
         self.dirty = true;
-        Ok(n)
+        Ok(HostRead::Direct(n))
+    }
+
+    /// A probing read brought `n` bytes: commits the start of `buf` for
+    /// them (the caller then copies them in).
+    pub fn commit_probe(&mut self, buf: &[u8], n: usize) -> Result<(), CommitError> {
+        let Some(offset) = self.region.offset_of(buf.as_ptr()) else { return Ok(()) };
+        self.dirty = true;
+        self.region.commit(offset, n.min(buf.len()))
     }
 
     /// `n` bytes were taken out of the receive buffer.
@@ -363,16 +390,30 @@ mod tests {
         // Host → guest: a "host read" into what `send` offers.
         let out = pattern(0, 3000);
         let Rig { sockets, handle, memory, .. } = &mut rig;
-        let n = sockets
-            .get_mut::<tcp::Socket>(*handle)
+        let socket = sockets.get_mut::<tcp::Socket>(*handle);
+        // Nothing committed in the transmit buffer: the first read probes
+        // (and commits only what arrived), the next goes straight in.
+        let before = memory.committed();
+        let n = socket
             .send(|buf| {
-                let room = memory.before_host_read(buf).unwrap();
-                let n = room.min(out.len());
+                assert_eq!(memory.before_host_read(buf).unwrap(), HostRead::Probe);
+                let n = 1000;
+                memory.commit_probe(buf, n).unwrap();
                 buf[..n].copy_from_slice(&out[..n]);
                 (n, n)
             })
             .unwrap();
-        assert_eq!(n, 3000);
+        assert_eq!(n, 1000);
+        assert_eq!(memory.committed(), before + CHUNK);
+        let n = socket
+            .send(|buf| {
+                let HostRead::Direct(room) = memory.before_host_read(buf).unwrap() else { panic!("a probe again") };
+                let n = room.min(2000);
+                buf[..n].copy_from_slice(&out[1000..1000 + n]);
+                (n, n)
+            })
+            .unwrap();
+        assert_eq!(n, 2000);
         rig.now += 1;
         rig.iface.poll(Instant::from_millis(rig.now), &mut rig.wire, &mut rig.sockets);
         assert!(rig.wire.tx.iter().any(|p| p.len() > 40), "data went out");

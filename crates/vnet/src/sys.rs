@@ -180,6 +180,11 @@ impl LazyRegion {
         self.committed_chunks * CHUNK
     }
 
+    /// Whether the byte at `offset` is committed.
+    pub fn is_committed_at(&self, offset: usize) -> bool {
+        offset < self.len && self.is_committed(offset / CHUNK)
+    }
+
     fn is_committed(&self, chunk: usize) -> bool {
         self.bits[chunk / 64] & (1 << (chunk % 64)) != 0
     }

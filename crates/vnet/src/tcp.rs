@@ -75,7 +75,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::engine::Engine;
-use crate::flow_memory::FlowMemory;
+use crate::flow_memory::{FlowMemory, HostRead, PROBE};
 use crate::frame::{ETH_HEADER, IPV4_HEADER};
 
 /// How long a flow's buffers stay empty before their memory is given back
@@ -836,16 +836,42 @@ where
             // memory committed first: a refusal resets the connection).
             while !io.host_eof && socket.may_send() && socket.send_queue() < socket.send_capacity() {
                 let r = socket.send(|buf| {
-                    let room = match memory.as_mut().map(|m| m.before_host_read(buf)) {
-                        Some(Ok(n)) => n,
-                        Some(Err(e)) => return (0, Poll::Ready(Err(io::Error::other(e)))),
-                        None => buf.len(),
+                    let plan = match memory.as_mut() {
+                        Some(m) => m.before_host_read(buf),
+                        None => Ok(HostRead::Direct(buf.len())),
                     };
-                    let mut rb = ReadBuf::new(&mut buf[..room]);
-                    match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
-                        Poll::Ready(Ok(())) => (rb.filled().len(), Poll::Ready(Ok(rb.filled().len()))),
-                        Poll::Ready(Err(e)) => (0, Poll::Ready(Err(e))),
-                        Poll::Pending => (0, Poll::Pending),
+                    match plan {
+                        Ok(HostRead::Direct(room)) => {
+                            let mut rb = ReadBuf::new(&mut buf[..room]);
+                            match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+                                Poll::Ready(Ok(())) => (rb.filled().len(), Poll::Ready(Ok(rb.filled().len()))),
+                                Poll::Ready(Err(e)) => (0, Poll::Ready(Err(e))),
+                                Poll::Pending => (0, Poll::Pending),
+                            }
+                        }
+                        // Nothing committed where the data would go: read
+                        // what is there first, then commit for it.
+                        Ok(HostRead::Probe) => {
+                            let mut scratch = [0u8; PROBE];
+                            let want = PROBE.min(buf.len());
+                            let mut rb = ReadBuf::new(&mut scratch[..want]);
+                            match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+                                Poll::Ready(Ok(())) => {
+                                    let n = rb.filled().len();
+                                    let committed = memory.as_mut().map_or(Ok(()), |m| m.commit_probe(buf, n));
+                                    match committed {
+                                        Ok(()) => {
+                                            buf[..n].copy_from_slice(&scratch[..n]);
+                                            (n, Poll::Ready(Ok(n)))
+                                        }
+                                        Err(e) => (0, Poll::Ready(Err(io::Error::other(e)))),
+                                    }
+                                }
+                                Poll::Ready(Err(e)) => (0, Poll::Ready(Err(e))),
+                                Poll::Pending => (0, Poll::Pending),
+                            }
+                        }
+                        Err(e) => (0, Poll::Ready(Err(io::Error::other(e)))),
                     }
                 });
                 match r {
