@@ -21,6 +21,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
+# The Windows build and what running it under Wine needs (scripts/wine-e2e prepare).
+WIN_REL = os.path.join(ROOT, "target", "x86_64-pc-windows-gnu", "release")
+WINE_DIR = os.environ.get("RDNET_WINE_DIR") or os.path.join(ROOT, "target", "wine")
 HOST_ALIAS = "192.168.127.254"
 GUEST_IP = "192.168.127.2"
 
@@ -28,6 +31,7 @@ SECONDS = 4
 REPEAT = 3
 procs = []
 namespaces = []
+wine_server_dirs = []
 tmpdir = tempfile.mkdtemp(prefix="rdnet-bench-")
 
 
@@ -53,9 +57,10 @@ def nsx(ns, *args, **kw):
     return sh("ip", "netns", "exec", ns, *args, **kw)
 
 
-def spawn(ns, *args, log=None):
+def spawn(ns, *args, log=None, env=None):
     out = open(os.path.join(tmpdir, log or f"p{len(procs)}.log"), "w")
-    p = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=out, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=out, stderr=subprocess.STDOUT,
+                         env=None if env is None else {**os.environ, **env})
     procs.append(p)
     return p
 
@@ -82,6 +87,8 @@ def cleanup():
                 pass
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+    for d in wine_server_dirs:
+        shutil.rmtree(d, ignore_errors=True)
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -237,6 +244,117 @@ class SwitchWorld:
         # `ip netns exec` execs the program, so this is normally self.hs.pid;
         # checked by name so the CPU and memory rows never read a wrapper.
         return program_pid(self.hs, "host-switch")
+
+
+def find_wine():
+    for w in ("wine64", "/usr/lib/wine/wine64", "wine"):
+        if shutil.which(w):
+            return shutil.which(w)
+    return None
+
+
+# vm-switch's link is a TCP connection made in the host namespace and
+# inherited as fd 3 (-vsock-fd) by vm-switch, which nsenter starts in the
+# guest namespace: no relay copies the frames.
+TCP_LINK = """
+import os, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+class TcpLinkWorld:
+    """host-switch listening on tcp://127.0.0.1:6656 in a loopback-only host
+    namespace, the way the Windows build is run under Wine (Wine has no
+    Hyper-V sockets, and its unix sockets are not what Windows uses);
+    vm-switch in a guest namespace. With `wine`, host-switch.exe runs under
+    Wine with a private prefix, so its wineserver (which owns the sockets of
+    every Wine process) starts inside the host namespace."""
+
+    def __init__(self, mtu, wine=None):
+        self.h = ns_add("bwh")
+        self.g = ns_add("bwg")
+        port = 6656
+        tag = f"{'wine' if wine else 'linux'}-{mtu}"
+        env = None
+        if wine:
+            prefix = os.path.join(tmpdir, f"prefix-{tag}")
+            template = os.path.join(WINE_DIR, "prefix")
+            # Hard links to the template; the registry files, which Wine
+            # rewrites, as copies.
+            sh("cp", "-al", template, prefix)
+            for f in os.listdir(template):
+                if f.endswith(".reg"):
+                    os.remove(os.path.join(prefix, f))
+                    shutil.copy(os.path.join(template, f), os.path.join(prefix, f))
+            bindir = os.path.join(tmpdir, f"bin-{tag}")
+            os.makedirs(bindir)
+            exe = os.path.join(bindir, "host-switch.exe")
+            try:
+                os.link(os.path.join(WIN_REL, "host-switch.exe"), exe)
+            except OSError:
+                shutil.copy(os.path.join(WIN_REL, "host-switch.exe"), exe)
+            shutil.copy(os.path.join(WINE_DIR, "bcryptprimitives.dll"), bindir)
+            try:
+                with open(os.path.join(prefix, "wineserver")) as f:
+                    st = os.stat(prefix)
+                    wine_server_dirs.append(os.path.join(tempfile.gettempdir(), f.read().strip(),
+                                                         f"server-{st.st_dev:x}-{st.st_ino:x}"))
+            except OSError:
+                pass
+            env = {"WINEPREFIX": prefix, "WINEDEBUG": "-all",
+                   "WINEDLLOVERRIDES": "mscoree,mshtml=;bcryptprimitives=n,b", "DISPLAY": ""}
+            args = [wine, exe]
+        else:
+            args = [os.path.join(REL, "host-switch")]
+        args += ["--listen", f"tcp://127.0.0.1:{port}", "--mtu", str(mtu)]
+        self.hs = spawn(self.h, *args, log=f"host-switch-{tag}.log", env=env)
+        if not wait_for(lambda: listening(self.h, port), 120):
+            raise RuntimeError(f"host-switch ({tag}) did not listen")
+        self.vs = spawn(self.h, "python3", "-c", TCP_LINK, str(port), "nsenter", f"--net=/run/netns/{self.g}", "--",
+                        os.path.join(REL, "vm-switch"), "--mtu", str(mtu), "--resolv-conf",
+                        os.path.join(tmpdir, f"resolv-{tag}"), "-logfile", os.path.join(tmpdir, f"vm-switch-{tag}.log"))
+        if not wait_for(lambda: "inet " in nsx(self.g, "ip", "-4", "addr", "show", "dev", "eth0", check=False), 60):
+            raise RuntimeError(f"guest ({tag}) got no lease")
+        spawn(self.h, "iperf3", "-s", "-B", "127.0.0.1", "-p", "5201")
+        wait_for(lambda: listening(self.h, 5201))
+
+    def stop(self):
+        stop(self.vs)
+        stop(self.hs)
+
+
+def windows_rows(mtu):
+    """The Windows build under Wine against the Linux build, both serving
+    the guest over TCP loopback: the baseline for thread-free I/O on
+    Windows (overlapped I/O instead of bridge threads)."""
+    wine = find_wine()
+    missing = [what for what, ok in (
+        ("wine", wine),
+        (f"{WIN_REL}/host-switch.exe (cargo build --release --target x86_64-pc-windows-gnu -p host-switch)",
+         os.path.exists(os.path.join(WIN_REL, "host-switch.exe"))),
+        (f"{WINE_DIR} (scripts/wine-e2e prepare)", os.path.exists(os.path.join(WINE_DIR, "prefix", ".rdnet-ready"))),
+    ) if not ok]
+    if missing:
+        row(f"host-switch.exe under Wine, MTU {mtu}", None, "Gbit/s", None, "missing " + ", ".join(missing))
+        return
+    base = {}
+    for label, w in (("host-switch (Linux)", None), ("host-switch.exe under Wine", wine)):
+        try:
+            world = TcpLinkWorld(mtu, wine=w)
+        except RuntimeError as e:
+            row(f"{label} over TCP loopback, MTU {mtu}", None, "Gbit/s", None, str(e))
+            return
+        for name, reverse in (("guest→host", False), ("host→guest", True)):
+            v = gbps(median_of(lambda: iperf(world.g, HOST_ALIAS, 5201, reverse=reverse)))
+            if w is None:
+                base[name] = v
+            row(f"{label} over TCP loopback, {name}, MTU {mtu}", v, "Gbit/s", base.get(name),
+                "baseline for the Wine rows" if w is None else "ratio to the Linux build")
+        world.stop()
 
 
 # ---------------------------------------------------------------- runs
@@ -435,12 +553,19 @@ def main():
     ap.add_argument("--seconds", type=int, default=SECONDS)
     ap.add_argument("--repeat", type=int, default=REPEAT, help="runs per TCP and rr/crr row; the median is shown")
     ap.add_argument("--quick", action="store_true", help="MTU 1500 only, no slirp4netns/pasta")
+    ap.add_argument("--no-windows", action="store_true", help="skip the Windows build under Wine")
+    ap.add_argument("--only-windows", action="store_true", help="only the Windows build under Wine rows")
     a = ap.parse_args()
     SECONDS = a.seconds
     REPEAT = max(1, a.repeat)
     kernel, switch = {}, {}
     mtus = [1500] if a.quick else [1500, 65520]
     print(f"{'row':<50} {'value':>10} {'unit':<8} {'ratio':>7}")
+    if not a.no_windows:
+        for mtu in mtus:
+            windows_rows(mtu)
+    if a.only_windows:
+        return
     for mtu in mtus:
         tcp_rows(mtu, kernel, switch)
         if not a.quick:

@@ -67,19 +67,16 @@ pub struct FlowMemory {
 }
 
 impl FlowMemory {
-    /// Reserves a region for an `rx_len`-byte receive buffer and a
-    /// `tx_len`-byte transmit buffer and hands out the two buffers (see
-    /// [`LazyRegion`] for their contract: this value must outlive them).
-    /// `None` if the address space cannot be reserved, or `rx_len` is not a
-    /// power of two (the sequence mapping needs one).
-    pub fn new(rx_len: usize, tx_len: usize) -> Option<(FlowMemory, &'static mut [u8], &'static mut [u8])> {
-        if !rx_len.is_power_of_two() || rx_len > 1 << 31 {
+    /// Takes charge of `region`, already split at `rx_len` into the receive
+    /// and transmit buffers (whose contract, [`LazyRegion`]'s, stays with
+    /// the caller: this value owns the region and must outlive them).
+    /// `None` unless `rx_len` is a power of two inside the region (the
+    /// sequence mapping needs one).
+    pub fn new(region: LazyRegion, rx_len: usize) -> Option<FlowMemory> {
+        if !rx_len.is_power_of_two() || rx_len > 1 << 31 || rx_len > region.len() {
             return None;
         }
-        let mut region = LazyRegion::new(rx_len.checked_add(tx_len)?)?;
-        let (rx, tx) = region.split(rx_len)?;
-        let memory = FlowMemory { region, rx_len, origin: None, taken: 0, furthest: None, dirty: false };
-        Some((memory, rx, tx))
+        Some(FlowMemory { region, rx_len, origin: None, taken: 0, furthest: None, dirty: false })
     }
 
     /// The guest's SYN (sequence number `syn_seq`) was accepted by smoltcp.
@@ -282,7 +279,7 @@ mod tests {
 
     impl Rig {
         fn new() -> Rig {
-            let (memory, rx, tx) = FlowMemory::new(RX, 4 * CHUNK).unwrap();
+            let (memory, rx, tx) = flow_memory(RX, 4 * CHUNK).unwrap();
             let mut wire = Wire::default();
             let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut wire, Instant::from_millis(0));
             iface.update_ip_addrs(|a| a.push(IpCidr::new(IpAddress::Ipv4(US), 24)).unwrap());
@@ -325,6 +322,13 @@ mod tests {
             }
             out
         }
+    }
+
+    /// A region split into the two buffers, as `tcp.rs` makes one.
+    fn flow_memory(rx: usize, tx: usize) -> Option<(FlowMemory, &'static mut [u8], &'static mut [u8])> {
+        let mut region = crate::sys::LazyRegion::new(rx + tx)?;
+        let (a, b) = region.split(rx)?;
+        Some((FlowMemory::new(region, rx)?, a, b))
     }
 
     fn pattern(from: usize, n: usize) -> Vec<u8> {
@@ -436,7 +440,7 @@ mod tests {
 
     #[test]
     fn out_of_window_data_commits_nothing() {
-        let (mut m, _rx, _tx) = FlowMemory::new(RX, CHUNK).unwrap();
+        let (mut m, _rx, _tx) = flow_memory(RX, CHUNK).unwrap();
         m.set_origin(TcpSeqNumber(999));
         // Before rcv_nxt (an old retransmission) and far past the window.
         m.before_guest_data(900, 50, 0).unwrap();
@@ -448,6 +452,6 @@ mod tests {
         m.taken(RX - 10);
         m.before_guest_data(1000 + RX as u32 - 10, 20, 0).unwrap();
         assert_eq!(m.committed(), 2 * CHUNK, "last chunk and first chunk");
-        assert!(FlowMemory::new(3 * CHUNK, CHUNK).is_none(), "the ring must be a power of two");
+        assert!(flow_memory(3 * CHUNK, CHUNK).is_none(), "the ring must be a power of two");
     }
 }

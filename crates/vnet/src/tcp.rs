@@ -76,6 +76,7 @@ use tokio::net::TcpStream;
 
 use crate::engine::Engine;
 use crate::flow_memory::{FlowMemory, HostRead, PROBE};
+use crate::sys::LazyRegion;
 use crate::frame::{ETH_HEADER, IPV4_HEADER};
 
 /// How long a flow's buffers stay empty before their memory is given back
@@ -566,7 +567,9 @@ where
 /// when the address space cannot be had. The memory must outlive the
 /// socket: keep both in the same `FlowState`, socket set first.
 fn new_socket() -> Option<(tcp::Socket<'static>, FlowMemory)> {
-    let (memory, rx, tx) = FlowMemory::new(RX_BUFFER, TX_BUFFER)?;
+    let mut region = LazyRegion::new(RX_BUFFER + TX_BUFFER)?;
+    let (rx, tx) = region.split(RX_BUFFER)?;
+    let memory = FlowMemory::new(region, RX_BUFFER)?;
     let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     socket.set_nagle_enabled(false);
     socket.set_ack_delay(None);
