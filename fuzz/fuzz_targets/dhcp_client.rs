@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use rdnet_guest::dhcp_client::{ClientConfig, DhcpClient, Output};
+use rdnet_guest::dhcp_script::ScriptEvent;
 use rdnet_link::codec::{Decoder, Framing};
 
 const MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];
@@ -25,9 +26,14 @@ fn drain(c: &mut DhcpClient, xid: &mut [u8; 4]) {
                 assert!(f.len() >= XID_AT + 4);
                 xid.copy_from_slice(&f[XID_AT..XID_AT + 4]);
             }
-            Output::Configure(lease) | Output::Deconfigure(lease) => {
+            Output::Configure(lease) | Output::Renew(lease) | Output::Deconfigure(lease) => {
                 let _ = lease.to_string();
+                let _ = ScriptEvent::Bound(&lease).environment("eth0");
             }
+            Output::Nak(nak) => {
+                let _ = ScriptEvent::Nak(&nak).environment("eth0");
+            }
+            Output::LeaseFail => {}
         }
     }
 }

@@ -18,51 +18,94 @@
 //! for the header each tap read and write carries). With the inherited
 //! descriptor (`-vsock-fd`) the program ends with its only session: status
 //! 0 on EOF, 1 on an error. With `--connect` a lost link is redialled with
-//! backoff (100 ms doubling to 2 s), keeping the same tap. SIGTERM and
-//! SIGINT end the program cleanly; the tap goes away with its descriptor.
+//! backoff (100 ms doubling to 2 s), keeping the same tap.
+//!
+//! With `-dhcp-script` the DHCP task configures nothing itself: it runs the
+//! script for each of the client's events, as busybox udhcpc does, one at a
+//! time (see `script.rs`). `-trace-packets` logs one decoded line per frame
+//! crossing the link, both ways; the switch is a single flag read with one
+//! relaxed atomic load per frame, which SIGUSR1 flips at run time.
+//! SIGTERM, SIGINT and SIGHUP end the program cleanly (status 0), and the
+//! tap goes away with its descriptor; every other signal that would end it
+//! by default is caught and logged (`signals.rs`).
 
 use std::future::pending;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use rdnet_cli::{LogOptions, error_chain, init_logging};
+use rdnet_cli::{LogOptions, error_chain, init_logging, out_of_range};
 use rdnet_guest::configure::{apply_lease, remove_lease, write_resolv_conf};
 use rdnet_guest::dhcp_client::{ClientConfig, DhcpClient, Output};
+use rdnet_guest::dhcp_script::ScriptEvent;
 use rdnet_guest::frame::{Mac, MacDisplay, is_dhcp_client_frame, parse_mac};
 use rdnet_guest::netlink::{Netlink, NetlinkError};
 use rdnet_guest::tap::{Tap, TapError};
+use rdnet_guest::trace::PacketSummary;
 use rdnet_guest::vnet_hdr::{GSO_NONE, complete_from_tap, header_to_tap};
+use rdnet_link::http_connect::{self, RefuseHttpAnswer};
 use rdnet_link::offload::{self, Hello, Role};
 use rdnet_link::{Decoder, Endpoint, EndpointError, FrameReader, FrameWriter, Framing, LinkError, LinkStream, dial};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::Opts;
+use crate::script::Script;
+use crate::signals::{Event as SignalEvent, Signals};
 
 /// Bytes queued for the link before a flush even if the tap has more.
 const BATCH_BYTES: usize = 256 * 1024;
 const REDIAL_MIN: Duration = Duration::from_millis(100);
 const REDIAL_MAX: Duration = Duration::from_secs(2);
 const ETH_HEADER: u32 = 14;
+const MIN_MTU: u32 = 68;
+const MAX_MTU: u32 = 65521;
+
+/// Whether each frame crossing the link is logged (`-trace-packets`,
+/// flipped by SIGUSR1).
+static TRACE: AtomicBool = AtomicBool::new(false);
+const VM_TO_HOST: &str = "vm→host";
+const HOST_TO_VM: &str = "host→vm";
+
+/// Flips packet tracing; returns whether it is on now.
+pub(crate) fn toggle_trace() -> bool {
+    !TRACE.fetch_xor(true, Ordering::Relaxed)
+}
+
+/// Logs `frame` when tracing is on: one relaxed load when it is off.
+#[inline(always)]
+fn trace(direction: &str, frame: &[u8]) {
+    if TRACE.load(Ordering::Relaxed) {
+        trace_line(direction, frame);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn trace_line(direction: &str, frame: &[u8]) {
+    info!("{direction} {}", PacketSummary(frame));
+}
+
+/// A flag's value that cannot work, worded as Go's flag package words it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value {value:?} for flag -{flag}: {reason}")]
+pub struct BadFlag {
+    flag: &'static str,
+    value: String,
+    reason: String,
+}
+
+fn bad(flag: &'static str, value: impl ToString, reason: impl ToString) -> BadFlag {
+    BadFlag { flag, value: value.to_string(), reason: reason.to_string() }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid -tap-mac-address {0:?}: expected six hex bytes such as 5a:94:ef:e4:0c:ee")]
-    BadMac(String),
-    #[error("invalid -tap-interface {0:?}")]
-    BadTapName(String),
-    #[error("invalid -subnet {0:?}: {1}")]
-    BadSubnet(String, String),
-    #[error("invalid --mtu {0}: must be between 68 and 65521")]
-    BadMtu(u32),
-    #[error("invalid --connect URL")]
-    BadUrl(#[source] EndpointError),
     #[error("-vsock-fd {fd}: no such open descriptor (was the host link passed?)")]
     NoFd { fd: i32 },
     #[error("tap interface {0} already exists; refusing to start")]
@@ -98,41 +141,66 @@ impl Error {
 
 /// Validated settings.
 #[derive(Debug, Clone)]
-struct Config {
+pub struct Config {
     tap: String,
     mac: Mac,
     subnet: Ipv4Net,
     endpoint: Endpoint,
     redial: bool,
+    /// Open each dialled link with gvproxy's `POST /connect`.
+    http_connect: bool,
     resolv_conf: PathBuf,
     dhcp: bool,
     mtu: u32,
     tap_mtu: Arc<AtomicU32>,
+    /// `-dhcp-script`, made absolute.
+    script: Option<PathBuf>,
+    trace: bool,
 }
 
 impl Config {
-    fn from_opts(o: &Opts) -> Result<Config, Error> {
-        let mac = parse_mac(&o.tap_mac_address).ok_or_else(|| Error::BadMac(o.tap_mac_address.clone()))?;
+    /// Checks every flag without opening or changing anything (the script
+    /// is only looked at).
+    pub fn from_opts(o: &Opts) -> Result<Config, BadFlag> {
+        let mac = parse_mac(&o.tap_mac_address).ok_or_else(|| {
+            bad("tap-mac-address", &o.tap_mac_address, "expected six hex bytes such as 5a:94:ef:e4:0c:ee")
+        })?;
         if !rdnet_guest::tap::valid_ifname(&o.tap_interface) {
-            return Err(Error::BadTapName(o.tap_interface.clone()));
+            return Err(bad(
+                "tap-interface",
+                &o.tap_interface,
+                "not an interface name (1 to 15 bytes without '/', ':' or spaces)",
+            ));
         }
-        let subnet: Ipv4Net =
-            o.subnet.parse().map_err(|e: ipnet::AddrParseError| Error::BadSubnet(o.subnet.clone(), e.to_string()))?;
+        let subnet: Ipv4Net = o.subnet.parse().map_err(|e: ipnet::AddrParseError| {
+            bad("subnet", &o.subnet, format!("{e} (expected an IPv4 prefix such as 192.168.127.0/24)"))
+        })?;
         // Gateway, device and host alias must fit (spec/COMPAT.md §2).
         if subnet.prefix_len() > 29 {
-            return Err(Error::BadSubnet(o.subnet.clone(), "prefix too small (at most /29)".into()));
+            return Err(bad("subnet", &o.subnet, "too small: the prefix must be /29 or shorter"));
         }
-        if !(68..=65521).contains(&o.mtu) {
-            return Err(Error::BadMtu(o.mtu));
+        if !(MIN_MTU..=MAX_MTU).contains(&o.mtu) {
+            return Err(bad("mtu", o.mtu, out_of_range(MIN_MTU, MAX_MTU)));
         }
         let (endpoint, redial) = match &o.connect {
-            Some(url) => (url.parse().map_err(Error::BadUrl)?, true),
+            Some(url) => (parse_connect_url(url).map_err(|e: EndpointError| bad("connect", url, e.reason))?, true),
             None => {
                 if o.vsock_fd < 0 {
-                    return Err(Error::NoFd { fd: o.vsock_fd });
+                    return Err(bad("vsock-fd", o.vsock_fd, "must be a descriptor number (0 or more)"));
                 }
                 (Endpoint::Fd(o.vsock_fd), false)
             }
+        };
+        let script = if o.dhcp_script.is_empty() {
+            None
+        } else {
+            let value = &o.dhcp_script;
+            if !o.dhcp {
+                return Err(bad("dhcp-script", value, "has no use with -dhcp=false"));
+            }
+            let path = Path::new(value);
+            crate::script::check(path).map_err(|reason| bad("dhcp-script", value, reason))?;
+            Some(std::path::absolute(path).map_err(|e| bad("dhcp-script", value, e))?)
         };
         Ok(Config {
             tap: o.tap_interface.clone(),
@@ -140,10 +208,13 @@ impl Config {
             subnet: subnet.trunc(),
             endpoint,
             redial,
+            http_connect: redial && o.connect_http,
             resolv_conf: o.resolv_conf.clone(),
             dhcp: o.dhcp,
             mtu: o.mtu,
             tap_mtu: Arc::new(AtomicU32::new(o.mtu)),
+            script,
+            trace: o.trace_packets,
         })
     }
 
@@ -152,20 +223,17 @@ impl Config {
     }
 }
 
-pub fn main(opts: Opts) -> ExitCode {
+/// Runs vm-switch with a command line [`Config::from_opts`] accepted.
+pub fn main(opts: &Opts, cfg: Config) -> ExitCode {
     // The inherited link descriptor must be checked before anything (the
     // log file, the runtime) could be given its number.
-    let inherited_ok = opts.connect.is_some() || fd_is_open(opts.vsock_fd);
+    let inherited_ok = cfg.redial || fd_is_open(opts.vsock_fd);
     init_logging(&LogOptions { logfile: Some(opts.logfile.clone()), debug: opts.debug });
-    let result = if inherited_ok { run(&opts) } else { Err(Error::NoFd { fd: opts.vsock_fd }) };
+    TRACE.store(cfg.trace, Ordering::Relaxed);
+    let result = if inherited_ok { run(cfg) } else { Err(Error::NoFd { fd: opts.vsock_fd }) };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            let msg = error_chain(&e);
-            error!("{msg}");
-            eprintln!("vm-switch: {msg}");
-            ExitCode::FAILURE
-        }
+        Err(e) => rdnet_cli::runtime_error("vm-switch", &e),
     }
 }
 
@@ -177,21 +245,27 @@ fn fd_is_open(fd: i32) -> bool {
     !Path::new("/proc/self/fd").is_dir() || std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_ok()
 }
 
-fn run(opts: &Opts) -> Result<ExitCode, Error> {
-    let cfg = Config::from_opts(opts)?;
+fn run(cfg: Config) -> Result<ExitCode, Error> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
     rt.block_on(async {
-        let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
-        let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
-        tokio::select! {
-            r = switch(cfg) => r,
-            _ = sigterm.recv() => {
-                info!("SIGTERM: exiting");
-                Ok(ExitCode::SUCCESS)
-            }
-            _ = sigint.recv() => {
-                info!("SIGINT: exiting");
-                Ok(ExitCode::SUCCESS)
+        let mut signals = Signals::install().map_err(Error::Signal)?;
+        if cfg.trace {
+            info!("packet tracing on (SIGUSR1 toggles it)");
+        }
+        let sw = switch(cfg);
+        tokio::pin!(sw);
+        loop {
+            tokio::select! {
+                r = &mut sw => return r,
+                event = signals.next() => match event {
+                    SignalEvent::Exit(name) => {
+                        info!("{name}: exiting");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    SignalEvent::ToggleTrace => {
+                        info!("packet tracing {} (SIGUSR1)", if toggle_trace() { "on" } else { "off" });
+                    }
+                },
             }
         }
     })
@@ -275,6 +349,17 @@ async fn switch(cfg: Config) -> Result<ExitCode, Error> {
     }
 }
 
+/// A `--connect` URL: an endpoint, where gvisor-tap-vsock's form with the
+/// `/connect` path (`vsock://2:1024/connect`, `tcp://H:P/connect`) names the
+/// same endpoint (the path is what `POST /connect` asks for).
+fn parse_connect_url(url: &str) -> Result<Endpoint, EndpointError> {
+    let base = match url.strip_suffix(http_connect::CONNECT_PATH) {
+        Some(base) if base.starts_with("vsock://") || base.starts_with("tcp://") => base,
+        _ => url,
+    };
+    base.parse().map_err(|e: EndpointError| EndpointError { url: url.to_string(), ..e })
+}
+
 /// The session side of the DHCP task.
 struct DhcpLink {
     /// Frames from the link for the client.
@@ -295,9 +380,15 @@ async fn recv_or_pending(rx: &mut Option<&mut mpsc::Receiver<Vec<u8>>>) -> Optio
 /// (`Ok` on a clean EOF) or something fails. The session offers segmentation
 /// offload (`rdnet_link::offload`) and turns the tap's TSO on only while a
 /// host that answered the offer is connected.
-async fn session(link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: &Config) -> Result<(), Error> {
+async fn session(mut link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: &Config) -> Result<(), Error> {
     let max_frame = cfg.max_frame();
+    if cfg.http_connect {
+        link.write_all(&http_connect::connect_request()).await.map_err(Error::LinkWrite)?;
+    }
     let (rd, wr) = tokio::io::split(link);
+    // A peer that answers the POST with HTTP (gvproxy's 400 for a wrong
+    // path) instead of frames is reported as such.
+    let rd = if cfg.http_connect { RefuseHttpAnswer::new(rd) } else { RefuseHttpAnswer::passthrough(rd) };
     // Large frames come only from a host that agreed to send them, but
     // accepting them always costs nothing and keeps the framing in sync.
     let mut reader = FrameReader::new(rd, Decoder::new(Framing::U16Le, offload::MAX_LARGE_FRAME));
@@ -343,6 +434,7 @@ where
     let up = async {
         let mut dropped = RateLimit::new();
         let hello = offload::hello_frame(cfg.mac, [0xff; 6], Hello { role: Role::Vm, flags: offload::LARGE_TCP });
+        trace(VM_TO_HOST, &hello);
         let _ = writer.push(&hello);
         writer.flush().await.map_err(Error::LinkWrite)?;
         loop {
@@ -380,7 +472,11 @@ where
                             } else {
                                 None
                             };
-                            Ok(if drop_reason.is_some() { 0 } else { len })
+                            if drop_reason.is_some() {
+                                return Ok(0);
+                            }
+                            trace(VM_TO_HOST, frame);
+                            Ok(len)
                         });
                         match r {
                             Ok(_) => {
@@ -396,9 +492,11 @@ where
                     }
                 }
                 Some(frame) = recv_or_pending(&mut from_client) => {
+                    trace(VM_TO_HOST, &frame);
                     let _ = writer.push(&frame);
                     if let Some(rx) = from_client.as_mut() {
                         while let Ok(f) = rx.try_recv() {
+                            trace(VM_TO_HOST, &f);
                             let _ = writer.push(&f);
                         }
                     }
@@ -416,6 +514,7 @@ where
             match reader.next_frame_mut().await {
                 Ok(Some(frame)) => {
                     let frame: &mut [u8] = frame;
+                    trace(HOST_TO_VM, frame);
                     if let Some(tx) = &to_client
                         && is_dhcp_client_frame(frame, &cfg.mac)
                     {
@@ -496,6 +595,7 @@ fn spawn_dhcp(cfg: &Config, nl: Netlink) -> DhcpLink {
         tap_mtu: cfg.tap_mtu.clone(),
         subnet: cfg.subnet,
         current: None,
+        script: cfg.script.clone().map(Script::new),
     };
     tokio::spawn(task.run(rx, tx, link_up.clone()));
     DhcpLink { to_client, from_client, link_up }
@@ -513,6 +613,8 @@ struct DhcpTask {
     subnet: Ipv4Net,
     /// The lease last applied.
     current: Option<rdnet_guest::Lease>,
+    /// `-dhcp-script`: it, not vm-switch, applies the leases.
+    script: Option<Script>,
 }
 
 /// Whether a renewal changed nothing that is applied or logged.
@@ -523,6 +625,10 @@ fn same_settings(a: &rdnet_guest::Lease, b: &rdnet_guest::Lease) -> bool {
 
 impl DhcpTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Vec<u8>>, tx: mpsc::Sender<Vec<u8>>, link_up: Arc<Notify>) {
+        // As udhcpc: the script hears `deconfig` before anything else.
+        if let Some(script) = &self.script {
+            script.run(ScriptEvent::Deconfig, &self.ifname).await;
+        }
         loop {
             while let Some(out) = self.client.poll_output() {
                 match out {
@@ -530,35 +636,21 @@ impl DhcpTask {
                     Output::Transmit(frame) => {
                         let _ = tx.try_send(frame);
                     }
-                    Output::Configure(lease) => {
-                        let same = self.current.as_ref().is_some_and(|c| same_settings(c, &lease));
-                        if same {
-                            debug!("lease renewed: {lease}");
-                        } else {
-                            info!("lease {lease}");
+                    Output::Configure(lease) => self.lease_in_force(lease, false).await,
+                    Output::Renew(lease) => self.lease_in_force(lease, true).await,
+                    Output::Deconfigure(lease) => self.lease_ended(lease).await,
+                    Output::Nak(nak) => {
+                        let from = nak.server_id.map(|s| format!(" from {s}")).unwrap_or_default();
+                        let why = nak.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+                        info!("DHCP NAK{from}{why}");
+                        if let Some(script) = &self.script {
+                            script.run(ScriptEvent::Nak(&nak), &self.ifname).await;
                         }
-                        self.current = Some(lease.clone());
-                        if !self.subnet.contains(&lease.address) {
-                            warn!("leased address {} is outside -subnet {}", lease.address, self.subnet);
-                        }
-                        let applied = apply_lease(&self.nl, &self.ifname, &lease, Some(self.max_mtu)).await;
-                        if let Ok(Some(mtu)) = applied {
-                            self.tap_mtu.store(mtu, Ordering::Relaxed);
-                        }
-                        match applied {
-                            Ok(Some(mtu)) if lease.mtu.is_some_and(|m| u32::from(m) != mtu) => {
-                                warn!("DHCP MTU {} capped at --mtu {mtu}", lease.mtu.unwrap_or_default())
-                            }
-                            Ok(_) => {}
-                            Err(e) => warn!("applying the lease to {} failed: {}", self.ifname, error_chain(&e)),
-                        }
-                        self.write_dns(&lease);
                     }
-                    Output::Deconfigure(lease) => {
-                        self.current = None;
-                        info!("lease {}/{} ended: removing the address", lease.address, lease.prefix_len);
-                        if let Err(e) = remove_lease(&self.nl, &self.ifname, &lease).await {
-                            warn!("removing the lease from {} failed: {}", self.ifname, error_chain(&e));
+                    Output::LeaseFail => {
+                        info!("no DHCP lease yet; still trying");
+                        if let Some(script) = &self.script {
+                            script.run(ScriptEvent::LeaseFail, &self.ifname).await;
                         }
                     }
                 }
@@ -580,6 +672,61 @@ impl DhcpTask {
                 _ = timer => self.client.handle_timeout(Instant::now()),
                 _ = link_up.notified() => self.client.link_restored(Instant::now()),
             }
+        }
+    }
+
+    /// A new (`renewal` false) or renewed lease: hands it to the script, or
+    /// applies it.
+    async fn lease_in_force(&mut self, lease: rdnet_guest::Lease, renewal: bool) {
+        let same = self.current.as_ref().is_some_and(|c| same_settings(c, &lease));
+        if same {
+            debug!("lease renewed: {lease}");
+        } else {
+            info!("lease {lease}");
+        }
+        self.current = Some(lease.clone());
+        if !self.subnet.contains(&lease.address) {
+            warn!("leased address {} is outside -subnet {}", lease.address, self.subnet);
+        }
+        if let Some(script) = &self.script {
+            // The script sees the MTU this link can carry, as vm-switch
+            // itself would apply it.
+            let mut told = lease.clone();
+            told.mtu = lease.mtu.map(|m| m.min(u16::try_from(self.max_mtu).unwrap_or(u16::MAX)));
+            let event = if renewal { ScriptEvent::Renew(&told) } else { ScriptEvent::Bound(&told) };
+            script.run(event, &self.ifname).await;
+            // Large frames from the host are cut to whatever MTU it set.
+            if let Ok(Some(info)) = self.nl.link_info(&self.ifname).await
+                && let Some(mtu) = info.mtu
+            {
+                self.tap_mtu.store(mtu.min(self.max_mtu), Ordering::Relaxed);
+            }
+            return;
+        }
+        let applied = apply_lease(&self.nl, &self.ifname, &lease, Some(self.max_mtu)).await;
+        if let Ok(Some(mtu)) = applied {
+            self.tap_mtu.store(mtu, Ordering::Relaxed);
+        }
+        match applied {
+            Ok(Some(mtu)) if lease.mtu.is_some_and(|m| u32::from(m) != mtu) => {
+                warn!("DHCP MTU {} capped at --mtu {mtu}", lease.mtu.unwrap_or_default())
+            }
+            Ok(_) => {}
+            Err(e) => warn!("applying the lease to {} failed: {}", self.ifname, error_chain(&e)),
+        }
+        self.write_dns(&lease);
+    }
+
+    async fn lease_ended(&mut self, lease: rdnet_guest::Lease) {
+        self.current = None;
+        if let Some(script) = &self.script {
+            info!("lease {}/{} ended", lease.address, lease.prefix_len);
+            script.run(ScriptEvent::Deconfig, &self.ifname).await;
+            return;
+        }
+        info!("lease {}/{} ended: removing the address", lease.address, lease.prefix_len);
+        if let Err(e) = remove_lease(&self.nl, &self.ifname, &lease).await {
+            warn!("removing the lease from {} failed: {}", self.ifname, error_chain(&e));
         }
     }
 
@@ -641,6 +788,23 @@ mod tests {
     }
 
     #[test]
+    fn gvproxy_connect_urls_and_the_http_opening() {
+        let c = Config::from_opts(&opts(&["--connect", "vsock://2:1024/connect"])).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Vsock { cid: Some(2), port: 1024 });
+        assert!(c.http_connect);
+        let c =
+            Config::from_opts(&opts(&["--connect", "tcp://127.0.0.1:7777/connect", "-connect-http=false"])).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Tcp("127.0.0.1:7777".parse().unwrap()));
+        assert!(!c.http_connect);
+        // A unix socket's path is the whole path, /connect or not.
+        let c = Config::from_opts(&opts(&["--connect", "unix:///run/x/connect"])).unwrap();
+        assert_eq!(c.endpoint, Endpoint::Unix("/run/x/connect".into()));
+        // The inherited link speaks frames at once.
+        assert!(!Config::from_opts(&opts(&[])).unwrap().http_connect);
+        assert!(Config::from_opts(&opts(&["--connect", "vsock://2:x/connect"])).is_err());
+    }
+
+    #[test]
     fn go_style_flags() {
         let o = opts(&[
             "-debug",
@@ -677,6 +841,67 @@ mod tests {
         ] {
             assert!(Config::from_opts(&opts(args)).is_err(), "{args:?}");
         }
+    }
+
+    fn refusal(args: &[&str]) -> String {
+        match Config::from_opts(&opts(args)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{args:?} accepted"),
+        }
+    }
+
+    #[test]
+    fn refusals_read_as_go_flag_errors() {
+        assert_eq!(
+            refusal(&["-subnet", "garbage"]),
+            "invalid value \"garbage\" for flag -subnet: invalid IP address syntax \
+             (expected an IPv4 prefix such as 192.168.127.0/24)"
+        );
+        assert_eq!(
+            refusal(&["-subnet", "10.0.0.0/30"]),
+            "invalid value \"10.0.0.0/30\" for flag -subnet: too small: the prefix must be /29 or shorter"
+        );
+        assert_eq!(refusal(&["-mtu", "67"]), "invalid value \"67\" for flag -mtu: must be between 68 and 65521");
+        assert!(
+            refusal(&["-tap-mac-address", "nope"]).starts_with("invalid value \"nope\" for flag -tap-mac-address: ")
+        );
+        assert!(refusal(&["-vsock-fd", "-1"]).starts_with("invalid value \"-1\" for flag -vsock-fd: "));
+        assert!(refusal(&["--connect", "ftp://x"]).starts_with("invalid value \"ftp://x\" for flag -connect: "));
+    }
+
+    #[test]
+    fn dhcp_script_is_checked_at_start() {
+        let dir = std::env::temp_dir().join(format!("rdnet-vmsw-cfg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.sh");
+        assert_eq!(
+            refusal(&["-dhcp-script", missing.to_str().unwrap()]),
+            format!("invalid value {:?} for flag -dhcp-script: no such file", missing.display().to_string())
+        );
+        let script = dir.join("ok.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        assert!(refusal(&["-dhcp-script", script.to_str().unwrap()]).ends_with(": not executable"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let c = Config::from_opts(&opts(&["-dhcp-script", script.to_str().unwrap(), "-trace-packets"])).unwrap();
+        assert_eq!(c.script.as_deref(), Some(script.as_path()));
+        assert!(c.trace);
+        assert!(
+            refusal(&["-dhcp-script", script.to_str().unwrap(), "-dhcp=false"])
+                .ends_with("has no use with -dhcp=false")
+        );
+        // Empty, as Rancher Desktop passes it: vm-switch configures itself.
+        let c = Config::from_opts(&opts(&["-dhcp-script", ""])).unwrap();
+        assert!(c.script.is_none() && !c.trace);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn trace_toggles() {
+        let before = TRACE.load(Ordering::Relaxed);
+        assert_eq!(toggle_trace(), !before);
+        assert_eq!(toggle_trace(), before);
     }
 
     #[test]

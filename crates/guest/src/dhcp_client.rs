@@ -11,12 +11,23 @@
 //! valid OFFER wins) → REQUESTING (REQUEST broadcast naming the chosen server)
 //! → BOUND (ACK applied) → RENEWING at T1 (REQUEST unicast to the server's IP
 //! and to the MAC the ACK came from) → REBINDING at T2 (REQUEST broadcast) →
-//! at expiry, or on a NAK, the lease is removed and everything starts over.
+//! at expiry, or on a NAK, the lease is removed and everything starts over
+//! (after a NAK, with a 3 s pause first, as udhcpc).
 //! DISCOVER and REQUEST are retransmitted with exponential backoff (1 s
 //! doubling to 64 s, ±10 % jitter); a REQUEST unanswered four times restarts
 //! discovery; renewals are retried after half the remaining time (at least
 //! 60 s). Replies are only accepted with our transaction id and hardware
 //! address; anything else, malformed or not, is ignored.
+//!
+//! Besides frames and leases the client reports the events busybox udhcpc
+//! hands its `-s` script (vm-switch's `-dhcp-script`): a new lease
+//! ([`Output::Configure`], udhcpc's `bound`) is told apart from the same
+//! address renewed or rebound ([`Output::Renew`], `renew`); a NAK it acted
+//! on is [`Output::Nak`] (before the lease it ends is removed); and an
+//! attempt that got no lease is [`Output::LeaseFail`]: every
+//! [`ClientConfig::discover_attempts`] unanswered DISCOVERs (udhcpc's
+//! `-t 3`), and whenever REQUESTs for an offer go unanswered. The client
+//! keeps trying after a failure; only the caller's script learns of it.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -41,6 +52,8 @@ pub const MIN_RENEW_RETRANSMIT: Duration = Duration::from_secs(60);
 /// Shorter leases are treated as this long, so a bogus server cannot make
 /// the client spin.
 pub const MIN_LEASE: Duration = Duration::from_secs(10);
+/// Wait after a NAK before discovering again (udhcpc sleeps 3 s too).
+pub const NAK_DELAY: Duration = Duration::from_secs(3);
 /// Lease time used when an ACK carries none.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(3600);
 
@@ -55,11 +68,22 @@ pub struct ClientConfig {
     pub max_message_size: u16,
     /// Seeds transaction ids and jitter (tests pass a fixed one).
     pub seed: u64,
+    /// Unanswered DISCOVERs that make a [`Output::LeaseFail`] (at least 1).
+    pub discover_attempts: u32,
 }
+
+/// udhcpc's default `-t`: DISCOVERs before its script hears `leasefail`.
+pub const DEFAULT_DISCOVER_ATTEMPTS: u32 = 3;
 
 impl ClientConfig {
     pub fn new(mac: Mac) -> Self {
-        ClientConfig { mac, hostname: None, max_message_size: 1500, seed: rand::random() }
+        ClientConfig {
+            mac,
+            hostname: None,
+            max_message_size: 1500,
+            seed: rand::random(),
+            discover_attempts: DEFAULT_DISCOVER_ATTEMPTS,
+        }
     }
 }
 
@@ -85,6 +109,15 @@ pub struct Lease {
     pub dns: Vec<Ipv4Addr>,
     /// Option 119, or else option 15; names without the trailing dot.
     pub search: Vec<String>,
+    /// Option 15 as the server sent it (when fit for a resolv.conf line:
+    /// letters, digits, `-`, `_`, `.` and spaces).
+    pub domain: Option<String>,
+    /// Option 119 alone, names without the trailing dot.
+    pub domain_search: Vec<String>,
+    /// Option 28.
+    pub broadcast: Option<Ipv4Addr>,
+    /// The ACK's `siaddr` (the next server, for booting), when not 0.0.0.0.
+    pub next_server: Option<Ipv4Addr>,
     /// Option 26.
     pub mtu: Option<u16>,
     /// Option 54, or the reply's source address.
@@ -124,15 +157,36 @@ impl fmt::Display for Lease {
     }
 }
 
+/// A DHCPNAK the client acted upon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nak {
+    /// `yiaddr` of the NAK (0.0.0.0 from a well-behaved server).
+    pub address: Ipv4Addr,
+    /// Option 54, when present.
+    pub server_id: Option<Ipv4Addr>,
+    /// Option 56, the server's reason, with anything but printable ASCII
+    /// replaced by `?`.
+    pub message: Option<String>,
+}
+
 /// What the client asks its caller to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     /// Send this Ethernet frame on the link.
     Transmit(Vec<u8>),
-    /// Apply this lease (new, renewed or changed) to the interface.
+    /// Apply this new lease to the interface (udhcpc's `bound`).
     Configure(Lease),
-    /// Remove this lease's address from the interface.
+    /// The lease in force was renewed or rebound for the same address; its
+    /// settings may have changed (udhcpc's `renew`). Apply it again.
+    Renew(Lease),
+    /// Remove this lease's address from the interface (`deconfig`).
     Deconfigure(Lease),
+    /// A server refused our REQUEST (`nak`); a lease it ends follows as
+    /// [`Output::Deconfigure`].
+    Nak(Nak),
+    /// No lease came of the attempts so far (`leasefail`); the client goes
+    /// on trying.
+    LeaseFail,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -228,10 +282,18 @@ impl DhcpClient {
             let due = self.next_tx.is_some_and(|t| t <= now);
             match self.state {
                 State::Init => self.start_discovery(now),
-                State::Selecting if due => self.send_discover(now),
+                State::Selecting if due => {
+                    let every = self.cfg.discover_attempts.max(1);
+                    if self.attempts > 0 && self.attempts.is_multiple_of(every) {
+                        tracing::debug!("dhcp: {} DISCOVERs unanswered", self.attempts);
+                        self.out.push_back(Output::LeaseFail);
+                    }
+                    self.send_discover(now);
+                }
                 State::Requesting if due => {
                     if self.attempts >= REQUEST_ATTEMPTS {
                         tracing::debug!("dhcp: no answer to REQUEST, back to discovery");
+                        self.out.push_back(Output::LeaseFail);
                         self.start_discovery(now);
                     } else {
                         self.send_request(now);
@@ -317,12 +379,13 @@ impl DhcpClient {
                 }
                 if kind == MessageType::Nak {
                     tracing::debug!("dhcp: NAK from {}", offer.server_id);
-                    self.start_discovery(now);
+                    self.out.push_back(Output::Nak(nak_of(&msg)));
+                    self.discover_after_nak(now);
                     return true;
                 }
                 match lease_from_ack(&msg, offer.server_id, udp.src_mac) {
                     Some(lease) => {
-                        self.bind(lease, now);
+                        self.bind(lease, now, false);
                         true
                     }
                     None => false,
@@ -337,24 +400,27 @@ impl DhcpClient {
                 }
                 if kind == MessageType::Nak {
                     tracing::debug!("dhcp: NAK while {:?}", self.state);
+                    self.out.push_back(Output::Nak(nak_of(&msg)));
                     self.drop_lease();
-                    self.start_discovery(now);
+                    self.discover_after_nak(now);
                     return true;
                 }
                 let Some(lease) = lease_from_ack(&msg, server_id.unwrap_or(old.server_id), udp.src_mac) else {
                     return false;
                 };
-                if lease.address != old.address || lease.prefix_len != old.prefix_len {
+                // A new address is a new lease: the old one goes first.
+                let renewal = lease.address == old.address && lease.prefix_len == old.prefix_len;
+                if !renewal {
                     self.drop_lease();
                 }
-                self.bind(lease, now);
+                self.bind(lease, now, renewal);
                 true
             }
             _ => false,
         }
     }
 
-    fn bind(&mut self, lease: Lease, now: Instant) {
+    fn bind(&mut self, lease: Lease, now: Instant, renewal: bool) {
         self.timers = lease.lease_time.map(|total| Timers {
             t1: now + lease.renew_after,
             t2: now + lease.rebind_after,
@@ -364,7 +430,7 @@ impl DhcpClient {
         self.next_tx = None;
         self.offer = None;
         self.lease = Some(lease.clone());
-        self.out.push_back(Output::Configure(lease));
+        self.out.push_back(if renewal { Output::Renew(lease) } else { Output::Configure(lease) });
     }
 
     fn drop_lease(&mut self) {
@@ -386,6 +452,15 @@ impl DhcpClient {
         self.timers = None;
         self.begin_exchange(State::Selecting, now);
         self.send_discover(now);
+    }
+
+    /// Discovery again, its first DISCOVER after [`NAK_DELAY`]: a server
+    /// that refuses every REQUEST must not drive a loop at its own pace.
+    fn discover_after_nak(&mut self, now: Instant) {
+        self.offer = None;
+        self.timers = None;
+        self.begin_exchange(State::Selecting, now);
+        self.next_tx = Some(now + NAK_DELAY);
     }
 
     fn send_discover(&mut self, now: Instant) {
@@ -447,6 +522,7 @@ impl DhcpClient {
             OptionCode::Renewal,
             OptionCode::Rebinding,
             OptionCode::DomainSearch,
+            OptionCode::BroadcastAddr,
         ]));
         if let Some(name) = &self.cfg.hostname {
             opts.insert(DhcpOption::Hostname(name.clone()));
@@ -488,18 +564,40 @@ impl DhcpClient {
 
 /// Decodes a server's message, passing on to dhcproto only the options
 /// this client reads, with plausible lengths (see `rdnet_wire::dhcp`).
+/// dhcproto stops reading options at the first one it cannot decode (text
+/// that is not UTF-8, a bad domain list), losing every later one, so the
+/// options that can fail that way are read one by one, each on its own.
 pub(crate) fn decode_message(payload: &[u8]) -> Option<Message> {
-    rdnet_wire::dhcp::decode_filtered(payload, |code, len| match code {
-        // subnet mask, server id, lease time, T1, T2
-        1 | 54 | 51 | 58 | 59 => len == 4,
+    // domain name, message (text), domain search
+    const FALLIBLE: [u8; 3] = [15, 56, 119];
+    let mut msg = rdnet_wire::dhcp::decode_filtered(payload, |code, len| match code {
+        // subnet mask, server id, lease time, T1, T2, broadcast address
+        1 | 54 | 51 | 58 | 59 | 28 => len == 4,
         // router, DNS servers
         3 | 6 => len % 4 == 0,
         26 => len == 2,
         53 => len == 1,
-        // domain name, domain search
-        15 | 119 => true,
         _ => false,
-    })
+    })?;
+    for code in FALLIBLE {
+        if let Some(one) = rdnet_wire::dhcp::decode_filtered(payload, |c, _| c == code)
+            && let Some(opt) = one.opts().get(OptionCode::from(code))
+        {
+            msg.opts_mut().insert(opt.clone());
+        }
+    }
+    Some(msg)
+}
+
+/// What a NAK says, for the caller's script.
+fn nak_of(msg: &Message) -> Nak {
+    let message = match msg.opts().get(OptionCode::Message) {
+        Some(DhcpOption::Message(text)) => {
+            Some(text.chars().map(|c| if c == ' ' || c.is_ascii_graphic() { c } else { '?' }).collect())
+        }
+        _ => None,
+    };
+    Nak { address: msg.yiaddr(), server_id: server_id(msg.opts()), message }
 }
 
 fn server_id(opts: &DhcpOptions) -> Option<Ipv4Addr> {
@@ -533,20 +631,35 @@ fn lease_from_ack(msg: &Message, server_id: Ipv4Addr, server_mac: Mac) -> Option
             }
         }
     }
-    let mut search: Vec<String> = match opts.get(OptionCode::DomainSearch) {
+    let mut domain_search: Vec<String> = match opts.get(OptionCode::DomainSearch) {
         Some(DhcpOption::DomainSearch(names)) => names.iter().filter_map(|n| clean_domain(&n.to_string())).collect(),
         _ => Vec::new(),
     };
-    if search.is_empty()
-        && let Some(DhcpOption::DomainName(name)) = opts.get(OptionCode::DomainName)
-    {
-        // One name by the RFC; some servers send a space-separated list.
-        // Anything else (newlines…) must not reach resolv.conf.
-        if name.bytes().all(|b| b == b' ' || b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-            search = name.split(' ').filter_map(clean_domain).collect();
+    domain_search.dedup();
+    // One name by the RFC; some servers send a space-separated list.
+    // Anything else (newlines…) must not reach resolv.conf.
+    let domain = match opts.get(OptionCode::DomainName) {
+        Some(DhcpOption::DomainName(name))
+            if !name.trim().is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b == b' ' || b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') =>
+        {
+            Some(name.clone())
         }
+        _ => None,
+    };
+    let mut search = domain_search.clone();
+    if search.is_empty()
+        && let Some(name) = &domain
+    {
+        search = name.split(' ').filter_map(clean_domain).collect();
+        search.dedup();
     }
-    search.dedup();
+    let broadcast = match opts.get(OptionCode::BroadcastAddr) {
+        Some(DhcpOption::BroadcastAddr(ip)) => Some(*ip),
+        _ => None,
+    };
     let mtu = match opts.get(OptionCode::InterfaceMtu) {
         Some(DhcpOption::InterfaceMtu(m)) if *m >= 68 => Some(*m),
         _ => None,
@@ -577,6 +690,10 @@ fn lease_from_ack(msg: &Message, server_id: Ipv4Addr, server_mac: Mac) -> Option
         router,
         dns,
         search,
+        domain,
+        domain_search,
+        broadcast,
+        next_server: Some(msg.siaddr()).filter(|ip| !ip.is_unspecified()),
         mtu,
         server_id,
         server_mac,
@@ -790,6 +907,10 @@ mod tests {
             c.handle_timeout(due - Duration::from_millis(1));
             assert!(outputs(&mut c).is_empty());
             c.handle_timeout(due);
+            // Every third DISCOVER unanswered is a lease failure (udhcpc -t 3).
+            if (n + 1) % DEFAULT_DISCOVER_ATTEMPTS == 0 {
+                assert_eq!(c.poll_output(), Some(Output::LeaseFail), "after DISCOVER {}", n + 1);
+            }
             let again = one_sent(&mut c);
             assert_eq!(kind(&again.msg), MessageType::Discover);
             assert_eq!(again.msg.xid(), first.msg.xid());
@@ -814,6 +935,7 @@ mod tests {
         }
         let due = c.poll_timeout().unwrap();
         c.handle_timeout(due);
+        assert_eq!(c.poll_output(), Some(Output::LeaseFail), "an offer that came to nothing");
         let again = one_sent(&mut c);
         assert_eq!(kind(&again.msg), MessageType::Discover);
         assert_ne!(again.msg.xid(), d.msg.xid(), "a new exchange gets a new xid");
@@ -828,11 +950,26 @@ mod tests {
         let d = one_sent(&mut c);
         assert!(c.handle_frame(t0, &reply(&d.msg, MessageType::Offer, &[])));
         let r = one_sent(&mut c);
-        assert!(c.handle_frame(t0, &reply(&r.msg, MessageType::Nak, &[])));
+        let nak = reply(&r.msg, MessageType::Nak, &[DhcpOption::Message("address in use\n\u{7}".into())]);
+        assert!(c.handle_frame(t0, &nak));
         assert_eq!(c.state(), State::Selecting);
+        // No lease to remove: the NAK, then discovery.
+        assert_eq!(
+            c.poll_output(),
+            Some(Output::Nak(Nak {
+                address: Ipv4Addr::UNSPECIFIED,
+                server_id: Some(SERVER),
+                message: Some("address in use??".into())
+            }))
+        );
+        // Discovery again, after a pause.
+        assert!(outputs(&mut c).is_empty());
+        assert_eq!(c.poll_timeout(), Some(t0 + NAK_DELAY));
+        c.handle_timeout(t0 + NAK_DELAY);
         let out = sent(&mut c);
         assert_eq!(out.len(), 1);
         assert_eq!(kind(&out[0].msg), MessageType::Discover);
+        assert_ne!(out[0].msg.xid(), r.msg.xid());
     }
 
     #[test]
@@ -862,7 +999,8 @@ mod tests {
         let now = t1 + Duration::from_secs(700);
         assert!(c.handle_frame(now, &reply(&r.msg, MessageType::Ack, &[])));
         let out = outputs(&mut c);
-        assert!(matches!(out.as_slice(), [Output::Configure(l)] if l.address == YIADDR), "{out:?}");
+        // The same address: a renewal, not a new lease.
+        assert!(matches!(out.as_slice(), [Output::Renew(l)] if l.address == YIADDR), "{out:?}");
         assert_eq!(c.state(), State::Bound);
         assert_eq!(c.poll_timeout(), Some(now + Duration::from_secs(1800)));
     }
@@ -905,8 +1043,108 @@ mod tests {
         c.handle_timeout(t2 + Duration::from_secs(1));
         assert_eq!(c.state(), State::Rebinding);
         let rb = one_sent(&mut c);
-        assert!(c.handle_frame(t2, &reply(&rb.msg, MessageType::Ack, &[])));
+        // Rebound with other settings: still udhcpc's `renew` (it names the
+        // event by the state the ACK arrived in), carrying the new settings.
+        let ack = reply(&rb.msg, MessageType::Ack, &[DhcpOption::DomainNameServer(vec![Ipv4Addr::new(10, 0, 0, 53)])]);
+        assert!(c.handle_frame(t2, &ack));
         assert_eq!(c.state(), State::Bound);
+        let out = outputs(&mut c);
+        assert!(matches!(out.as_slice(), [Output::Renew(l)] if l.dns == vec![Ipv4Addr::new(10, 0, 0, 53)]), "{out:?}");
+    }
+
+    #[test]
+    fn lease_fail_counts_discovers_and_keeps_trying() {
+        let t0 = Instant::now();
+        let mut cfg = ClientConfig::new(MAC);
+        cfg.seed = 1;
+        cfg.discover_attempts = 2;
+        let mut c = DhcpClient::new(cfg, t0);
+        let mut fails = 0;
+        let mut discovers = 0;
+        for _ in 0..7 {
+            let due = c.poll_timeout().unwrap();
+            c.handle_timeout(due);
+            for o in outputs(&mut c) {
+                match o {
+                    Output::LeaseFail => {
+                        assert_eq!(discovers % 2, 0, "after every second DISCOVER");
+                        fails += 1;
+                    }
+                    Output::Transmit(f) => {
+                        assert_eq!(kind(&decode(&f).msg), MessageType::Discover);
+                        discovers += 1;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!((discovers, fails), (7, 3));
+        assert_eq!(c.state(), State::Selecting);
+        // An offer still ends it the usual way.
+        let d = one_sent_after(&mut c);
+        assert!(c.handle_frame(t0, &reply(&d.msg, MessageType::Offer, &[])));
+    }
+
+    /// The next DISCOVER, skipping lease failures.
+    fn one_sent_after(c: &mut DhcpClient) -> Sent {
+        let due = c.poll_timeout().unwrap();
+        c.handle_timeout(due);
+        let frames: Vec<Sent> = outputs(c)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Transmit(f) => Some(decode(&f)),
+                _ => None,
+            })
+            .collect();
+        frames.into_iter().next().expect("a frame")
+    }
+
+    #[test]
+    fn udhcpc_fields_of_a_lease() {
+        let t0 = Instant::now();
+        let c = bound(
+            t0,
+            &[
+                DhcpOption::DomainName("corp.example".into()),
+                DhcpOption::BroadcastAddr(Ipv4Addr::new(192, 168, 127, 255)),
+            ],
+        );
+        let l = c.lease().unwrap();
+        assert_eq!(l.domain.as_deref(), Some("corp.example"));
+        assert_eq!(l.domain_search, vec!["example.internal".to_string()]);
+        // Option 119 wins for resolv.conf.
+        assert_eq!(l.search, vec!["example.internal".to_string()]);
+        assert_eq!(l.broadcast, Some(Ipv4Addr::new(192, 168, 127, 255)));
+        assert_eq!(l.next_server, Some(SERVER), "siaddr");
+        // Without option 119 the domain is the search list.
+        let ack = {
+            let mut m = Message::new_with_id(1, Ipv4Addr::UNSPECIFIED, YIADDR, SERVER, Ipv4Addr::UNSPECIFIED, &MAC);
+            m.set_opcode(Opcode::BootReply);
+            m.opts_mut().insert(DhcpOption::DomainName("a.example b.example".into()));
+            m
+        };
+        let l = lease_from_ack(&ack, SERVER, SERVER_MAC).unwrap();
+        assert_eq!(l.domain.as_deref(), Some("a.example b.example"));
+        assert!(l.domain_search.is_empty());
+        assert_eq!(l.search, vec!["a.example".to_string(), "b.example".to_string()]);
+        assert_eq!(l.broadcast, None);
+    }
+
+    #[test]
+    fn text_options_that_are_not_utf8_do_not_hide_the_reply() {
+        let t0 = Instant::now();
+        let mut c = client(t0);
+        c.handle_timeout(t0);
+        let d = one_sent(&mut c);
+        let offer = reply(&d.msg, MessageType::Offer, &[]);
+        let payload = parse_udp_frame(&offer).unwrap().payload.to_vec();
+        let mut p = payload[..OPTIONS_START].to_vec();
+        p.extend_from_slice(&[15, 3, 0xff, 0xfe, b'x', 56, 2, 0xc3, 0x28]);
+        p.extend_from_slice(&payload[OPTIONS_START..]);
+        let m = decode_message(&p).expect("read without its text options");
+        assert!(m.opts().get(OptionCode::DomainName).is_none());
+        assert!(m.opts().get(OptionCode::DomainSearch).is_some(), "later options are kept");
+        assert!(c.handle_frame(t0, &frame_of_raw(&p)));
     }
 
     #[test]
@@ -918,8 +1156,13 @@ mod tests {
         let r = one_sent(&mut c);
         assert!(c.handle_frame(t1, &reply(&r.msg, MessageType::Nak, &[])));
         let out = outputs(&mut c);
-        assert!(matches!(&out[0], Output::Deconfigure(l) if l.address == YIADDR), "{out:?}");
-        assert!(matches!(&out[1], Output::Transmit(_)));
+        // As udhcpc: `nak`, then `deconfig`, then discovery after a pause.
+        assert!(matches!(&out[0], Output::Nak(n) if n.server_id == Some(SERVER) && n.message.is_none()), "{out:?}");
+        assert!(matches!(&out[1], Output::Deconfigure(l) if l.address == YIADDR), "{out:?}");
+        assert_eq!(out.len(), 2);
+        assert_eq!(c.poll_timeout(), Some(t1 + NAK_DELAY));
+        c.handle_timeout(t1 + NAK_DELAY);
+        assert_eq!(kind(&one_sent(&mut c).msg), MessageType::Discover);
         assert_eq!(c.state(), State::Selecting);
     }
 

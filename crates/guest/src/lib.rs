@@ -1,14 +1,17 @@
 //! The guest side of the virtual network (Linux): the tap device, netlink
 //! configuration, network namespaces, and vm-switch's own DHCP client.
 //!
-//! The pure parts ([`frame`], [`dhcp_client`], [`resolv`]) build on every
-//! platform and are unit-tested without privileges; the rest is Linux-only.
+//! The pure parts ([`frame`], [`dhcp_client`], [`dhcp_script`], [`resolv`],
+//! [`trace`]) build on every platform and are unit-tested without
+//! privileges; the rest is Linux-only.
 //! `unsafe` code lives only in the `sys` module.
 #![deny(unsafe_code)]
 
 pub mod dhcp_client;
+pub mod dhcp_script;
 pub mod frame;
 pub mod resolv;
+pub mod trace;
 pub mod vnet_hdr;
 
 #[cfg(target_os = "linux")]
@@ -23,5 +26,5 @@ mod sys;
 #[cfg(target_os = "linux")]
 pub mod tap;
 
-pub use dhcp_client::{ClientConfig, DhcpClient, Lease, Output, State};
+pub use dhcp_client::{ClientConfig, DhcpClient, Lease, Nak, Output, State};
 pub use frame::{Mac, parse_mac};

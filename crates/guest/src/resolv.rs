@@ -1,15 +1,19 @@
 //! Writing the DHCP lease's DNS settings to a resolv.conf.
 //!
 //! The file is written whole to a temporary file next to it and renamed over
-//! it, so readers never see half a file. When the target is a mount point
-//! (`ip netns exec` bind-mounts `/etc/netns/NAME/resolv.conf` over
-//! `/etc/resolv.conf`) a rename cannot replace it (`EBUSY`); then the file is
-//! rewritten in place instead.
+//! it, so readers never see half a file. A symlink at the path is followed
+//! to its final target first (Rancher Desktop's wsl-init makes
+//! `/etc/resolv.conf` a link to `/var/lib/resolv.conf`): the temporary file
+//! goes into the target's directory and replaces the target, so the link
+//! stays a link; a dangling link gets its target created. When the target
+//! is a mount point (`ip netns exec` bind-mounts `/etc/netns/NAME/resolv.conf`
+//! over `/etc/resolv.conf`) a rename cannot replace it (`EBUSY`); then the
+//! file is rewritten in place instead.
 
 use std::fs;
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// glibc reads at most three nameservers.
 const MAX_NAMESERVERS: usize = 3;
@@ -37,9 +41,37 @@ pub fn render(servers: &[Ipv4Addr], search: &[String], source: Option<Ipv4Addr>)
     Some(out)
 }
 
-/// Replaces `path`'s content with `text` (temp file + rename, or in place
-/// when the path is a mount point).
+/// Symlinks followed before giving up (Linux's own limit is 40).
+const MAX_SYMLINKS: usize = 40;
+
+/// The file `path` finally names: symlinks in its last component are
+/// followed (relative ones from the link's own directory) even when the
+/// final target does not exist yet. Directory symlinks along the way need
+/// no resolving: a rename works through them.
+pub fn final_target(path: &Path) -> io::Result<PathBuf> {
+    let mut cur = path.to_path_buf();
+    for _ in 0..MAX_SYMLINKS {
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = fs::read_link(&cur)?;
+                cur = match cur.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            Ok(_) => return Ok(cur),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(cur),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::InvalidInput, format!("too many levels of symbolic links at {}", path.display())))
+}
+
+/// Replaces the content of the file `path` names with `text` (temp file +
+/// rename, or in place when it is a mount point), through any symlink.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
+    let target = final_target(path)?;
+    let path = target.as_path();
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
@@ -108,6 +140,55 @@ mod tests {
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
         write_atomic(&dir.join("new.conf"), "x\n").unwrap();
         assert_eq!(fs::read_to_string(dir.join("new.conf")).unwrap(), "x\n");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn writes_through_symlinks_and_keeps_them() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("rdnet-resolv-link-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let var = dir.join("var");
+        let etc = dir.join("etc");
+        fs::create_dir_all(&var).unwrap();
+        fs::create_dir_all(&etc).unwrap();
+        // Rancher Desktop's layout: etc/resolv.conf -> ../var/resolv.conf
+        // (relative), the target already there.
+        let link = etc.join("resolv.conf");
+        let target = var.join("resolv.conf");
+        fs::write(&target, "old\n").unwrap();
+        symlink("../var/resolv.conf", &link).unwrap();
+        write_atomic(&link, "nameserver 10.0.0.1\n").unwrap();
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
+        assert_eq!(fs::read_link(&link).unwrap(), Path::new("../var/resolv.conf"));
+        assert_eq!(fs::read_to_string(&target).unwrap(), "nameserver 10.0.0.1\n");
+        // No temp file left in either directory.
+        assert_eq!(fs::read_dir(&var).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(&etc).unwrap().count(), 1);
+
+        // A dangling absolute link: its target is created.
+        let dangling = etc.join("dangling.conf");
+        let new_target = var.join("new.conf");
+        symlink(&new_target, &dangling).unwrap();
+        write_atomic(&dangling, "x\n").unwrap();
+        assert!(fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read_to_string(&new_target).unwrap(), "x\n");
+
+        // A chain of links ends at the last target.
+        let chain = dir.join("chain");
+        symlink(&link, &chain).unwrap();
+        write_atomic(&chain, "y\n").unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "y\n");
+        assert!(fs::symlink_metadata(&chain).unwrap().file_type().is_symlink());
+        assert_eq!(final_target(&chain).unwrap(), etc.join("../var/resolv.conf"));
+
+        // A loop is an error, not a hang.
+        let a = dir.join("loop-a");
+        let b = dir.join("loop-b");
+        symlink(&b, &a).unwrap();
+        symlink(&a, &b).unwrap();
+        assert!(write_atomic(&a, "z\n").is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

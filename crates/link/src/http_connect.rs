@@ -234,6 +234,12 @@ impl<R> RefuseHttpAnswer<R> {
     pub fn new(inner: R) -> Self {
         RefuseHttpAnswer { inner, pending: Some(Vec::new()), passed: Vec::new(), passed_pos: 0 }
     }
+
+    /// Looks at nothing: for a link that was not opened with
+    /// [`connect_request`], so both kinds have one type.
+    pub fn passthrough(inner: R) -> Self {
+        RefuseHttpAnswer { inner, pending: None, passed: Vec::new(), passed_pos: 0 }
+    }
 }
 
 const HTTP_ANSWER: &[u8] = b"HTTP/";
@@ -401,6 +407,16 @@ mod tests {
         let mut x = [0u8; 16];
         let e = r.read(&mut x).await.unwrap_err();
         assert!(e.to_string().contains("400 Bad Request") && e.to_string().contains("bad path"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn passthrough_looks_at_nothing() {
+        let (mut a, b) = duplex(1 << 16);
+        a.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await.unwrap();
+        drop(a);
+        let mut got = Vec::new();
+        RefuseHttpAnswer::passthrough(b).read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 400"));
     }
 
     #[tokio::test]

@@ -184,3 +184,86 @@ fn an_over_long_frame_closes_only_its_connection() {
     assert!(world.guest(g).ping(GATEWAY), "{}", world.logs());
     assert!(world.host_switch().try_wait().is_none(), "{}", world.logs());
 }
+
+/// A stand-in for gvproxy's `-listen unix://…`: every connection must open
+/// with `POST /connect` (anything else gets gvproxy's 400 and is closed),
+/// then it is relayed, raw, to host-switch's socket. Logs each request
+/// line. argv: LISTEN_PATH UPSTREAM_PATH MODE (`relay` or `refuse`: 400 to
+/// everything).
+const GVPROXY_STANDIN: &str = r#"
+import socket, sys, threading
+listen, upstream, mode = sys.argv[1:4]
+s = socket.socket(socket.AF_UNIX); s.bind(listen); s.listen(8)
+def pump(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d: break
+            b.sendall(d)
+    except OSError:
+        pass
+    try: b.shutdown(socket.SHUT_WR)
+    except OSError: pass
+while True:
+    c, _ = s.accept()
+    head = b""
+    # Byte by byte: nothing after the head may be consumed.
+    while b"\r\n\r\n" not in head and len(head) < 4096:
+        d = c.recv(1)
+        if not d: break
+        head += d
+    line = head.split(b"\r\n")[0]
+    print("request:", line.decode(errors="replace"), flush=True)
+    if mode == "refuse" or line != b"POST /connect HTTP/1.1" or not head.endswith(b"\r\n\r\n"):
+        c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nbad request\n")
+        c.close()
+        continue
+    u = socket.socket(socket.AF_UNIX); u.connect(upstream)
+    threading.Thread(target=pump, args=(c, u), daemon=True).start()
+    threading.Thread(target=pump, args=(u, c), daemon=True).start()
+"#;
+
+#[test]
+fn vm_switch_attaches_to_a_listener_that_requires_post_connect() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&[]);
+    let standin_sock = world.dir.join("gvproxy.sock");
+    let upstream = world.socket.display().to_string();
+    let standin = world.host.spawn(
+        &world.dir,
+        "python3",
+        &["-c", GVPROXY_STANDIN, &standin_sock.display().to_string(), &upstream, "relay"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || rdnet_e2e::socket_exists(&standin_sock)), "{}", standin.logs());
+    let url = format!("unix://{}", standin_sock.display());
+    let g = world.add_guest(DEVICE_MAC, &["--connect", &url]);
+    assert!(
+        world.guest(g).wait_for_address(LEASE_WAIT).is_some(),
+        "no lease through the stand-in\n{}\n--- stand-in ---\n{}",
+        world.logs(),
+        standin.logs()
+    );
+    assert!(world.guest(g).ping(GATEWAY), "{}", world.logs());
+    assert!(standin.logs().contains("request: POST /connect HTTP/1.1"), "{}", standin.logs());
+
+    // A peer that answers the POST with HTTP: the error says so.
+    let refusing_sock = world.dir.join("refusing.sock");
+    let refusing = world.host.spawn(
+        &world.dir,
+        "python3",
+        &["-c", GVPROXY_STANDIN, &refusing_sock.display().to_string(), &upstream, "refuse"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || rdnet_e2e::socket_exists(&refusing_sock)), "{}", refusing.logs());
+    let url = format!("unix://{}", refusing_sock.display());
+    let r = world.add_guest("02:00:00:00:00:42", &["--connect", &url]);
+    let said = || {
+        world.guests[r].vm_switch.as_ref().map(|p| p.logs()).unwrap_or_default().contains(
+            r#"the host answered POST /connect with "HTTP/1.1 400 Bad Request" (bad request) instead of frames"#,
+        )
+    };
+    assert!(wait_until(Duration::from_secs(10), said), "{}", world.logs());
+    assert!(world.guest(r).address().is_none());
+    drop((standin, refusing));
+}

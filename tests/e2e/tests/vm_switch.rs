@@ -1,15 +1,19 @@
 //! vm-switch end to end: in a fresh namespace, against a host link the test
-//! owns (a unix socket, u16-LE framed), acting as the host itself.
+//! owns (a unix socket, u16-LE framed), acting as the host itself, or in a
+//! world with host-switch (the Rancher Desktop features at the end).
 //!
 //! Build the binaries first: `cargo build --bins`.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdnet_e2e::{Netns, Proc, TempDir, bin, privileged, wait_until};
+use rdnet_e2e::{DEVICE_MAC, GATEWAY, Guest, HOST_ALIAS, Netns, Proc, TempDir, World, bin, privileged, wait_until};
 
 const TAP_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];
 const GW_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd];
@@ -208,7 +212,17 @@ fn vm_switch_redials_and_configures_the_tap() {
     let resolv = dir.join("resolv.conf");
     let listener = UnixListener::bind(&sock).unwrap();
     let url = format!("unix://{}", sock.display());
-    let args = ["--connect", &url, "-logfile", "/dev/stdout", "--resolv-conf", resolv.to_str().unwrap(), "-debug"];
+    // The test plays a raw-framed host: no gvproxy-style POST /connect.
+    let args = [
+        "--connect",
+        &url,
+        "-connect-http=false",
+        "-logfile",
+        "/dev/stdout",
+        "--resolv-conf",
+        resolv.to_str().unwrap(),
+        "-debug",
+    ];
     let mut vm = ns.spawn(&dir, bin("vm-switch"), &args);
     let mut conn = accept(&listener, Duration::from_secs(10));
 
@@ -363,4 +377,474 @@ fn wait_child(child: &mut std::process::Child, within: Duration) -> std::process
             panic!("vm-switch did not exit within {within:?}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// vm-switch as Rancher Desktop runs it today: -trace-packets, SIGUSR1 and the
+// other signals, -dhcp-script (udhcpc's script interface), resolv.conf
+// through wsl-init's symlink, and a command line checked before anything.
+
+const LEASE_WAIT: Duration = Duration::from_secs(20);
+const NAK: u8 = 6;
+
+/// Sends `sig` (a `kill -s` name) to `pid`.
+fn signal(pid: i32, sig: &str) {
+    let ok = Command::new("kill").args(["-s", sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
+    assert!(ok, "kill -s {sig} {pid} failed");
+}
+
+/// Log lines of `text` after the last one containing `marker`.
+fn lines_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+    let lines: Vec<&str> = text.lines().collect();
+    match lines.iter().rposition(|l| l.contains(marker)) {
+        Some(i) => lines[i + 1..].to_vec(),
+        None => Vec::new(),
+    }
+}
+
+fn is_trace(line: &str) -> bool {
+    line.contains("vm→host") || line.contains("host→vm")
+}
+
+/// A one-line HTTP server for the host namespace's 127.0.0.1.
+const HELLO_SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = b"hello from the host\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// curl of the host server through the NAT (the host alias).
+fn curl_host(world: &World, g: usize, port: u16) -> String {
+    let url = format!("http://{HOST_ALIAS}:{port}/");
+    let out = world.guest(g).ns.exec("curl", &["-sS", "-m", "10", &url]);
+    assert!(out.status.success(), "curl {url}: {}\n{}", String::from_utf8_lossy(&out.stderr), world.logs());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn trace_packets_logs_decoded_lines_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&[]);
+    let g = world.add_guest(DEVICE_MAC, &["-trace-packets"]);
+    assert!(world.guest(g).wait_for_address(LEASE_WAIT).is_some(), "{}", world.logs());
+    assert!(world.guest(g).ping(GATEWAY), "ping failed\n{}", world.logs());
+    let logs = world.guest(g).vm_switch.as_ref().unwrap().logs();
+    let has = |dir: &str, what: &str| logs.lines().any(|l| l.contains(dir) && l.contains(what));
+    assert!(logs.contains("packet tracing on"), "{logs}");
+    assert!(has("vm→host", "IPv4 ICMP 192.168.127.2 → 192.168.127.1 echo request id "), "{logs}");
+    assert!(has("host→vm", "IPv4 ICMP 192.168.127.1 → 192.168.127.2 echo reply id "), "{logs}");
+    // The DHCP exchange and ARP are decoded too, with their sizes.
+    assert!(has("vm→host", "IPv4 UDP 0.0.0.0:68 → 255.255.255.255:67 len "), "{logs}");
+    assert!(has("vm→host", "(DHCP DISCOVER)") && has("host→vm", "(DHCP ACK)"), "{logs}");
+    assert!(logs.lines().any(|l| is_trace(l) && l.contains(" bytes ARP ") && l.contains("5a:94:ef:e4:0c:")), "{logs}");
+    for line in logs.lines().filter(|l| is_trace(l)) {
+        assert!(line.contains(" bytes "), "{line}");
+        assert!(!line.contains("Packet {") && !line.contains("[90, 148"), "debug output: {line}");
+    }
+}
+
+#[test]
+fn sigusr1_toggles_tracing_and_only_term_int_hup_end_vm_switch() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&[]);
+    let g = world.add_guest(DEVICE_MAC, &[]);
+    let addr = world.guest(g).wait_for_address(LEASE_WAIT);
+    assert_eq!(addr.as_deref(), Some("192.168.127.2/24"), "{}", world.logs());
+    let port = 18080 + (std::process::id() % 1000) as u16;
+    let _server = world.host_server(port, HELLO_SERVER, &[]);
+    assert_eq!(curl_host(&world, g, port), "hello from the host\n");
+    let pid = world.guest(g).vm_switch.as_ref().unwrap().pid();
+    let logs = || world.guest(g).vm_switch.as_ref().unwrap().logs();
+    assert!(!logs().lines().any(is_trace), "tracing starts off:\n{}", logs());
+
+    // Rancher Desktop's debugging step: tracing on.
+    signal(pid, "USR1");
+    assert!(wait_until(Duration::from_secs(5), || logs().contains("packet tracing on (SIGUSR1)")), "{}", logs());
+    assert_eq!(curl_host(&world, g, port), "hello from the host\n");
+    let text = logs();
+    let traced = lines_after(&text, "packet tracing on (SIGUSR1)");
+    let syn = format!("→ {HOST_ALIAS}:{port} [SYN]");
+    assert!(
+        traced.iter().any(|l| l.contains("vm→host") && l.contains("IPv4 TCP 192.168.127.2:") && l.contains(&syn)),
+        "{text}"
+    );
+    let synack = format!("IPv4 TCP {HOST_ALIAS}:{port} → 192.168.127.2:");
+    assert!(traced.iter().any(|l| l.contains("host→vm") && l.contains(&synack) && l.contains("[SYN, ACK]")), "{text}");
+
+    // And off again: nothing is traced after it.
+    signal(pid, "USR1");
+    assert!(wait_until(Duration::from_secs(5), || logs().contains("packet tracing off (SIGUSR1)")), "{}", logs());
+    assert!(world.guest(g).ping(GATEWAY), "{}", world.logs());
+    let text = logs();
+    assert!(!lines_after(&text, "packet tracing off (SIGUSR1)").iter().any(|l| is_trace(l)), "{text}");
+
+    // Signals that would kill a process by default do not end vm-switch.
+    for sig in ["USR2", "ALRM", "PIPE", "QUIT", "VTALRM", "RTMIN+1"] {
+        signal(pid, sig);
+    }
+    assert!(wait_until(Duration::from_secs(5), || logs().contains("SIGUSR2 ignored")), "{}", logs());
+    std::thread::sleep(Duration::from_millis(300));
+    let vm = world.guests[g].vm_switch.as_mut().unwrap();
+    assert!(vm.try_wait().is_none(), "vm-switch died of a signal:\n{}", vm.logs());
+    // The lease and the traffic survived all of it.
+    assert_eq!(world.guest(g).address().as_deref(), Some("192.168.127.2/24"));
+    assert_eq!(curl_host(&world, g, port), "hello from the host\n");
+
+    // SIGHUP ends it cleanly.
+    signal(pid, "HUP");
+    let vm = world.guests[g].vm_switch.as_mut().unwrap();
+    let status = wait_exit(vm, Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "{status}:\n{}", vm.logs());
+    assert!(vm.logs().contains("SIGHUP: exiting"), "{}", vm.logs());
+}
+
+/// One call of a recording script: its argument count, the event and the
+/// udhcpc variables it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Call {
+    argc: usize,
+    event: String,
+    env: BTreeMap<String, String>,
+}
+
+const UDHCPC_VARIABLES: &str =
+    "interface ip mask subnet broadcast router dns domain search lease serverid mtu message siaddr";
+
+/// A udhcpc-style script that appends each call to `calls` (see [`Call`])
+/// and, when `address`, applies the lease with `ip` as busybox's example
+/// script does.
+fn recording_script(dir: &TempDir, name: &str, calls: &Path, address: bool) -> PathBuf {
+    let apply = if address {
+        r#"case "$1" in
+  bound|renew)
+    ip addr replace "$ip/$mask" dev "$interface" || exit 1
+    [ -z "$router" ] || ip route replace default via "$router" dev "$interface" ;;
+  deconfig) ip -4 addr flush dev "$interface" ;;
+esac"#
+    } else {
+        ""
+    };
+    let text = format!(
+        r#"#!/bin/sh
+{{
+  echo "call $# $1"
+  for v in {UDHCPC_VARIABLES}; do
+    if eval "[ -n \"\${{$v+x}}\" ]"; then eval "printf '%s=%s\n' $v \"\$$v\""; fi
+  done
+  echo end
+}} >> "{}"
+{apply}
+exit 0
+"#,
+        calls.display()
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn read_calls(path: &Path) -> Vec<Call> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut calls = Vec::new();
+    let mut cur: Option<Call> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("call ") {
+            let (argc, event) = rest.split_once(' ').unwrap_or((rest, ""));
+            cur = Some(Call { argc: argc.parse().unwrap_or(99), event: event.to_string(), env: BTreeMap::new() });
+        } else if line == "end" {
+            calls.extend(cur.take());
+        } else if let (Some(c), Some((k, v))) = (cur.as_mut(), line.split_once('=')) {
+            c.env.insert(k.to_string(), v.to_string());
+        }
+    }
+    calls
+}
+
+fn env_of(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[test]
+fn dhcp_script_gets_what_busybox_udhcpc_gives_and_does_the_addressing() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&[]);
+    // host-switch again, with a search domain in its resolver so that the
+    // leases carry option 119 as well.
+    world.host_switch = None;
+    let _ = std::fs::remove_file(&world.socket);
+    std::fs::write(
+        Path::new("/etc/netns").join(&world.host.name).join("resolv.conf"),
+        "search rd.example\nnameserver 127.0.0.1\n",
+    )
+    .unwrap();
+    world.start_host_switch(&[]);
+
+    // What the real udhcpc gives its script, on a guest of its own.
+    let bb_calls = world.dir.join("busybox.calls");
+    let bb_script = recording_script(&world.dir, "busybox.sh", &bb_calls, false);
+    let bb = world.add_guest("02:00:00:aa:bb:03", &["-dhcp=false"]);
+    let bb_ns = &world.guest(bb).ns;
+    assert!(
+        wait_until(Duration::from_secs(10), || !bb_ns.exec("ip", &["link", "show", "eth0", "up"]).stdout.is_empty()),
+        "{}",
+        world.logs()
+    );
+    let script = bb_script.to_str().unwrap();
+    let out = bb_ns.exec("busybox", &["udhcpc", "-f", "-q", "-n", "-i", "eth0", "-t", "5", "-T", "1", "-s", script]);
+    assert!(out.status.success(), "udhcpc: {}\n{}", String::from_utf8_lossy(&out.stderr), world.logs());
+    let bb_bound = read_calls(&bb_calls).into_iter().find(|c| c.event == "bound").expect("udhcpc ran bound");
+
+    // vm-switch with -dhcp-script, started with stale udhcpc variables in
+    // its own environment that must not reach the script.
+    let calls = world.dir.join("vm-switch.calls");
+    let script = recording_script(&world.dir, "vm-switch.sh", &calls, true);
+    let ns = Netns::new("rdg");
+    let resolv_conf = world.dir.join(format!("{}.resolv.conf", ns.name));
+    let connect = format!("unix://{}", world.socket.display());
+    let mut cmd = ns.command(bin("vm-switch"));
+    cmd.args(["--connect", &connect, "-tap-mac-address", DEVICE_MAC, "-logfile", "/dev/stdout", "-debug"])
+        .args(["--resolv-conf", resolv_conf.to_str().unwrap(), "-dhcp-script", script.to_str().unwrap()])
+        .env("dns", "6.6.6.6")
+        .env("ip", "10.9.9.9");
+    let vm = Proc::spawn(&world.dir, &mut cmd);
+    world.guests.push(Guest { vm_switch: Some(vm), ns, resolv_conf, mac: DEVICE_MAC.into() });
+    let g = world.guests.len() - 1;
+
+    // The script, not vm-switch, addresses the interface.
+    let addr = world.guest(g).wait_for_address(LEASE_WAIT);
+    assert_eq!(addr.as_deref(), Some("192.168.127.2/24"), "{}", world.logs());
+    assert!(wait_until(Duration::from_secs(5), || read_calls(&calls).len() >= 2), "{}", world.logs());
+    let got = read_calls(&calls);
+    assert_eq!(got[0], Call { argc: 1, event: "deconfig".into(), env: env_of(&[("interface", "eth0")]) }, "{got:?}");
+    let bound = &got[1];
+    assert_eq!((bound.argc, bound.event.as_str()), (1, "bound"), "{got:?}");
+    assert_eq!(
+        bound.env,
+        env_of(&[
+            ("interface", "eth0"),
+            ("ip", "192.168.127.2"),
+            ("mask", "24"),
+            ("subnet", "255.255.255.0"),
+            ("router", "192.168.127.1"),
+            ("dns", "192.168.127.1"),
+            ("search", "rd.example"),
+            ("lease", "3600"),
+            ("serverid", "192.168.127.1"),
+            ("mtu", "1500"),
+            ("siaddr", "192.168.127.1"),
+        ]),
+        "{got:?}"
+    );
+    // Variable for variable what udhcpc gave, but for the address.
+    let strip = |env: &BTreeMap<String, String>| {
+        env.iter().filter(|(k, _)| *k != "ip").map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&bound.env), strip(&bb_bound.env), "vm-switch vs busybox udhcpc");
+
+    assert!(world.guest(g).ping(GATEWAY), "{}", world.logs());
+    let routes = world.guest(g).ns.stdout("ip", &["-4", "route", "show", "default"]);
+    assert!(routes.contains("default via 192.168.127.1 dev eth0"), "{routes}");
+    // With a script vm-switch writes no resolv.conf of its own.
+    assert!(!world.guest(g).resolv_conf.exists(), "vm-switch wrote {}", world.guest(g).resolv_conf.display());
+}
+
+/// Reads frames until a DHCP message of `kind`; returns its xid.
+fn expect_dhcp_kind(conn: &mut UnixStream, kind: u8) -> [u8; 4] {
+    expect_dhcp(conn, kind, Duration::from_secs(10)).1
+}
+
+/// Like [`dhcp_reply`], with extra options; a NAK leaves `yiaddr` empty.
+fn dhcp_reply_with(kind: u8, xid: [u8; 4], extra: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut f = dhcp_reply(kind, xid);
+    let udp = 14 + 20;
+    let bootp = udp + 8;
+    if kind == NAK {
+        f[bootp + 16..bootp + 20].fill(0);
+    }
+    // Drop the END, append the options and a new END, fix the lengths.
+    f.pop();
+    for (code, data) in extra {
+        f.push(*code);
+        f.push(data.len() as u8);
+        f.extend_from_slice(data);
+    }
+    f.push(255);
+    let udp_len = (f.len() - udp) as u16;
+    f[udp + 4..udp + 6].copy_from_slice(&udp_len.to_be_bytes());
+    f[14 + 2..14 + 4].copy_from_slice(&(udp_len + 20).to_be_bytes());
+    f[14 + 10..14 + 12].fill(0);
+    let sum = ip_checksum(&f[14..34]);
+    f[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+#[test]
+fn dhcp_script_hears_leasefail_and_nak() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("vmscript");
+    let ns = Netns::new("vn");
+    let sock = dir.join("link.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let calls = dir.join("calls");
+    let script = recording_script(&dir, "script.sh", &calls, true);
+    let url = format!("unix://{}", sock.display());
+    let args =
+        ["--connect", &url, "-connect-http=false", "-logfile", "/dev/stdout", "-dhcp-script", script.to_str().unwrap()];
+    let mut vm = ns.spawn(&dir, bin("vm-switch"), &args);
+    let mut conn = accept(&listener, Duration::from_secs(10));
+
+    // No server answers: after three DISCOVERs the script hears leasefail
+    // (udhcpc's -t 3), and vm-switch keeps trying.
+    let events = || read_calls(&calls).into_iter().map(|c| c.event).collect::<Vec<_>>();
+    let end = Instant::now() + Duration::from_secs(15);
+    while !events().contains(&"leasefail".to_string()) {
+        assert!(Instant::now() < end, "no leasefail: {:?}\n{}", events(), vm.logs());
+        expect_dhcp_kind(&mut conn, DISCOVER);
+    }
+    assert_eq!(events(), ["deconfig", "leasefail"], "{}", vm.logs());
+    assert_eq!(read_calls(&calls)[1].env, env_of(&[("interface", "eth0")]));
+
+    // An offer, then a NAK for the REQUEST: the script hears nak with the
+    // server's id and reason.
+    let xid = expect_dhcp_kind(&mut conn, DISCOVER);
+    write_frame(&mut conn, &dhcp_reply(OFFER, xid));
+    let xid = expect_dhcp_kind(&mut conn, REQUEST);
+    write_frame(&mut conn, &dhcp_reply_with(NAK, xid, &[(56, b"lease is gone")]));
+    assert!(wait_until(Duration::from_secs(5), || events().len() == 3), "{:?}\n{}", events(), vm.logs());
+    let nak = &read_calls(&calls)[2];
+    assert_eq!(nak.event, "nak");
+    assert_eq!(
+        nak.env,
+        env_of(&[
+            ("interface", "eth0"),
+            ("ip", "0.0.0.0"),
+            ("serverid", "192.168.127.1"),
+            ("message", "lease is gone")
+        ])
+    );
+
+    // Discovery starts over and the next ACK is a new lease: bound.
+    let xid = expect_dhcp_kind(&mut conn, DISCOVER);
+    write_frame(&mut conn, &dhcp_reply(OFFER, xid));
+    let xid = expect_dhcp_kind(&mut conn, REQUEST);
+    write_frame(&mut conn, &dhcp_reply(ACK, xid));
+    assert!(wait_until(Duration::from_secs(5), || events().len() >= 4), "{:?}\n{}", events(), vm.logs());
+    let bound = read_calls(&calls)[3].clone();
+    assert_eq!(bound.event, "bound", "{:?}", events());
+    // Option 15 is udhcpc's `domain`; without option 119 there is no `search`.
+    assert_eq!(bound.env.get("domain").map(String::as_str), Some("rd.test"));
+    assert!(!bound.env.contains_key("search"));
+    assert!(
+        wait_until(Duration::from_secs(5), || ns
+            .stdout("ip", &["-4", "-o", "addr", "show", "eth0"])
+            .contains("192.168.127.2/24")),
+        "{}",
+        vm.logs()
+    );
+    assert_eq!(vm.terminate(Duration::from_secs(5)).and_then(|s| s.code()), Some(0), "{}", vm.logs());
+}
+
+#[test]
+fn resolv_conf_is_written_through_its_symlink() {
+    if !privileged() {
+        return;
+    }
+    let mut world = World::new(&[]);
+    // wsl-init's layout: etc/resolv.conf -> ../var/lib/resolv.conf, whose
+    // target does not exist yet.
+    let etc = world.dir.join("etc");
+    let var = world.dir.join("var/lib");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&var).unwrap();
+    let link = etc.join("resolv.conf");
+    std::os::unix::fs::symlink("../var/lib/resolv.conf", &link).unwrap();
+    let g = world.add_guest(DEVICE_MAC, &["--resolv-conf", link.to_str().unwrap()]);
+    assert!(world.guest(g).wait_for_address(LEASE_WAIT).is_some(), "{}", world.logs());
+    let target = var.join("resolv.conf");
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_to_string(&target)
+            .is_ok_and(|t| t.contains("nameserver 192.168.127.1"))),
+        "{}",
+        world.logs()
+    );
+    let meta = std::fs::symlink_metadata(&link).unwrap();
+    assert!(meta.file_type().is_symlink(), "the symlink was replaced");
+    assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("../var/lib/resolv.conf"));
+    assert_eq!(std::fs::read_dir(&etc).unwrap().count(), 1, "nothing else in etc/");
+    assert_eq!(std::fs::read_dir(&var).unwrap().count(), 1, "no temporary file left");
+    // The world's default resolv.conf path was overridden, not written.
+    assert!(!world.guest(g).resolv_conf.exists());
+}
+
+/// Runs vm-switch in `ns` to completion (10 s at most) with `args`.
+fn run_vm_switch(ns: &Netns, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = ns
+        .command(bin("vm-switch"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn vm-switch");
+    let status = wait_child(&mut child, Duration::from_secs(10));
+    let out = child.wait_with_output().expect("vm-switch output");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (status.code(), text)
+}
+
+#[test]
+fn the_command_line_is_checked_before_anything_is_touched() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("vmargs");
+    let ns = Netns::new("va");
+    let log = dir.join("vm-switch.log");
+    let log_arg = log.to_str().unwrap();
+    // No descriptor 200 is open: a bad flag is still what gets reported.
+    let (code, text) = run_vm_switch(&ns, &["-subnet", "garbage", "-vsock-fd", "200", "-logfile", log_arg]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("vm-switch: invalid value \"garbage\" for flag -subnet: "), "{text}");
+    assert_eq!(text.matches("invalid value").count(), 1, "printed once: {text}");
+    assert!(!text.contains("descriptor"), "{text}");
+    assert!(!log.exists(), "the log file was opened");
+    assert!(link_line(&ns, "eth0").is_none(), "a tap was created");
+
+    let plain = dir.join("not-executable.sh");
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    let (code, text) =
+        run_vm_switch(&ns, &["-dhcp-script", plain.to_str().unwrap(), "-vsock-fd", "200", "-logfile", log_arg]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("for flag -dhcp-script: not executable"), "{text}");
+    let (code, text) = run_vm_switch(&ns, &["-dhcp-script", "/nonexistent/script", "-logfile", log_arg]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("for flag -dhcp-script: no such file"), "{text}");
+    assert!(!log.exists() && link_line(&ns, "eth0").is_none());
+
+    // A good command line without its host link: a runtime failure (1),
+    // reported once on stderr and in the log. `-dhcp-script ""` is what
+    // Rancher Desktop passes.
+    let (code, text) = run_vm_switch(&ns, &["-dhcp-script", "", "-vsock-fd", "200", "-logfile", log_arg]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(text.matches("no such open descriptor").count(), 1, "{text}");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("no such open descriptor"), "{logged}");
+    assert!(link_line(&ns, "eth0").is_none());
 }
