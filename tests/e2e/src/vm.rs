@@ -228,9 +228,10 @@ impl Vm {
         s
     }
 
-    /// QEMU's PID (to make the guest vanish at once).
-    pub fn qemu_pid(&self) -> Option<i32> {
-        self.qemu.as_ref().map(Proc::pid)
+    /// The PID of the vsock backend (vhost-device-vsock): the process at
+    /// the other end of every unix connection to [`Vm::uds`].
+    pub fn vmm_pid(&self) -> Option<i32> {
+        self.vhost.as_ref().map(Proc::pid)
     }
 
     /// Ends QEMU now (SIGKILL): the guest and all its connections vanish.
@@ -358,7 +359,7 @@ fn overlay(dir: &TempDir, bins: &[PathBuf]) -> Vec<u8> {
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }

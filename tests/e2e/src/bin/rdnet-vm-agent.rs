@@ -17,9 +17,12 @@
 //! children behind must redirect their output, or the answer waits for
 //! them up to a second after the program itself exits.
 //!
-//! `dial CID PORT` connects to vsock CID:PORT and reports whether it could
-//! (exit 0) or the error (exit 1): it shows from which network namespace
-//! the guest can reach the host. `unix-send PATH DATA` writes DATA to the
+//! `dial CID PORT [DATA]` connects to vsock CID:PORT and reports whether it
+//! could (exit 0) or the error (exit 1): it shows from which network
+//! namespace the guest can reach the host. With DATA it then writes DATA,
+//! half-closes (`shutdown(SHUT_WR)`), prints the first answer that comes
+//! back (one read), and only then closes: how the transport carries a
+//! half-close. `unix-send PATH DATA` writes DATA to the
 //! unix socket PATH, half-closes, and prints the answer (wsl-proxy's
 //! control socket takes one JSON object per connection).
 
@@ -47,12 +50,12 @@ fn main() -> ExitCode {
     let strs: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match strs.as_slice() {
         ["serve", port] => port.parse().map_err(|_| bad("bad port")).and_then(serve),
-        ["dial", cid, port] => match (cid.parse(), port.parse()) {
-            (Ok(cid), Ok(port)) => return dial(cid, port),
+        ["dial", cid, port, data @ ..] if data.len() <= 1 => match (cid.parse(), port.parse()) {
+            (Ok(cid), Ok(port)) => return dial(cid, port, data.first().copied()),
             _ => Err(bad("bad CID or port")),
         },
         ["unix-send", path, data] => unix_send(path, data),
-        _ => Err(bad("usage: rdnet-vm-agent serve PORT | dial CID PORT | unix-send PATH DATA")),
+        _ => Err(bad("usage: rdnet-vm-agent serve PORT | dial CID PORT [DATA] | unix-send PATH DATA")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -178,16 +181,34 @@ fn box_read<R: Read + Send + 'static>(r: R) -> Box<dyn Read + Send> {
     Box::new(r)
 }
 
-fn dial(cid: u32, port: u32) -> ExitCode {
+fn dial(cid: u32, port: u32, data: Option<&str>) -> ExitCode {
     let attempt =
         Socket::new(Domain::VSOCK, Type::STREAM, None).and_then(|s| s.connect(&SockAddr::vsock(cid, port)).map(|()| s));
-    match attempt {
-        Ok(_) => {
-            println!("connected to vsock {cid}:{port}");
+    let mut s = match attempt {
+        Ok(s) => s,
+        Err(e) => {
+            println!("cannot connect to vsock {cid}:{port}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("connected to vsock {cid}:{port}");
+    let Some(data) = data else { return ExitCode::SUCCESS };
+    let exchange = (|| {
+        s.write_all(data.as_bytes())?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        let mut answer = vec![0u8; 4096];
+        let n = s.read(&mut answer)?;
+        answer.truncate(n);
+        Ok::<_, io::Error>(answer)
+    })();
+    match exchange {
+        Ok(answer) => {
+            println!("answer: {}", String::from_utf8_lossy(&answer));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("cannot connect to vsock {cid}:{port}: {e}");
+            println!("exchange failed: {e}");
             ExitCode::FAILURE
         }
     }
