@@ -162,8 +162,6 @@ impl Rig {
         let pid = self.sh_ok(&format!(
             "setsid /rdnet/bin/network-setup --logfile {SETUP_LOG} --vm-switch-path /rdnet/bin/vm-switch \
              --vm-switch-logfile /var/log/vm-switch.log -debug --unshare-arg /rdnet/distro-init \
-             --veth-host-name {VETH_WSL} --veth-host-address {VETH_WSL_ADDR} \
-             --veth-ns-name {VETH_NS} --veth-ns-address {VETH_NS_ADDR} \
              </dev/null >/var/log/network-setup.out 2>&1 & echo $!"
         ));
         pid.trim().to_string()
