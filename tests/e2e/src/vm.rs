@@ -34,6 +34,8 @@ pub const GUEST_CID: u32 = 3;
 /// How long a boot may take until the agent answers: a few seconds under
 /// TCG on an idle machine, more with the other core busy.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Most output the agent sends per stream (it keeps 4 MiB).
+const MAX_ANSWER: usize = 4 << 20;
 
 /// Where the kernel, the base initramfs and the two programs are.
 #[derive(Debug, Clone)]
@@ -304,7 +306,11 @@ impl Vm {
         let mut parts = Vec::new();
         for _ in 0..2 {
             s.read_exact(&mut head).map_err(|e| format!("reading the answer: {e}"))?;
-            let mut part = vec![0u8; u32::from_le_bytes(head) as usize];
+            let len = u32::from_le_bytes(head) as usize;
+            if len > MAX_ANSWER {
+                return Err(format!("the agent announced {len} bytes of output (at most {MAX_ANSWER})"));
+            }
+            let mut part = vec![0u8; len];
             s.read_exact(&mut part).map_err(|e| format!("reading the answer: {e}"))?;
             parts.push(String::from_utf8_lossy(&part).into_owned());
         }
