@@ -299,7 +299,7 @@ async fn switch(cfg: Config) -> Result<ExitCode, Error> {
     info!(
         "tap {} up (mac {}, mtu {}), subnet {}, link {}, dhcp {}",
         cfg.tap,
-        MacDisplay(&cfg.mac),
+        MacDisplay(cfg.mac),
         cfg.mtu,
         cfg.subnet,
         cfg.endpoint,
@@ -481,9 +481,9 @@ where
                         match r {
                             Ok(_) => {
                                 if let Some(why) = drop_reason
-                                    && dropped.allow()
+                                    && let Some(n) = dropped.allow()
                                 {
-                                    warn!("dropping a frame from the tap: {why}");
+                                    warn!("dropping a frame from the tap: {why}{}", held_back(n));
                                 }
                             }
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -518,8 +518,10 @@ where
                     if let Some(tx) = &to_client
                         && is_dhcp_client_frame(frame, &cfg.mac)
                     {
-                        if tx.try_send(frame.to_vec()).is_err() && dhcp_full.allow() {
-                            debug!("DHCP client busy: dropping a DHCP frame");
+                        if tx.try_send(frame.to_vec()).is_err()
+                            && let Some(n) = dhcp_full.allow()
+                        {
+                            debug!("DHCP client busy: dropping a DHCP frame{}", held_back(n));
                         }
                         continue;
                     }
@@ -546,10 +548,11 @@ where
                         match header_to_tap(frame, mtu) {
                             Some(hdr) => tap.write_with_header(&hdr, frame).await,
                             None => {
-                                if undeliverable.allow() {
+                                if let Some(n) = undeliverable.allow() {
                                     warn!(
-                                        "dropping a {}-byte frame from the host: above the MTU and not TCP",
-                                        frame.len()
+                                        "dropping a {}-byte frame from the host: above the MTU and not TCP{}",
+                                        frame.len(),
+                                        held_back(n)
                                     );
                                 }
                                 continue;
@@ -557,9 +560,9 @@ where
                         }
                     };
                     if let Err(e) = written
-                        && tap_errors.allow()
+                        && let Some(n) = tap_errors.allow()
                     {
-                        warn!("writing a {}-byte frame to the tap failed: {e}", frame.len());
+                        warn!("writing a {}-byte frame to the tap failed: {e}{}", frame.len(), held_back(n));
                     }
                 }
                 Ok(None) => return Ok(()),
@@ -739,27 +742,30 @@ impl DhcpTask {
     }
 }
 
-/// Allows one log line per interval, so nothing the guest or host sends can
-/// flood the log.
-struct RateLimit {
-    last: Option<Instant>,
-}
+/// One log line per interval for each kind of trouble, so nothing the guest
+/// or host sends can flood the log (`rdnet_wire::ratelimit`, which every
+/// program shares); the next line that passes says how many were held back.
+struct RateLimit(rdnet_wire::ratelimit::Window);
 
 impl RateLimit {
     const INTERVAL: Duration = Duration::from_secs(10);
 
     fn new() -> Self {
-        RateLimit { last: None }
+        RateLimit(rdnet_wire::ratelimit::Window::new(1, Self::INTERVAL))
     }
 
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < Self::INTERVAL) {
-            return false;
+    /// `Some(lines held back since the last one)` when a line may pass.
+    fn allow(&mut self) -> Option<u64> {
+        match self.0.check(Instant::now()) {
+            rdnet_wire::ratelimit::Verdict::Log { suppressed } => Some(suppressed),
+            rdnet_wire::ratelimit::Verdict::Quiet => None,
         }
-        self.last = Some(now);
-        true
     }
+}
+
+/// " (N similar lines held back)" when N > 0.
+fn held_back(n: u64) -> String {
+    if n > 0 { format!(" ({n} similar lines held back)") } else { String::new() }
 }
 
 #[cfg(test)]
@@ -914,7 +920,9 @@ mod tests {
     #[test]
     fn rate_limit() {
         let mut r = RateLimit::new();
-        assert!(r.allow());
-        assert!(!r.allow());
+        assert_eq!(r.allow(), Some(0));
+        assert_eq!(r.allow(), None);
+        assert_eq!(held_back(0), "");
+        assert_eq!(held_back(3), " (3 similar lines held back)");
     }
 }

@@ -1,8 +1,11 @@
-//! Wire formats shared by both ends: safe decoding of untrusted messages.
+//! Wire formats shared by both ends: safe decoding of untrusted messages,
+//! and the small pure helpers every layer shares (checksums, MAC display,
+//! the log rate limit).
 #![deny(unsafe_code)]
 
 pub mod checksum;
 pub mod dhcp;
 pub mod mac;
+pub mod ratelimit;
 
 pub use mac::MacDisplay;
