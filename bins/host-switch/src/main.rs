@@ -164,8 +164,8 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
         };
         if let Some(path) = capture {
             // Whole frames, also those above the MTU that VMs which
-            // negotiated offload exchange (rdnet_link::offload).
-            let snaplen = engine.max_frame().max(rdnet_link::offload::MAX_LARGE_FRAME) as u32;
+            // negotiated offload exchange (rdnet_wire::offload).
+            let snaplen = engine.max_frame().max(rdnet_wire::offload::MAX_LARGE_FRAME) as u32;
             match rdnet_vnet::capture::Capture::create(&path, snaplen) {
                 Ok(c) => {
                     tracing::info!(path = %path.display(), "capturing frames");

@@ -13,7 +13,6 @@ pub mod hvsock;
 #[cfg(unix)]
 pub mod hybrid_vsock;
 pub mod io;
-pub mod offload;
 #[allow(unsafe_code)]
 pub mod sys;
 

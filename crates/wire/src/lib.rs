@@ -6,6 +6,8 @@
 pub mod checksum;
 pub mod dhcp;
 pub mod mac;
+pub mod offload;
 pub mod ratelimit;
+pub mod vnet_hdr;
 
 pub use mac::MacDisplay;
