@@ -203,14 +203,35 @@ impl Engine {
         self.ports.borrow().overflow_drops
     }
 
+    /// Frames the pcap capture left out because the disk did not keep up.
+    pub fn capture_drops(&self) -> u64 {
+        self.ports.borrow().capture.as_ref().map_or(0, Capture::dropped_frames)
+    }
+
     /// Number of VM connections being served.
     pub fn port_count(&self) -> usize {
         self.ports.borrow().map.len()
     }
 
     /// Records every frame received and sent to a pcap file from now on.
-    pub fn start_capture(&self, capture: Capture) {
+    /// Must run inside a `LocalSet`: a tick hands what was recorded to the
+    /// capture's writer once a second, so the file is current while quiet.
+    pub fn start_capture(self: &Rc<Self>, capture: Capture) {
         self.ports.borrow_mut().capture = Some(capture);
+        let weak = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(crate::capture::HANDOFF_AFTER);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(engine) = weak.upgrade() else { return };
+                let mut ports = engine.ports.borrow_mut();
+                match ports.capture.as_mut() {
+                    Some(c) if c.is_running() => c.hand_off_if_due(),
+                    _ => return,
+                }
+            }
+        });
     }
 
     /// Feeds one frame from `port` into the network.
