@@ -1,29 +1,36 @@
-//! network-setup's supervisor: the handshake, the distro's namespaces,
+//! network-setup's supervisor: the handshake, the distro's namespace,
 //! vm-switch, the veth pair, recovery and shutdown.
 //!
 //! How this works. Everything runs on one current-thread tokio runtime on
 //! the main thread, which stays in the namespace network-setup was started
-//! in (WSL's default one); the new network namespace is only ever entered on
-//! short-lived dedicated threads ([`NetNs::run`]), which is also how the init
-//! and vm-switch are started inside it. The handshake listener is opened
-//! once and kept for the program's life. Each round: wait for a handshake
-//! that ends in `READY` ([`guest_accept_ready`]), dial the host from this
+//! in (WSL's default one); the distro's network namespace is only ever
+//! entered on short-lived dedicated threads ([`NetNs::run`]), which is also
+//! how the init and vm-switch are started inside it. A stale host-side veth
+//! is removed first. Under systemd ([`Mode::Systemd`]) the distro's
+//! namespace is then looked up at once, before any handshake, so a wrong or
+//! stopped unit is reported immediately: the namespace of the unit's main
+//! process, held open by descriptor from then on; no namespace or init is
+//! created and no pid file written. The handshake listener is opened once
+//! and kept for the program's life. Each round: wait for a handshake that
+//! ends in `READY` ([`guest_accept_ready`]), dial the host from this
 //! namespace, and hand the connection to a new vm-switch in the distro's
-//! namespace as fd 3. The first round also removes a stale veth, creates
-//! the namespace, starts `unshare --pid --mount-proc --fork --propagation
-//! slave <init>` in it, writes the init's PID (the child of unshare, PID 1
-//! of the new pid namespace) to the pid file, and after vm-switch creates
-//! the veth pair; later rounds reuse all of that, so the distro never
-//! notices. network-setup keeps its own duplicate of the host connection
-//! and never reads from it; when vm-switch exits it asks the kernel (a
-//! zero-timeout poll) whether the host end has hung up. The rule: if the
-//! host link is gone (hang-up, reset), vm-switch's exit was the link's end:
-//! go back to the handshake (host-switch, restarted, dials it again); if the
-//! link is still up, vm-switch itself failed or was stopped: shut down.
-//! SIGTERM, SIGINT, SIGHUP and SIGQUIT shut down too. Shutting down stops
-//! vm-switch (SIGTERM, then SIGKILL after 5 s) and removes the veth; the
-//! init is left running, as the Go original did (its PID is in the pid
-//! file), and so is its namespace.
+//! namespace as fd 3. Under OpenRC the first round creates the namespace,
+//! starts `unshare --pid --mount-proc --fork --propagation slave <init>` in
+//! it, waits for unshare's child (the init, PID 1 of the new pid namespace)
+//! to appear and writes **unshare's** PID to the pid file, as the Go program
+//! does (Rancher Desktop's scripts look for the child named `init` of that
+//! PID and enter its namespaces). The first round in either mode creates
+//! the veth pair after starting vm-switch; later rounds reuse namespace,
+//! init and veth, so the distro never notices. network-setup keeps its own
+//! duplicate of the host connection and never reads from it; when vm-switch
+//! exits it asks the kernel (a zero-timeout poll) whether the host end has
+//! hung up. The rule: if the host link is gone (hang-up, reset), vm-switch's
+//! exit was the link's end: go back to the handshake (host-switch,
+//! restarted, dials it again); if the link is still up, vm-switch itself
+//! ended: shut down. SIGTERM, SIGINT, SIGHUP and SIGQUIT shut down too.
+//! Shutting down stops vm-switch (SIGTERM, then SIGKILL after 5 s) and
+//! removes the veth; the init (or the unit's process) is left running, as
+//! the Go program does, and so is its namespace.
 
 use std::fs::{OpenOptions, Permissions};
 use std::io::{self, Write};
@@ -46,8 +53,9 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, error, info, warn};
 
-use crate::Config;
 use crate::sys::{pass_as_fd3, peer_hung_up};
+use crate::systemd::{SystemdError, unit_namespace};
+use crate::{Config, Mode};
 
 /// Bound on the handshake's reads and writes per connection.
 const HANDSHAKE_IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,10 +85,17 @@ pub enum Error {
     Netns(#[source] io::Error),
     #[error("cannot start the namespaced init (unshare)")]
     Init(#[source] io::Error),
-    #[error("the namespaced init exited at once ({0}); check -unshare-arg")]
+    #[error("unshare exited at once ({0}); check -unshare-arg")]
     InitExited(ExitStatus),
     #[error("the namespaced init (the child of unshare, pid {0}) did not appear")]
     InitNotFound(u32),
+    #[error("cannot find the distro's network namespace (systemd mode)")]
+    Systemd(#[from] SystemdError),
+    #[error(
+        "{unit}'s main process (pid {main_pid}) is in network-setup's own network namespace: \
+         the unit made no namespace for the distro"
+    )]
+    UnitNotIsolated { unit: String, main_pid: u32 },
     #[error("cannot write the pid file {path}")]
     PidFile {
         path: String,
@@ -95,6 +110,8 @@ pub enum Error {
     },
     #[error("waiting for vm-switch failed")]
     VmSwitchWait(#[source] io::Error),
+    #[error("vm-switch failed ({0}) while the host link was up")]
+    VmSwitchFailed(ExitStatus),
     #[error("cannot hand the host connection to vm-switch")]
     HostFd(#[source] io::Error),
     #[error("cannot configure the network")]
@@ -105,7 +122,8 @@ pub enum Error {
 #[derive(Debug)]
 pub enum Outcome {
     Signal(&'static str),
-    /// vm-switch exited while the host link was still up.
+    /// vm-switch exited successfully while the host link was still up
+    /// (a failure is [`Error::VmSwitchFailed`]).
     VmSwitchExited(ExitStatus),
 }
 
@@ -150,10 +168,19 @@ impl Signals {
     }
 }
 
-/// The distro's side, made once and kept across host-switch restarts.
+/// The distro's side, made or found once and kept across host-switch
+/// restarts.
 struct Distro {
     ns: NetNs,
-    init_pid: i32,
+    owner: Owner,
+}
+
+/// Whose namespace it is.
+enum Owner {
+    /// Ours: unshare (its PID is in the pid file) and its child, the init.
+    Unshare { unshare_pid: u32, init_pid: i32 },
+    /// A systemd unit's main process, which is never ours to touch.
+    Unit { unit: String, main_pid: u32 },
 }
 
 struct Supervisor {
@@ -172,6 +199,17 @@ impl Supervisor {
         if self.origin.delete_link(host_veth).await? {
             info!("removed a stale {host_veth}");
         }
+        if let Mode::Systemd { unit, ignored_unshare_arg } = &self.cfg.mode {
+            if let Some(arg) = ignored_unshare_arg {
+                warn!("running under systemd ({}): ignoring -unshare-arg {arg:?}", crate::SYSTEMD_ENV);
+            }
+            let unit = unit.clone();
+            let distro = tokio::select! {
+                d = find_unit_distro(&unit) => d?,
+                s = self.signals.recv() => return Ok(Outcome::Signal(s)),
+            };
+            self.distro = Some(distro);
+        }
         let ep = &self.cfg.handshake_listen;
         let listener = listen(ep).await.map_err(|source| Error::Listen { endpoint: ep.to_string(), source })?;
         info!("waiting for host-switch's handshake on {ep}");
@@ -186,17 +224,23 @@ impl Supervisor {
             };
             let Some(link) = link else { continue };
             let (link, watch) = into_fds(link).map_err(Error::HostFd)?;
-            let restart = self.distro.is_some();
-            let ns = match &self.distro {
-                Some(d) => d.ns.try_clone().map_err(Error::Netns)?,
-                None => {
-                    let d = self.create_distro().await?;
+            // A namespace we did not just create may still hold a tap from an
+            // earlier vm-switch (ours after a restart, or under systemd one
+            // left by an earlier network-setup).
+            let existing = self.distro.is_some();
+            let ns = match (&self.distro, &self.cfg.mode) {
+                (Some(d), _) => d.ns.try_clone().map_err(Error::Netns)?,
+                (None, mode) => {
+                    let d = match mode.clone() {
+                        Mode::OpenRc { init_command } => self.create_distro(&init_command).await?,
+                        Mode::Systemd { unit, .. } => find_unit_distro(&unit).await?,
+                    };
                     let ns = d.ns.try_clone().map_err(Error::Netns)?;
                     self.distro = Some(d);
                     ns
                 }
             };
-            if restart {
+            if existing {
                 wait_tap_gone(&ns, &self.cfg.tap_interface).await;
             }
             self.vm_switch = Some(self.start_vm_switch(&ns, link)?);
@@ -216,20 +260,26 @@ impl Supervisor {
                 warn!("vm-switch exited ({status}): the host link is gone; waiting for host-switch's handshake again");
                 continue;
             }
+            if !status.success() {
+                return Err(Error::VmSwitchFailed(status));
+            }
             return Ok(Outcome::VmSwitchExited(status));
         }
     }
 
-    /// The new network namespace with the init inside; writes the pid file.
-    async fn create_distro(&mut self) -> Result<Distro, Error> {
+    /// The new network namespace with the init inside; writes unshare's
+    /// PID to the pid file.
+    async fn create_distro(&mut self, init_command: &[String]) -> Result<Distro, Error> {
         let ns = NetNs::new_anonymous().map_err(Error::Netns)?;
         info!("created the distro's network namespace (net:[{}])", ns.inode().unwrap_or(0));
         let unshare = if Path::new("/usr/bin/unshare").exists() { "/usr/bin/unshare" } else { "unshare" };
         let mut cmd = Command::new(unshare);
-        cmd.args(["--pid", "--mount-proc", "--fork", "--propagation", "slave"]).args(&self.cfg.init_command);
+        cmd.args(["--pid", "--mount-proc", "--fork", "--propagation", "slave"]).args(init_command);
         cmd.stdin(Stdio::null());
         let mut child = spawn_in(&ns, cmd).map_err(Error::Init)?;
         let unshare_pid = child.id().ok_or(Error::InitNotFound(0))?;
+        // The pid file is for finding the init: write it only once the
+        // init exists.
         let init_pid = match wait_for_child_of(unshare_pid, &mut child).await {
             Ok(pid) => pid,
             Err(e) => {
@@ -237,7 +287,15 @@ impl Supervisor {
                 return Err(e);
             }
         };
-        info!("started the namespaced init {:?}: pid {init_pid} (unshare pid {unshare_pid})", self.cfg.init_command);
+        info!(
+            "started unshare (pid {unshare_pid}); its child, pid {init_pid}, is the namespaced init {init_command:?}"
+        );
+        if let Err(source) = write_pid_file(&self.cfg.pid_file, unshare_pid) {
+            // Nobody could find this init: do not leave it behind.
+            let _ = kill(Pid::from_raw(init_pid), NixSignal::SIGKILL);
+            let _ = child.start_kill();
+            return Err(Error::PidFile { path: self.cfg.pid_file.display().to_string(), source });
+        }
         // Reap unshare whenever it ends; the distro's end is not ours to act on.
         tokio::spawn(async move {
             match child.wait().await {
@@ -245,27 +303,13 @@ impl Supervisor {
                 Err(e) => warn!("waiting for unshare (pid {unshare_pid}) failed: {e}"),
             }
         });
-        if let Err(source) = write_pid_file(&self.cfg.pid_file, init_pid) {
-            // Nobody could find this init: do not leave it behind.
-            let _ = kill(Pid::from_raw(init_pid), NixSignal::SIGKILL);
-            return Err(Error::PidFile { path: self.cfg.pid_file.display().to_string(), source });
-        }
-        Ok(Distro { ns, init_pid })
+        Ok(Distro { ns, owner: Owner::Unshare { unshare_pid, init_pid } })
     }
 
     fn start_vm_switch(&self, ns: &NetNs, link: OwnedFd) -> Result<Child, Error> {
         let c = &self.cfg;
         let mut cmd = Command::new(&c.vm_switch_path);
-        cmd.args(["-tap-interface", &c.tap_interface, "-subnet", &c.subnet, "-tap-mac-address", &c.tap_mac_address]);
-        if let Some(log) = &c.vm_switch_logfile {
-            cmd.arg("-logfile").arg(log);
-        }
-        if let Some(path) = &c.vm_switch_resolv_conf {
-            cmd.arg("--resolv-conf").arg(path);
-        }
-        if c.debug {
-            cmd.arg("-debug");
-        }
+        cmd.args(c.vm_switch_args());
         cmd.stdin(Stdio::null());
         pass_as_fd3(&mut cmd, link.as_raw_fd());
         let child = spawn_in(ns, cmd)
@@ -305,10 +349,27 @@ impl Supervisor {
                 Err(e) => error!("cannot remove {host}: {}", rdnet_cli::error_chain(&e)),
             }
         }
-        if let Some(d) = &self.distro {
-            info!("the namespaced init (pid {}) keeps running", d.init_pid);
+        match self.distro.as_ref().map(|d| &d.owner) {
+            Some(Owner::Unshare { unshare_pid, init_pid }) => {
+                info!("the namespaced init (pid {init_pid}, child of unshare pid {unshare_pid}) keeps running")
+            }
+            Some(Owner::Unit { unit, main_pid }) => info!("{unit} (main pid {main_pid}) was left alone"),
+            None => {}
         }
     }
+}
+
+/// Under systemd: the namespace of `unit`'s main process, which must not be
+/// this one (the unit would have made no namespace: vm-switch's tap and
+/// the whole distro would land in WSL's default namespace).
+async fn find_unit_distro(unit: &str) -> Result<Distro, Error> {
+    let (main_pid, ns) = unit_namespace(unit).await?;
+    let here = NetNs::current().and_then(|n| n.inode()).map_err(Error::Netns)?;
+    if ns.inode().map_err(Error::Netns)? == here {
+        return Err(Error::UnitNotIsolated { unit: unit.to_string(), main_pid });
+    }
+    info!("the distro's network namespace is {unit}'s (main pid {main_pid}, net:[{}])", ns.inode().unwrap_or(0));
+    Ok(Distro { ns, owner: Owner::Unit { unit: unit.to_string(), main_pid } })
 }
 
 /// Dials the host a few times; `None` (logged) sends us back to the handshake.
@@ -397,11 +458,11 @@ fn child_of(parent: u32) -> Option<i32> {
     None
 }
 
-fn write_pid_file(path: &Path, pid: i32) -> io::Result<()> {
+fn write_pid_file(path: &Path, unshare_pid: u32) -> io::Result<()> {
     let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.set_permissions(Permissions::from_mode(0o600))?;
-    f.write_all(pid.to_string().as_bytes())?;
-    info!("wrote the init's pid {pid} to {}", path.display());
+    f.write_all(unshare_pid.to_string().as_bytes())?;
+    info!("wrote unshare's pid {unshare_pid} (the init's parent) to {}", path.display());
     Ok(())
 }
 

@@ -260,6 +260,11 @@ impl Proc {
         s
     }
 
+    /// What the process wrote to its standard output only.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.out_path).unwrap_or_default()
+    }
+
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }

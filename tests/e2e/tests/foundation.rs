@@ -256,3 +256,27 @@ fn capture_flag_writes_a_pcap_of_the_gateways_traffic() {
     // The DHCP exchange is in it: the gateway's MAC as a source.
     assert!(bytes.windows(6).any(|w| w == [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd]));
 }
+
+#[test]
+fn listener_logs_name_the_peer_and_the_real_port_and_ignore_probes() {
+    if !privileged() {
+        return;
+    }
+    // A listener on port 0 says which port it got.
+    let mut world = World::new(&["--listen", "tcp://127.0.0.1:0"]);
+    let port_line = world.host_switch().logs().lines().find(|l| l.contains("tcp://127.0.0.1:")).map(str::to_string);
+    let port_line = port_line.unwrap_or_else(|| panic!("no tcp listener line\n{}", world.logs()));
+    assert!(!port_line.contains("127.0.0.1:0 ") && !port_line.ends_with("127.0.0.1:0"), "{port_line}");
+    // A probe (connect, close, as a second instance checking the socket
+    // does) is not a VM.
+    drop(UnixStream::connect(&world.socket).expect("probe"));
+    let g = world.add_guest(DEVICE_MAC, &[]);
+    assert!(world.guest(g).wait_for_address(Duration::from_secs(30)).is_some(), "{}", world.logs());
+    let logs = world.host_switch().logs();
+    let connected: Vec<&str> = logs.lines().filter(|l| l.contains("VM connected")).collect();
+    assert_eq!(connected.len(), 1, "the probe was logged as a VM:\n{logs}");
+    // peer= names vm-switch's process, not the listening path.
+    let vm_pid = world.guests[g].vm_switch.as_ref().map(|p| p.pid()).unwrap_or_default();
+    assert!(connected[0].contains(&format!("peer=unix:pid={vm_pid},")), "{}", connected[0]);
+    assert!(!connected[0].contains("host-switch.sock"), "{}", connected[0]);
+}

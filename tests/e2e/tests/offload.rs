@@ -447,7 +447,12 @@ fn vm_switch_turns_tso_on_only_while_a_gateway_that_answered_is_connected() {
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     listener.set_nonblocking(true).unwrap();
     let url = format!("unix://{}", sock.display());
-    let vm = ns.spawn(&dir, bin("vm-switch"), &["--connect", &url, "-dhcp=false", "-logfile", "/dev/stdout", "-debug"]);
+    // The test is a raw-framed host: no gvproxy-style POST /connect.
+    let vm = ns.spawn(
+        &dir,
+        bin("vm-switch"),
+        &["--connect", &url, "-connect-http=false", "-dhcp=false", "-logfile", "/dev/stdout", "-debug"],
+    );
     let accept = || {
         let mut conn = None;
         let ok = wait_until(Duration::from_secs(10), || match listener.accept() {

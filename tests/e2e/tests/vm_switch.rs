@@ -212,7 +212,17 @@ fn vm_switch_redials_and_configures_the_tap() {
     let resolv = dir.join("resolv.conf");
     let listener = UnixListener::bind(&sock).unwrap();
     let url = format!("unix://{}", sock.display());
-    let args = ["--connect", &url, "-logfile", "/dev/stdout", "--resolv-conf", resolv.to_str().unwrap(), "-debug"];
+    // The test plays a raw-framed host: no gvproxy-style POST /connect.
+    let args = [
+        "--connect",
+        &url,
+        "-connect-http=false",
+        "-logfile",
+        "/dev/stdout",
+        "--resolv-conf",
+        resolv.to_str().unwrap(),
+        "-debug",
+    ];
     let mut vm = ns.spawn(&dir, bin("vm-switch"), &args);
     let mut conn = accept(&listener, Duration::from_secs(10));
 
@@ -695,7 +705,8 @@ fn dhcp_script_hears_leasefail_and_nak() {
     let calls = dir.join("calls");
     let script = recording_script(&dir, "script.sh", &calls, true);
     let url = format!("unix://{}", sock.display());
-    let args = ["--connect", &url, "-logfile", "/dev/stdout", "-dhcp-script", script.to_str().unwrap()];
+    let args =
+        ["--connect", &url, "-connect-http=false", "-logfile", "/dev/stdout", "-dhcp-script", script.to_str().unwrap()];
     let mut vm = ns.spawn(&dir, bin("vm-switch"), &args);
     let mut conn = accept(&listener, Duration::from_secs(10));
 
