@@ -109,7 +109,7 @@ enum Resolution {
     /// `--dns-upstream`: these servers.
     Fixed(Vec<SocketAddr>),
     /// The host's settings, and its resolver API first when there is one.
-    Host { config: watch::Receiver<Arc<HostDnsConfig>>, system: Option<Rc<SystemResolver>> },
+    Host { config: watch::Receiver<Arc<HostDnsConfig>>, system: Option<SystemResolver> },
 }
 
 pub struct DnsServer {
@@ -131,8 +131,7 @@ impl DnsServer {
         if !upstreams.is_empty() {
             return Self::with(cfg, Resolution::Fixed(upstreams));
         }
-        let system = host_system_resolver().map(Rc::new);
-        Self::with(cfg, Resolution::Host { config: hostconf::watch(), system })
+        Self::with(cfg, Resolution::Host { config: hostconf::watch(), system: host_system_resolver() })
     }
 
     /// A server following the host's settings as `config` reports them,
@@ -142,7 +141,7 @@ impl DnsServer {
         config: watch::Receiver<Arc<HostDnsConfig>>,
         system: Option<SystemResolver>,
     ) -> Self {
-        Self::with(cfg, Resolution::Host { config, system: system.map(Rc::new) })
+        Self::with(cfg, Resolution::Host { config, system })
     }
 
     fn with(cfg: &NetConfig, resolution: Resolution) -> Self {

@@ -121,12 +121,11 @@ impl RecordList {
             }
             // SAFETY: `p` is the list's head or a `pNext` of a record in it;
             // the list stays allocated until `self` drops.
-            let r = unsafe { &*p };
-            // SAFETY: as above; the record and what it points to are valid.
-            if let Some(record) = unsafe { copy_record(r) }? {
+            if let Some(record) = unsafe { copy_record(p) }? {
                 out.push(record);
             }
-            p = r.pNext;
+            // SAFETY: as above.
+            p = unsafe { (*p).pNext };
         }
         Some(out)
     }
@@ -136,9 +135,13 @@ impl RecordList {
 /// question section), `None` when it does not read cleanly.
 ///
 /// # Safety
-/// `r` must be a record of a list returned by `DnsQuery_W` (or another
-/// dnsapi call returning `DNS_RECORDW`), still allocated.
-unsafe fn copy_record(r: &DNS_RECORDW) -> Option<Option<OsRecord>> {
+/// `p` must point to a record of a list returned by `DnsQuery_W` (or
+/// another dnsapi call returning `DNS_RECORDW`), still allocated. Data
+/// beyond the structure (flexible arrays, RDATA) is reached through `p`
+/// itself, whose allocation holds it.
+unsafe fn copy_record(p: *const DNS_RECORDW) -> Option<Option<OsRecord>> {
+    // SAFETY: the caller says `p` points to a live record.
+    let r = unsafe { &*p };
     // SAFETY: Flags is a union of a u32 and bit fields over it.
     let section = match unsafe { r.Flags.DW } & 0x3 {
         1 => Section::Answer,
@@ -174,10 +177,11 @@ unsafe fn copy_record(r: &DNS_RECORDW) -> Option<Option<OsRecord>> {
                 expire: r.Data.SOA.dwExpire,
                 minimum: r.Data.SOA.dwDefaultTtl,
             },
-            16 => OsData::Txt(txt_strings(r)?),
+            16 => OsData::Txt(txt_strings(p)?),
             t if system::structured_elsewhere(t) => return None,
             t => {
-                let data = std::slice::from_raw_parts((&raw const r.Data).cast::<u8>(), usize::from(r.wDataLength));
+                // The record's allocation holds wDataLength bytes of data.
+                let data = std::slice::from_raw_parts((&raw const (*p).Data).cast::<u8>(), usize::from(r.wDataLength));
                 OsData::Raw { rtype: t, rdata: system::unknown_rdata(data).to_vec() }
             }
         }
@@ -189,16 +193,18 @@ unsafe fn copy_record(r: &DNS_RECORDW) -> Option<Option<OsRecord>> {
 ///
 /// # Safety
 /// As [`copy_record`], for a record of type TXT.
-unsafe fn txt_strings(r: &DNS_RECORDW) -> Option<Vec<String>> {
-    // SAFETY: the caller says `Data` holds a DNS_TXT_DATAW.
-    let txt = unsafe { &r.Data.TXT };
-    let count = txt.dwStringCount as usize;
+unsafe fn txt_strings(p: *const DNS_RECORDW) -> Option<Vec<String>> {
+    // SAFETY: the caller says `p` is a live TXT record, whose data is a
+    // DNS_TXT_DATAW.
+    let (count, data_len) = unsafe { ((*p).Data.TXT.dwStringCount as usize, usize::from((*p).wDataLength)) };
     let array_at = std::mem::offset_of!(DNS_TXT_DATAW, pStringArray);
     let needed = count.checked_mul(size_of::<*mut u16>())?.checked_add(array_at)?;
-    if needed > usize::from(r.wDataLength) {
+    if needed > data_len {
         return None;
     }
-    let first = txt.pStringArray.as_ptr();
+    // SAFETY: a place projection through the raw pointer (no reference to
+    // the one-element array, so the pointer may reach the whole array).
+    let first = unsafe { (&raw const (*p).Data.TXT.pStringArray).cast::<*mut u16>() };
     // SAFETY: the data holds `count` pointers from `first` on (checked
     // against wDataLength above), each a string of the record.
     (0..count).map(|i| unsafe { wide(*first.add(i)) }).collect()
