@@ -151,9 +151,10 @@ unsafe fn copy_record(p: *const DNS_RECORDW) -> Option<Option<OsRecord>> {
     };
     // SAFETY: pName is null or a NUL-terminated string of the record.
     let name = unsafe { wide(r.pName) }?;
-    // SAFETY (all union reads below): the OS fills `Data` with the member
-    // that belongs to `wType`, which each arm reads; the strings it points
-    // to belong to the record.
+    // SAFETY: the OS fills `Data` with the member that belongs to `wType`,
+    // which is the one each arm reads; the strings it points to belong to
+    // the record; the raw arm reads wDataLength bytes, which the record's
+    // allocation holds, through `p`.
     let data = unsafe {
         match r.wType {
             1 => OsData::A(Ipv4Addr::from(r.Data.A.IpAddress.to_ne_bytes())),
