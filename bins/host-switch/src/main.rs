@@ -38,7 +38,8 @@ struct Opts {
     #[arg(long)]
     api: Vec<Endpoint>,
     /// Where VMs connect: unix:///path, unixgram:///path (a frame per datagram), tcp://IP:PORT, vsock://:PORT,
-    /// hvsock://VMGUID:PORT, npipe://./pipe/NAME; repeatable. Default: on
+    /// hvsock://VMGUID:PORT, npipe://./pipe/NAME, hybridvsock:///VMM.sock:PORT (Firecracker, Cloud
+    /// Hypervisor, vhost-device-vsock: the guest's dial of CID 2 PORT, on VMM.sock_PORT); repeatable. Default: on
     /// Linux vsock://:6656; on Windows, find WSL's VM (the one whose guest
     /// answers the handshake on port 6669) and listen on its port 6656.
     #[arg(long)]
@@ -71,7 +72,8 @@ struct Opts {
     /// -debug, capture.pcap in the working directory (as gvproxy does).
     #[arg(long)]
     capture: Option<String>,
-    /// The guest's handshake endpoint (vsock://CID:6669, unix:///path): find
+    /// The guest's handshake endpoint (vsock://CID:6669, unix:///path,
+    /// hybridvsock:///VMM.sock:6669 for a guest behind a hybrid-vsock VMM): find
     /// network-setup there by its signature, tell it READY once -listen is
     /// up, and pair again whenever its data connection is lost.
     #[arg(long)]
@@ -165,8 +167,8 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
         };
         if let Some(path) = capture {
             // Whole frames, also those above the MTU that VMs which
-            // negotiated offload exchange (rdnet_link::offload).
-            let snaplen = engine.max_frame().max(rdnet_link::offload::MAX_LARGE_FRAME) as u32;
+            // negotiated offload exchange (rdnet_wire::offload).
+            let snaplen = engine.max_frame().max(rdnet_wire::offload::MAX_LARGE_FRAME) as u32;
             match rdnet_vnet::capture::Capture::create(&path, snaplen) {
                 Ok(c) => {
                     tracing::info!(path = %path.display(), "capturing frames");

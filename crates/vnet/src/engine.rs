@@ -202,10 +202,10 @@ impl Engine {
     }
 
     /// The largest frame a stream link may carry: above the MTU for VMs
-    /// that negotiated segmentation offload (`rdnet_link::offload`); taking
+    /// that negotiated segmentation offload (`rdnet_wire::offload`); taking
     /// them from any VM costs nothing and keeps the framing in sync.
     fn max_link_frame(&self) -> usize {
-        self.max_frame().max(rdnet_link::offload::MAX_LARGE_FRAME)
+        self.max_frame().max(rdnet_wire::offload::MAX_LARGE_FRAME)
     }
 
     /// Frames dropped because a port's peer did not keep up.
@@ -403,7 +403,7 @@ impl Engine {
         };
 
         // The link carries frames of at most MTU + 14 bytes until the VM's
-        // offload hello was answered (rdnet_link::offload), 65535 after.
+        // offload hello was answered (rdnet_wire::offload), 65535 after.
         let mut reader = FrameReader::new(read_half, Decoder::new(self.config.framing, self.max_frame()));
         reader.reserve_for(self.max_link_frame());
         let mut large = false;
