@@ -50,7 +50,9 @@ struct Opts {
     /// Log file (appended to); stderr when not given.
     #[arg(long)]
     logfile: Option<PathBuf>,
-    /// Upstream DNS resolver IP:PORT (repeatable); default: the host's resolv.conf.
+    /// Upstream DNS resolver IP:PORT (repeatable); default: the host's own
+    /// resolver (on Windows its resolver API, elsewhere resolv.conf's
+    /// nameservers), followed as it changes.
     #[arg(long = "dns-upstream")]
     dns_upstream: Vec<SocketAddr>,
     /// Allow NAT to link-local 169.254.0.0/16 (cloud metadata lives there).
@@ -121,7 +123,7 @@ fn net_config(opts: &Opts) -> Result<NetConfig, String> {
             return Err(invalid(flag, &value, &out_of_range(1, MAX_FLOW_LIMIT)));
         }
     }
-    let mut cfg = NetConfig::new(opts.subnet, opts.mtu).map_err(|e| match e {
+    let cfg = NetConfig::new(opts.subnet, opts.mtu).map_err(|e| match e {
         ConfigError::SubnetTooSmall(_) => invalid(
             "subnet",
             &opts.subnet,
@@ -129,7 +131,6 @@ fn net_config(opts: &Opts) -> Result<NetConfig, String> {
         ),
         ConfigError::BadMtu(m) => invalid("mtu", &m, &out_of_range(MIN_MTU, MAX_MTU)),
     })?;
-    cfg.search_domains = host_search_domains();
     Ok(cfg)
 }
 
@@ -155,6 +156,8 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
             framing: opts.framing,
             allow_link_local: opts.allow_link_local,
             dns_upstreams: opts.dns_upstream.clone(),
+            // DHCP hands out the host's search suffixes, kept current.
+            follow_host_search: true,
             max_udp_flows: opts.max_udp_flows,
             max_tcp_flows: opts.max_flows,
             ..EngineConfig::default()
@@ -277,25 +280,6 @@ async fn wait_for_shutdown() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// The host resolver's search list, for DHCP option 119.
-fn host_search_domains() -> Vec<String> {
-    #[cfg(unix)]
-    {
-        std::fs::read_to_string("/etc/resolv.conf")
-            .map(|text| {
-                text.lines()
-                    .filter_map(|l| l.trim().strip_prefix("search"))
-                    .flat_map(|rest| rest.split_whitespace().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-    #[cfg(not(unix))]
-    {
-        Vec::new()
     }
 }
 

@@ -42,6 +42,9 @@ pub struct EngineConfig {
     pub allow_link_local: bool,
     /// Upstream resolvers; empty means the host's own configuration.
     pub dns_upstreams: Vec<SocketAddr>,
+    /// DHCP hands out the host's DNS search list as it is at the time
+    /// (re-read every few seconds) rather than `NetConfig::search_domains`.
+    pub follow_host_search: bool,
     pub max_udp_flows: usize,
     pub udp_idle_timeout: Duration,
     pub max_tcp_flows: usize,
@@ -53,6 +56,7 @@ impl Default for EngineConfig {
             framing: Framing::U16Le,
             allow_link_local: false,
             dns_upstreams: Vec::new(),
+            follow_host_search: false,
             max_udp_flows: 4096,
             udp_idle_timeout: Duration::from_secs(90),
             max_tcp_flows: 32768,
@@ -161,9 +165,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(net: Network, config: EngineConfig) -> Rc<Self> {
+    pub fn new(mut net: Network, config: EngineConfig) -> Rc<Self> {
         let nat = NatPolicy::new(&net.cfg, config.allow_link_local);
         let dns = Rc::new(DnsServer::new(&net.cfg, config.dns_upstreams.clone()));
+        if config.follow_host_search {
+            // The DNS server's view of the host's settings when it follows
+            // them; otherwise one of DHCP's own.
+            let host = dns.host_config().unwrap_or_else(crate::dns::hostconf::watch);
+            net.dhcp.follow_search(host);
+        }
         let mut tcp =
             TcpNat::new(net.cfg.gateway_ip, net.cfg.subnet.prefix_len(), net.cfg.mtu.into(), config.max_tcp_flows);
         let dns_tcp = dns.clone();
