@@ -38,7 +38,8 @@ struct Opts {
     #[arg(long)]
     api: Vec<Endpoint>,
     /// Where VMs connect: unix:///path, unixgram:///path (a frame per datagram), tcp://IP:PORT, vsock://:PORT,
-    /// hvsock://VMGUID:PORT, npipe://./pipe/NAME; repeatable. Default: on
+    /// hvsock://VMGUID:PORT, npipe://./pipe/NAME, hybridvsock:///VMM.sock:PORT (Firecracker, Cloud
+    /// Hypervisor, vhost-device-vsock: the guest's dial of CID 2 PORT, on VMM.sock_PORT); repeatable. Default: on
     /// Linux vsock://:6656; on Windows, find WSL's VM (the one whose guest
     /// answers the handshake on port 6669) and listen on its port 6656.
     #[arg(long)]
@@ -49,7 +50,9 @@ struct Opts {
     /// Log file (appended to); stderr when not given.
     #[arg(long)]
     logfile: Option<PathBuf>,
-    /// Upstream DNS resolver IP:PORT (repeatable); default: the host's resolv.conf.
+    /// Upstream DNS resolver IP:PORT (repeatable); default: the host's own
+    /// resolver (on Windows its resolver API, elsewhere resolv.conf's
+    /// nameservers), followed as it changes.
     #[arg(long = "dns-upstream")]
     dns_upstream: Vec<SocketAddr>,
     /// Allow NAT to link-local 169.254.0.0/16 (cloud metadata lives there).
@@ -69,7 +72,11 @@ struct Opts {
     /// -debug, capture.pcap in the working directory (as gvproxy does).
     #[arg(long)]
     capture: Option<String>,
-    /// The guest's handshake endpoint (vsock://CID:6669, unix:///path): find
+    /// The capture stops once its file would grow beyond this many bytes.
+    #[arg(long = "capture-max-bytes", default_value_t = rdnet_vnet::capture::DEFAULT_MAX_BYTES)]
+    capture_max_bytes: u64,
+    /// The guest's handshake endpoint (vsock://CID:6669, unix:///path,
+    /// hybridvsock:///VMM.sock:6669 for a guest behind a hybrid-vsock VMM): find
     /// network-setup there by its signature, tell it READY once -listen is
     /// up, and pair again whenever its data connection is lost.
     #[arg(long)]
@@ -125,7 +132,7 @@ fn net_config(opts: &Opts) -> Result<NetConfig, String> {
             return Err(invalid(flag, &value, &out_of_range(1, MAX_FLOW_LIMIT)));
         }
     }
-    let mut cfg = NetConfig::new(opts.subnet, opts.mtu).map_err(|e| match e {
+    let cfg = NetConfig::new(opts.subnet, opts.mtu).map_err(|e| match e {
         ConfigError::SubnetTooSmall(_) => invalid(
             "subnet",
             &opts.subnet,
@@ -133,7 +140,6 @@ fn net_config(opts: &Opts) -> Result<NetConfig, String> {
         ),
         ConfigError::BadMtu(m) => invalid("mtu", &m, &out_of_range(MIN_MTU, MAX_MTU)),
     })?;
-    cfg.search_domains = host_search_domains();
     Ok(cfg)
 }
 
@@ -159,6 +165,8 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
             framing: opts.framing,
             allow_link_local: opts.allow_link_local,
             dns_upstreams: opts.dns_upstream.clone(),
+            // DHCP hands out the host's search suffixes, kept current.
+            follow_host_search: true,
             max_udp_flows: opts.max_udp_flows,
             max_tcp_flows: opts.max_flows,
             ..EngineConfig::default()
@@ -171,11 +179,11 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
         };
         if let Some(path) = capture {
             // Whole frames, also those above the MTU that VMs which
-            // negotiated offload exchange (rdnet_link::offload).
-            let snaplen = engine.max_frame().max(rdnet_link::offload::MAX_LARGE_FRAME) as u32;
-            match rdnet_vnet::capture::Capture::create(&path, snaplen) {
+            // negotiated offload exchange (rdnet_wire::offload).
+            let snaplen = engine.max_frame().max(rdnet_wire::offload::MAX_LARGE_FRAME) as u32;
+            match rdnet_vnet::capture::Capture::create(&path, snaplen, opts.capture_max_bytes) {
                 Ok(c) => {
-                    tracing::info!(path = %path.display(), "capturing frames");
+                    tracing::info!(path = %path.display(), max_bytes = opts.capture_max_bytes, "capturing frames");
                     engine.start_capture(c);
                 }
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot write the packet capture"),
@@ -297,25 +305,6 @@ async fn wait_for_shutdown() {
         if let Some(event) = rx.recv().await {
             tracing::info!(%event, "console control event");
         }
-    }
-}
-
-/// The host resolver's search list, for DHCP option 119.
-fn host_search_domains() -> Vec<String> {
-    #[cfg(unix)]
-    {
-        std::fs::read_to_string("/etc/resolv.conf")
-            .map(|text| {
-                text.lines()
-                    .filter_map(|l| l.trim().strip_prefix("search"))
-                    .flat_map(|rest| rest.split_whitespace().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-    #[cfg(not(unix))]
-    {
-        Vec::new()
     }
 }
 

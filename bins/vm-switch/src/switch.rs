@@ -7,14 +7,16 @@
 //! (plus any frames the DHCP client wants sent) and then flushes them in one
 //! write; "down" takes frames from the link reader and writes each to the
 //! tap, except DHCP replies for us (UDP to port 68, to our MAC or broadcast)
-//! when -dhcp is on, which go to the DHCP task instead. The DHCP task owns
+//! when -dhcp is on, which go to the DHCP task instead. Which frame goes
+//! where, and which are dropped and why, is decided by the pure rules of
+//! `rdnet_guest::link_rules`; this module only moves bytes. The DHCP task owns
 //! the sans-I/O client, its timers, and the netlink/resolv.conf side effects;
 //! it talks to sessions over bounded channels, so the packet path never
 //! waits on it (frames it sends while no link is up are dropped, and it is
 //! told when a link comes up so it retransmits at once). Each session
-//! starts with the offload hello (`rdnet_link::offload`); while a host that
+//! starts with the offload hello (`rdnet_wire::offload`); while a host that
 //! answered it is connected the tap has TSO and checksum offload on, so
-//! frames cross the link as 64 KiB segments (see `rdnet_guest::vnet_hdr`
+//! frames cross the link as 64 KiB segments (see `rdnet_wire::vnet_hdr`
 //! for the header each tap read and write carries). With the inherited
 //! descriptor (`-vsock-fd`) the program ends with its only session: status
 //! 0 on EOF, 1 on an error. With `--connect` a lost link is redialled with
@@ -42,14 +44,14 @@ use rdnet_cli::{LogOptions, error_chain, init_logging, out_of_range};
 use rdnet_guest::configure::{apply_lease, remove_lease, write_resolv_conf};
 use rdnet_guest::dhcp_client::{ClientConfig, DhcpClient, Output};
 use rdnet_guest::dhcp_script::ScriptEvent;
-use rdnet_guest::frame::{Mac, MacDisplay, is_dhcp_client_frame, parse_mac};
+use rdnet_guest::frame::{Mac, MacDisplay, parse_mac};
+use rdnet_guest::link_rules::{FromLink, FromTap, from_link, from_tap};
 use rdnet_guest::netlink::{Netlink, NetlinkError};
 use rdnet_guest::tap::{Tap, TapError};
 use rdnet_guest::trace::PacketSummary;
-use rdnet_guest::vnet_hdr::{GSO_NONE, complete_from_tap, header_to_tap};
 use rdnet_link::http_connect::{self, RefuseHttpAnswer};
-use rdnet_link::offload::{self, Hello, Role};
 use rdnet_link::{Decoder, Endpoint, EndpointError, FrameReader, FrameWriter, Framing, LinkError, LinkStream, dial};
+use rdnet_wire::offload::{self, Hello, Role};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
@@ -293,13 +295,13 @@ async fn switch(cfg: Config) -> Result<ExitCode, Error> {
     nl.set_mtu(&cfg.tap, cfg.mtu).await?;
     // A GSO packet (its Ethernet header included) must fit one u16-framed
     // frame; the kernel cuts anything larger in software before the tap.
-    nl.set_gso_max_size(&cfg.tap, rdnet_link::offload::MAX_LARGE_FRAME as u32).await?;
+    nl.set_gso_max_size(&cfg.tap, rdnet_wire::offload::MAX_LARGE_FRAME as u32).await?;
     nl.set_up(&cfg.tap).await?;
     nl.set_up("lo").await?;
     info!(
         "tap {} up (mac {}, mtu {}), subnet {}, link {}, dhcp {}",
         cfg.tap,
-        MacDisplay(&cfg.mac),
+        MacDisplay(cfg.mac),
         cfg.mtu,
         cfg.subnet,
         cfg.endpoint,
@@ -378,7 +380,7 @@ async fn recv_or_pending(rx: &mut Option<&mut mpsc::Receiver<Vec<u8>>>) -> Optio
 
 /// One connection to the host: pumps frames both ways until the link ends
 /// (`Ok` on a clean EOF) or something fails. The session offers segmentation
-/// offload (`rdnet_link::offload`) and turns the tap's TSO on only while a
+/// offload (`rdnet_wire::offload`) and turns the tap's TSO on only while a
 /// host that answered the offer is connected.
 async fn session(mut link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: &Config) -> Result<(), Error> {
     let max_frame = cfg.max_frame();
@@ -452,26 +454,9 @@ where
                                 Some(r) => r?,
                             };
                             let frame = &mut buf[..len];
-                            drop_reason = if len == 0 {
-                                Some("empty")
-                            } else if len > offload::MAX_LARGE_FRAME {
-                                Some("larger than a link frame")
-                            } else if hdr.gso_type == GSO_NONE && len > max_frame {
-                                Some("above the MTU")
-                            } else if hdr.gso_type != GSO_NONE && offload.get().is_none() {
-                                Some("segmentation offload is off")
-                            } else if offload::is_offload_frame(frame) {
-                                Some("offload negotiation is between vm-switch and the host")
-                            } else if len > max_frame || offload.get().is_some_and(|gw| is_tcp_to(frame, &gw)) {
-                                // A large segment's checksum is left to whoever
-                                // delivers it, and the gateway does not check
-                                // those of TCP it terminates (offload.rs).
-                                None
-                            } else if complete_from_tap(&hdr, frame).is_err() {
-                                Some("malformed offload header")
-                            } else {
-                                None
-                            };
+                            if let FromTap::Drop(why) = from_tap(&hdr, frame, max_frame, offload.get()) {
+                                drop_reason = Some(why);
+                            }
                             if drop_reason.is_some() {
                                 return Ok(0);
                             }
@@ -481,9 +466,9 @@ where
                         match r {
                             Ok(_) => {
                                 if let Some(why) = drop_reason
-                                    && dropped.allow()
+                                    && let Some(n) = dropped.allow()
                                 {
-                                    warn!("dropping a frame from the tap: {why}");
+                                    warn!("dropping a frame from the tap: {why}{}", held_back(n));
                                 }
                             }
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -515,51 +500,41 @@ where
                 Ok(Some(frame)) => {
                     let frame: &mut [u8] = frame;
                     trace(HOST_TO_VM, frame);
-                    if let Some(tx) = &to_client
-                        && is_dhcp_client_frame(frame, &cfg.mac)
-                    {
-                        if tx.try_send(frame.to_vec()).is_err() && dhcp_full.allow() {
-                            debug!("DHCP client busy: dropping a DHCP frame");
+                    let mtu = cfg.tap_mtu.load(Ordering::Relaxed) as usize;
+                    let written = match from_link(frame, &cfg.mac, to_client.is_some(), max_frame, mtu, offload.get()) {
+                        FromLink::ToDhcpClient => {
+                            if let Some(tx) = &to_client
+                                && tx.try_send(frame.to_vec()).is_err()
+                                && let Some(n) = dhcp_full.allow()
+                            {
+                                debug!("DHCP client busy: dropping a DHCP frame{}", held_back(n));
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                    if offload::is_offload_frame(frame) {
-                        if let Some(h) = offload::parse_hello(frame)
-                            && h.role == Role::Gateway
-                            && h.flags & offload::LARGE_TCP != 0
-                            && offload.get().is_none()
-                        {
+                        FromLink::EnableOffload { gateway } => {
                             match tap.set_offload(true) {
                                 Ok(()) => {
-                                    offload.set(frame[6..12].try_into().ok());
+                                    offload.set(Some(gateway));
                                     info!("host takes large TCP segments: segmentation offload on");
                                 }
                                 Err(e) => warn!("cannot turn on the tap's offloads: {e}"),
                             }
+                            continue;
                         }
-                        continue;
-                    }
-                    let written = if frame.len() <= max_frame {
-                        tap.write(frame).await
-                    } else {
-                        let mtu = cfg.tap_mtu.load(Ordering::Relaxed) as usize;
-                        match header_to_tap(frame, mtu) {
-                            Some(hdr) => tap.write_with_header(&hdr, frame).await,
-                            None => {
-                                if undeliverable.allow() {
-                                    warn!(
-                                        "dropping a {}-byte frame from the host: above the MTU and not TCP",
-                                        frame.len()
-                                    );
-                                }
-                                continue;
+                        FromLink::Ignore => continue,
+                        FromLink::ToTap => tap.write(frame).await,
+                        FromLink::ToTapWithHeader(hdr) => tap.write_with_header(&hdr, frame).await,
+                        FromLink::Drop(why) => {
+                            if let Some(n) = undeliverable.allow() {
+                                warn!("dropping a {}-byte frame from the host: {why}{}", frame.len(), held_back(n));
                             }
+                            continue;
                         }
                     };
                     if let Err(e) = written
-                        && tap_errors.allow()
+                        && let Some(n) = tap_errors.allow()
                     {
-                        warn!("writing a {}-byte frame to the tap failed: {e}", frame.len());
+                        warn!("writing a {}-byte frame to the tap failed: {e}{}", frame.len(), held_back(n));
                     }
                 }
                 Ok(None) => return Ok(()),
@@ -572,11 +547,6 @@ where
         r = up => r,
         r = down => r,
     }
-}
-
-/// Whether `frame` is IPv4 TCP addressed to the MAC `to`.
-fn is_tcp_to(frame: &[u8], to: &Mac) -> bool {
-    frame.len() > 34 && frame[..6] == to[..] && frame[12..14] == [0x08, 0x00] && frame[23] == 6
 }
 
 fn spawn_dhcp(cfg: &Config, nl: Netlink) -> DhcpLink {
@@ -739,27 +709,30 @@ impl DhcpTask {
     }
 }
 
-/// Allows one log line per interval, so nothing the guest or host sends can
-/// flood the log.
-struct RateLimit {
-    last: Option<Instant>,
-}
+/// One log line per interval for each kind of trouble, so nothing the guest
+/// or host sends can flood the log (`rdnet_wire::ratelimit`, which every
+/// program shares); the next line that passes says how many were held back.
+struct RateLimit(rdnet_wire::ratelimit::Window);
 
 impl RateLimit {
     const INTERVAL: Duration = Duration::from_secs(10);
 
     fn new() -> Self {
-        RateLimit { last: None }
+        RateLimit(rdnet_wire::ratelimit::Window::new(1, Self::INTERVAL))
     }
 
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < Self::INTERVAL) {
-            return false;
+    /// `Some(lines held back since the last one)` when a line may pass.
+    fn allow(&mut self) -> Option<u64> {
+        match self.0.check(Instant::now()) {
+            rdnet_wire::ratelimit::Verdict::Log { suppressed } => Some(suppressed),
+            rdnet_wire::ratelimit::Verdict::Quiet => None,
         }
-        self.last = Some(now);
-        true
     }
+}
+
+/// " (N similar lines held back)" when N > 0.
+fn held_back(n: u64) -> String {
+    if n > 0 { format!(" ({n} similar lines held back)") } else { String::new() }
 }
 
 #[cfg(test)]
@@ -914,7 +887,9 @@ mod tests {
     #[test]
     fn rate_limit() {
         let mut r = RateLimit::new();
-        assert!(r.allow());
-        assert!(!r.allow());
+        assert_eq!(r.allow(), Some(0));
+        assert_eq!(r.allow(), None);
+        assert_eq!(held_back(0), "");
+        assert_eq!(held_back(3), " (3 similar lines held back)");
     }
 }

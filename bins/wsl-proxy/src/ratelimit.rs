@@ -8,36 +8,25 @@
 
 use std::time::{Duration, Instant};
 
+pub use rdnet_wire::ratelimit::Verdict;
+
 pub const WINDOW: Duration = Duration::from_secs(10);
 pub const BURST: u32 = 30;
 
-#[derive(Debug, Default)]
-pub struct LogLimiter {
-    start: Option<Instant>,
-    passed: u32,
-    suppressed: u64,
-}
+/// [`BURST`] lines per [`WINDOW`] (`rdnet_wire::ratelimit`, shared by
+/// every program).
+#[derive(Debug)]
+pub struct LogLimiter(rdnet_wire::ratelimit::Window);
 
-/// Whether to log, and how many lines were dropped since the last one.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Log { suppressed: u64 },
-    Quiet,
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter(rdnet_wire::ratelimit::Window::new(BURST, WINDOW))
+    }
 }
 
 impl LogLimiter {
     pub fn check(&mut self, now: Instant) -> Verdict {
-        if self.start.is_none_or(|start| now.saturating_duration_since(start) >= WINDOW) {
-            self.start = Some(now);
-            self.passed = 0;
-        }
-        if self.passed < BURST {
-            self.passed += 1;
-            Verdict::Log { suppressed: std::mem::take(&mut self.suppressed) }
-        } else {
-            self.suppressed += 1;
-            Verdict::Quiet
-        }
+        self.0.check(now)
     }
 }
 

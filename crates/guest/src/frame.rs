@@ -5,7 +5,6 @@
 //! Everything here works on byte slices, is built on `smoltcp::wire`'s
 //! checked accessors, and returns `None` instead of panicking on any input.
 
-use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use smoltcp::phy::ChecksumCapabilities;
@@ -45,14 +44,7 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
 }
 
 /// Displays a MAC as `5a:94:ef:e4:0c:ee`.
-pub struct MacDisplay<'a>(pub &'a Mac);
-
-impl fmt::Display for MacDisplay<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
+pub use rdnet_wire::MacDisplay;
 
 /// A parsed Ethernet/IPv4/UDP datagram, borrowing its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,7 +170,7 @@ mod tests {
     fn mac_parse_and_display() {
         assert_eq!(parse_mac("5a:94:ef:e4:0c:ee"), Some(MAC));
         assert_eq!(parse_mac("5A-94-EF-E4-0C-EE"), Some(MAC));
-        assert_eq!(MacDisplay(&MAC).to_string(), "5a:94:ef:e4:0c:ee");
+        assert_eq!(MacDisplay(MAC).to_string(), "5a:94:ef:e4:0c:ee");
         for bad in ["", "5a:94:ef:e4:0c", "5a:94:ef:e4:0c:ee:00", "5a:94:ef:e4:0c:zz", "5a:94:ef:e4:0c:eee", "::::"] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }

@@ -10,9 +10,9 @@
 pub mod dhcp_client;
 pub mod dhcp_script;
 pub mod frame;
+pub mod link_rules;
 pub mod resolv;
 pub mod trace;
-pub mod vnet_hdr;
 
 #[cfg(target_os = "linux")]
 pub mod configure;

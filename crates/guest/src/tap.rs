@@ -11,7 +11,7 @@
 //! disappears when the [`Tap`] is dropped or the process exits.
 //!
 //! Every frame read or written is preceded by a `virtio_net_hdr`
-//! ([`crate::vnet_hdr`]), read and written with one vectored call. Offloads
+//! ([`rdnet_wire::vnet_hdr`]), read and written with one vectored call. Offloads
 //! start off, so the header says nothing until [`Tap::set_offload`] turns
 //! on TSO and checksum offload.
 
@@ -22,7 +22,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
 use crate::sys;
-use crate::vnet_hdr::{VNET_HDR_LEN, VnetHdr};
+use rdnet_wire::vnet_hdr::{VNET_HDR_LEN, VnetHdr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {

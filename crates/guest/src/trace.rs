@@ -42,7 +42,7 @@ impl fmt::Display for PacketSummary<'_> {
             EthernetProtocol::Ipv4 => ipv4(f, eth.payload()),
             EthernetProtocol::Ipv6 => ipv6(f, eth.payload()),
             EthernetProtocol::Unknown(t) => {
-                write!(f, "ethertype 0x{t:04x} {} → {}", MacDisplay(&eth.src_addr().0), MacDisplay(&eth.dst_addr().0))
+                write!(f, "ethertype 0x{t:04x} {} → {}", MacDisplay(eth.src_addr().0), MacDisplay(eth.dst_addr().0))
             }
         }
     }
@@ -76,12 +76,12 @@ fn arp(f: &mut fmt::Formatter<'_>, payload: &[u8]) -> fmt::Result {
     let (sha, spa) = (mac_of(p.source_hardware_addr()), ipv4_of(p.source_protocol_addr()));
     let (tha, tpa) = (mac_of(p.target_hardware_addr()), ipv4_of(p.target_protocol_addr()));
     match p.operation() {
-        ArpOperation::Request => write!(f, "ARP request who-has {tpa} tell {spa} ({})", MacDisplay(&sha)),
+        ArpOperation::Request => write!(f, "ARP request who-has {tpa} tell {spa} ({})", MacDisplay(sha)),
         ArpOperation::Reply => {
-            write!(f, "ARP reply {spa} is-at {} to {tpa} ({})", MacDisplay(&sha), MacDisplay(&tha))
+            write!(f, "ARP reply {spa} is-at {} to {tpa} ({})", MacDisplay(sha), MacDisplay(tha))
         }
         ArpOperation::Unknown(op) => {
-            write!(f, "ARP op {op} {spa} ({}) → {tpa} ({})", MacDisplay(&sha), MacDisplay(&tha))
+            write!(f, "ARP op {op} {spa} ({}) → {tpa} ({})", MacDisplay(sha), MacDisplay(tha))
         }
     }
 }

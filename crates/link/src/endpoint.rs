@@ -2,9 +2,13 @@
 //!
 //! `unix:///path`, `tcp://127.0.0.1:port`, `vsock://CID:PORT` (`vsock://:PORT`
 //! listens on any CID), `fd://N` (an inherited, already-connected socket),
-//! `hvsock://VMGUID:PORT` and `npipe://./pipe/NAME` (Windows). Every kind
-//! dials or listens to the same [`LinkStream`], so the code above does not
-//! care how frames travel.
+//! `hvsock://VMGUID:PORT` and `npipe://./pipe/NAME` (Windows), and
+//! `hybridvsock:///path/to/uds:PORT` (unix hosts): a guest's vsock port P
+//! behind a Firecracker / Cloud Hypervisor / vhost-device-vsock VMM socket —
+//! dialing writes `CONNECT P` on the socket and waits for `OK`, listening
+//! takes the guest's connections to host port P on `uds_P`
+//! (`crate::hybrid_vsock`). Every kind dials or listens to the same
+//! [`LinkStream`], so the code above does not care how frames travel.
 
 use std::fmt;
 use std::io;
@@ -35,6 +39,12 @@ pub enum Endpoint {
         port: u32,
     },
     Npipe(String),
+    /// A VMM's hybrid-vsock unix socket and a vsock port (guest port when
+    /// dialing, host port when listening).
+    HybridVsock {
+        uds: PathBuf,
+        port: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -91,7 +101,16 @@ impl FromStr for Endpoint {
                 }
                 Ok(Endpoint::Npipe(rest.to_string()))
             }
-            _ => Err(err("unknown scheme (unix, unixgram, tcp, vsock, fd, hvsock, npipe)")),
+            "hybridvsock" => {
+                let (uds, port) =
+                    rest.rsplit_once(':').ok_or_else(|| err("expected hybridvsock:///path/to/uds:PORT"))?;
+                let port = port.parse().map_err(|_| err("bad vsock port"))?;
+                if uds.is_empty() {
+                    return Err(err("empty socket path"));
+                }
+                Ok(Endpoint::HybridVsock { uds: PathBuf::from(uds), port })
+            }
+            _ => Err(err("unknown scheme (unix, unixgram, tcp, vsock, fd, hvsock, npipe, hybridvsock)")),
         }
     }
 }
@@ -107,6 +126,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Fd(n) => write!(f, "fd://{n}"),
             Endpoint::HvSock { vm, port } => write!(f, "hvsock://{vm}:{port}"),
             Endpoint::Npipe(n) => write!(f, "npipe://{n}"),
+            Endpoint::HybridVsock { uds, port } => write!(f, "hybridvsock://{}:{port}", uds.display()),
         }
     }
 }
@@ -189,6 +209,12 @@ pub async fn dial(ep: &Endpoint) -> io::Result<LinkStream> {
             enlarge_buffers(socket2::SockRef::from(&s));
             Ok(LinkStream::Unix(s))
         }
+        #[cfg(unix)]
+        Endpoint::HybridVsock { uds, port } => {
+            let s = crate::hybrid_vsock::connect(uds, *port).await?;
+            enlarge_buffers(socket2::SockRef::from(&s));
+            Ok(LinkStream::Unix(s))
+        }
         Endpoint::Unixgram(_) => Err(datagram_not_stream()),
         other => sys::dial(other).await.map(LinkStream::Sys),
     }
@@ -213,6 +239,9 @@ pub enum Listener {
     Unix {
         listener: tokio::net::UnixListener,
         path: PathBuf,
+        /// What was asked for: `unix://path`, or `hybridvsock://uds:P`
+        /// for a listener on `uds_P`.
+        endpoint: Endpoint,
     },
     Sys(sys::SysListener),
 }
@@ -227,10 +256,14 @@ impl Listener {
                 Ok((LinkStream::Tcp(s), format!("tcp://{peer}")))
             }
             #[cfg(unix)]
-            Listener::Unix { listener, .. } => {
+            Listener::Unix { listener, endpoint, .. } => {
                 let (s, addr) = listener.accept().await?;
                 enlarge_buffers(socket2::SockRef::from(&s));
-                let peer = unix_peer_name(&s, &addr);
+                let mut peer = unix_peer_name(&s, &addr);
+                // The unix peer is the VMM; the guest is behind the port.
+                if matches!(endpoint, Endpoint::HybridVsock { .. }) {
+                    peer = format!("{endpoint} ({peer})");
+                }
                 Ok((LinkStream::Unix(s), peer))
             }
             Listener::Sys(l) => l.accept().await,
@@ -261,7 +294,7 @@ impl Listener {
         match self {
             Listener::Tcp(l) => l.local_addr().ok().map(Endpoint::Tcp),
             #[cfg(unix)]
-            Listener::Unix { path, .. } => Some(Endpoint::Unix(path.clone())),
+            Listener::Unix { endpoint, .. } => Some(endpoint.clone()),
             Listener::Sys(_) => None,
         }
     }
@@ -285,7 +318,15 @@ pub async fn listen(ep: &Endpoint) -> io::Result<Listener> {
         Endpoint::Unix(path) => {
             remove_stale_socket(path)?;
             let listener = tokio::net::UnixListener::bind(path)?;
-            Ok(Listener::Unix { listener, path: path.clone() })
+            Ok(Listener::Unix { listener, path: path.clone(), endpoint: ep.clone() })
+        }
+        #[cfg(unix)]
+        Endpoint::HybridVsock { uds, port } => {
+            // The VMM connects here when the guest dials CID 2 port `port`.
+            let path = crate::hybrid_vsock::listener_path(uds, *port);
+            remove_stale_socket(&path)?;
+            let listener = tokio::net::UnixListener::bind(&path)?;
+            Ok(Listener::Unix { listener, path, endpoint: ep.clone() })
         }
         Endpoint::Fd(_) => Err(io::Error::new(io::ErrorKind::InvalidInput, "cannot listen on fd://")),
         Endpoint::Unixgram(_) => Err(datagram_not_stream()),
@@ -336,16 +377,34 @@ mod tests {
             "fd://3",
             "hvsock://00000000-0000-0000-0000-000000000000:6656",
             "npipe://./pipe/x",
+            "hybridvsock:///run/vm/v.sock:6656",
         ] {
             let ep: Endpoint = url.parse().unwrap();
             assert_eq!(ep.to_string(), url);
         }
         assert_eq!("vsock://:6669".parse::<Endpoint>().unwrap(), Endpoint::Vsock { cid: None, port: 6669 });
+        // The last colon separates the port, so paths may hold colons.
+        assert_eq!(
+            "hybridvsock:///tmp/a:b/v.sock:2".parse::<Endpoint>().unwrap(),
+            Endpoint::HybridVsock { uds: PathBuf::from("/tmp/a:b/v.sock"), port: 2 }
+        );
     }
 
     #[test]
     fn rejects_garbage() {
-        for url in ["", "unix://", "tcp://localhost", "vsock://2", "fd://-1", "fd://x", "http://x", "/path"] {
+        for url in [
+            "",
+            "unix://",
+            "tcp://localhost",
+            "vsock://2",
+            "fd://-1",
+            "fd://x",
+            "http://x",
+            "/path",
+            "hybridvsock:///run/v.sock",
+            "hybridvsock://:6656",
+            "hybridvsock:///run/v.sock:x",
+        ] {
             assert!(url.parse::<Endpoint>().is_err(), "{url}");
         }
     }

@@ -10,8 +10,9 @@ pub mod endpoint;
 pub mod handshake;
 pub mod http_connect;
 pub mod hvsock;
+#[cfg(unix)]
+pub mod hybrid_vsock;
 pub mod io;
-pub mod offload;
 #[allow(unsafe_code)]
 pub mod sys;
 

@@ -9,10 +9,15 @@
 //! DECLINE free it; INFORM is answered with options only. A REQUEST for an
 //! address that is free is granted even without a prior OFFER, so clients
 //! keep their addresses across a host-switch restart. Time is passed in.
+//! The search list (option 119, its first domain also as option 15) is the
+//! configured one, or the host's current one when the server follows the
+//! host's DNS settings ([`DhcpServer::follow_search`]): every reply, renewals
+//! included, carries the list as it is at that moment.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode};
@@ -20,6 +25,7 @@ use dhcproto::{Encodable, Name};
 use smoltcp::wire::EthernetAddress;
 
 use crate::config::NetConfig;
+use crate::dns::hostconf::HostDnsConfig;
 
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
@@ -58,6 +64,8 @@ pub struct DhcpServer {
     mtu: u16,
     lease_time: Duration,
     search: Vec<Name>,
+    /// The host's DNS settings, when the search list follows them.
+    host_dns: Option<tokio::sync::watch::Receiver<Arc<HostDnsConfig>>>,
     static_by_mac: HashMap<EthernetAddress, Ipv4Addr>,
     static_by_ip: HashMap<Ipv4Addr, EthernetAddress>,
     leases: HashMap<EthernetAddress, Lease>,
@@ -66,7 +74,7 @@ pub struct DhcpServer {
 
 impl DhcpServer {
     pub fn new(cfg: &NetConfig) -> Self {
-        let search = cfg.search_domains.iter().filter_map(|d| Name::from_str(d).ok()).collect();
+        let search = names(&cfg.search_domains);
         let mut s = DhcpServer {
             server_ip: cfg.gateway_ip,
             subnet: cfg.subnet,
@@ -75,6 +83,7 @@ impl DhcpServer {
             mtu: cfg.mtu,
             lease_time: Duration::from_secs(cfg.lease_secs.into()),
             search,
+            host_dns: None,
             static_by_mac: HashMap::new(),
             static_by_ip: HashMap::new(),
             leases: HashMap::new(),
@@ -82,6 +91,18 @@ impl DhcpServer {
         };
         s.add_static(cfg.device_mac, cfg.device_ip);
         s
+    }
+
+    /// From now on, hands out the host's search list as `host` reports it
+    /// (replacing the configured one).
+    pub fn follow_search(&mut self, mut host: tokio::sync::watch::Receiver<Arc<HostDnsConfig>>) {
+        self.search = names(&host.borrow_and_update().search);
+        self.host_dns = Some(host);
+    }
+
+    /// The search list being handed out.
+    pub fn search_domains(&self) -> Vec<String> {
+        self.search.iter().map(|n| n.to_ascii().trim_end_matches('.').to_string()).collect()
     }
 
     pub fn add_static(&mut self, mac: EthernetAddress, ip: Ipv4Addr) {
@@ -173,6 +194,11 @@ impl DhcpServer {
 
     /// Handles one datagram that arrived on port 67.
     pub fn handle(&mut self, payload: &[u8], now: Instant) -> Result<Option<Reply>, DhcpError> {
+        if let Some(host) = &mut self.host_dns
+            && host.has_changed().unwrap_or(false)
+        {
+            self.search = names(&host.borrow_and_update().search);
+        }
         // Only the options read below pass to dhcproto (see rdnet_wire::dhcp).
         let req =
             rdnet_wire::dhcp::decode_filtered(payload, |code, len| matches!((code, len), (53, 1) | (50, 4) | (54, 4)))
@@ -258,7 +284,8 @@ impl DhcpServer {
             opts.insert(DhcpOption::Router(vec![self.server_ip]));
             opts.insert(DhcpOption::DomainNameServer(vec![self.server_ip]));
             opts.insert(DhcpOption::InterfaceMtu(self.mtu));
-            if !self.search.is_empty() {
+            if let Some(first) = self.search.first() {
+                opts.insert(DhcpOption::DomainName(first.to_ascii().trim_end_matches('.').to_string()));
                 opts.insert(DhcpOption::DomainSearch(self.search.clone()));
             }
         }
@@ -278,6 +305,11 @@ impl DhcpServer {
         let payload = m.to_vec().unwrap_or_default();
         Reply { payload, dst_ip, dst_mac, kind }
     }
+}
+
+/// Search domains as DNS names; ones that are not names are left out.
+fn names(domains: &[String]) -> Vec<Name> {
+    domains.iter().filter_map(|d| Name::from_str(d).ok()).collect()
 }
 
 /// Builds a client message (for tests and tools).
@@ -342,6 +374,7 @@ mod tests {
         assert_eq!(o.get(OptionCode::DomainNameServer), Some(&DhcpOption::DomainNameServer(vec![ip(1)])));
         assert_eq!(o.get(OptionCode::InterfaceMtu), Some(&DhcpOption::InterfaceMtu(1500)));
         assert!(matches!(o.get(OptionCode::DomainSearch), Some(DhcpOption::DomainSearch(d)) if d.len() == 1));
+        assert_eq!(o.get(OptionCode::DomainName), Some(&DhcpOption::DomainName("example.test".into())));
         let r = request(&mut s, DEVICE_MAC, ip(2), now);
         assert_eq!(r.kind, MessageType::Ack);
         assert_eq!((r.dst_ip, r.dst_mac), (ip(2), DEVICE_MAC));
@@ -428,5 +461,40 @@ mod tests {
             p.extend_from_slice(&ok[240..]);
             assert!(s.handle(&p, now).unwrap().is_some());
         }
+    }
+
+    #[test]
+    fn search_list_follows_the_host() {
+        let mut s = server();
+        let host = HostDnsConfig { servers: vec![], search: vec!["vpn.corp.test".into(), "corp.test".into()] };
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(host));
+        s.follow_search(rx);
+        let now = Instant::now();
+        let search_of = |r: &Reply| {
+            let m = decode(r);
+            let domain = m.opts().get(OptionCode::DomainName).cloned();
+            let list = match m.opts().get(OptionCode::DomainSearch) {
+                Some(DhcpOption::DomainSearch(d)) => d.iter().map(|n| n.to_string()).collect(),
+                _ => vec![],
+            };
+            (domain, list)
+        };
+        let r = request(&mut s, OTHER, ip(3), now);
+        assert_eq!(
+            search_of(&r),
+            (
+                Some(DhcpOption::DomainName("vpn.corp.test".into())),
+                vec!["vpn.corp.test.".to_string(), "corp.test.".to_string()]
+            )
+        );
+        // The VPN drops: the next reply (a renewal) carries the new list.
+        tx.send(Arc::new(HostDnsConfig { servers: vec![], search: vec!["home.test".into()] })).unwrap();
+        let r = request(&mut s, OTHER, ip(3), now);
+        assert_eq!(search_of(&r), (Some(DhcpOption::DomainName("home.test".into())), vec!["home.test.".to_string()]));
+        assert_eq!(s.search_domains(), ["home.test"]);
+        // None at all: neither option.
+        tx.send(Arc::new(HostDnsConfig::default())).unwrap();
+        let r = request(&mut s, OTHER, ip(3), now);
+        assert_eq!(search_of(&r), (None, vec![]));
     }
 }

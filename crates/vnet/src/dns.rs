@@ -3,44 +3,68 @@
 //! How this works: every message from a guest is decoded once
 //! ([`message::classify`]). Names inside the local zones
 //! (`rancher-desktop.internal.`, `docker.internal.` and whatever the API
-//! adds) are answered at once, TTL 0. Everything else is forwarded as the
-//! guest sent it (its ID, its EDNS record) to the upstream resolvers in
-//! order, over UDP, each attempt bounded by [`ATTEMPT_TIMEOUT`]; an upstream
-//! that refuses, times out or answers SERVFAIL/REFUSED makes us try the
-//! next, and when none answers the guest gets SERVFAIL (within a few
-//! seconds, never silence). A truncated UDP answer is fetched again over TCP
-//! when the guest itself asked over TCP. An answer bigger than the guest's
-//! UDP limit (512 bytes, or its EDNS size, and at most one datagram on the
-//! link) is cut to header + question with TC set, so the guest retries over
-//! TCP. Each forwarded UDP query is one local task; at most
-//! [`MAX_IN_FLIGHT`] run at once (beyond that: SERVFAIL). A TCP connection
-//! carries any number of queries, answered in order, and closes after
-//! [`TCP_IDLE`] without one.
+//! adds) are answered at once, TTL 0. Everything else is forwarded. With
+//! `--dns-upstream` it goes to those servers; otherwise it follows the host:
+//! on Windows the host's own resolver API answers first ([`system`]:
+//! `DnsQueryRaw`, else `DnsQuery_W` per question, so VPN split DNS, NRPT
+//! rules and the hosts file apply), and what that cannot express goes to
+//! the host's DNS servers ([`hostconf`]: resolv.conf on Unix, the adapters
+//! on Windows, re-read off-thread every few seconds). Forwarding sends the
+//! guest's bytes as they are (its ID, its EDNS record) over UDP to the
+//! upstreams in the order [`upstream::Health`] gives (those that keep
+//! failing last): the first at once, the next one when the last started has
+//! not answered within [`STAGGER`] or has failed, each attempt bounded by
+//! [`ATTEMPT_TIMEOUT`]; the first usable answer wins, SERVFAIL/REFUSED only
+//! when nothing better comes, and when none answers the guest gets SERVFAIL
+//! (within a few seconds, never silence). A truncated UDP answer is fetched
+//! again over TCP when the guest itself asked over TCP. An answer bigger
+//! than the guest's UDP limit (512 bytes, or its EDNS size, and at most one
+//! datagram on the link) is cut to header + question with TC set, so the
+//! guest retries over TCP. Each forwarded UDP query is one local task; at
+//! most [`MAX_IN_FLIGHT`] run at once (beyond that: SERVFAIL). A TCP
+//! connection carries any number of queries, answered in order, and closes
+//! after [`TCP_IDLE`] without one.
 
+pub mod hostconf;
 pub mod message;
+#[cfg(windows)]
+mod sys;
+pub mod system;
 pub mod upstream;
 pub mod zone;
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::Message;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::config::NetConfig;
 use crate::engine::Engine;
 use crate::ratelimit::LogLimiter;
+use hostconf::HostDnsConfig;
 pub use message::Decision;
-use upstream::Upstreams;
+use system::{Path, Resolved, SystemResolver};
+use upstream::Health;
 pub use zone::{Record, Zone};
 
 pub const DNS_PORT: u16 = 53;
 /// One attempt at one upstream resolver.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an upstream may take before the next one is asked as well.
+pub const STAGGER: Duration = Duration::from_millis(500);
+/// How long the host's resolver API may take for one query.
+pub const SYSTEM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Forwarded queries waiting for an upstream at once.
 pub const MAX_IN_FLIGHT: usize = 512;
 /// A guest's TCP connection with no query for this long is closed.
@@ -64,13 +88,34 @@ pub struct DnsStats {
     pub dropped: u64,
     /// Answers cut down (TC set) to fit the guest's UDP limit.
     pub truncated: u64,
-    /// Queries refused for lack of room ([`MAX_IN_FLIGHT`], TCP connections).
+    /// Queries refused for lack of room ([`MAX_IN_FLIGHT`], TCP connections,
+    /// busy resolver API).
     pub overloaded: u64,
+    /// Answered by the host's resolver API from the guest's message
+    /// (Windows: `DnsQueryRaw`).
+    pub system_raw: u64,
+    /// Answered by the host's resolver API per question (Windows:
+    /// `DnsQuery_W`).
+    pub system_per_type: u64,
+    /// Queries the resolver API could not express, forwarded to the host's
+    /// DNS servers instead.
+    pub system_forwarded: u64,
+    /// Forwarded answers that came from an upstream other than the first.
+    pub upstream_failovers: u64,
+}
+
+/// Where forwarded queries go.
+enum Resolution {
+    /// `--dns-upstream`: these servers.
+    Fixed(Vec<SocketAddr>),
+    /// The host's settings, and its resolver API first when there is one.
+    Host { config: watch::Receiver<Arc<HostDnsConfig>>, system: Option<SystemResolver> },
 }
 
 pub struct DnsServer {
     zones: RefCell<Vec<Zone>>,
-    upstreams: RefCell<Upstreams>,
+    resolution: Resolution,
+    health: RefCell<Health>,
     /// The largest DNS payload in one UDP datagram on the virtual link.
     link_udp_max: usize,
     stats: Cell<DnsStats>,
@@ -80,15 +125,44 @@ pub struct DnsServer {
 }
 
 impl DnsServer {
+    /// A server forwarding to `upstreams`, or when there are none to the
+    /// host's resolver (read now and followed from then on).
     pub fn new(cfg: &NetConfig, upstreams: Vec<SocketAddr>) -> Self {
+        if !upstreams.is_empty() {
+            return Self::with(cfg, Resolution::Fixed(upstreams));
+        }
+        Self::with(cfg, Resolution::Host { config: hostconf::watch(), system: host_system_resolver() })
+    }
+
+    /// A server following the host's settings as `config` reports them,
+    /// asking `system` first (tests pass their own).
+    pub fn following_host(
+        cfg: &NetConfig,
+        config: watch::Receiver<Arc<HostDnsConfig>>,
+        system: Option<SystemResolver>,
+    ) -> Self {
+        Self::with(cfg, Resolution::Host { config, system })
+    }
+
+    fn with(cfg: &NetConfig, resolution: Resolution) -> Self {
         DnsServer {
             zones: RefCell::new(Zone::defaults(cfg.gateway_ip, cfg.host_ip)),
-            upstreams: RefCell::new(Upstreams::new(upstreams)),
+            resolution,
+            health: RefCell::new(Health::default()),
             link_udp_max: (cfg.mtu as usize).saturating_sub(crate::frame::IPV4_HEADER + crate::frame::UDP_HEADER),
             stats: Cell::new(DnsStats::default()),
             in_flight: Cell::new(0),
             tcp_connections: Cell::new(0),
             logs: RefCell::new(LogLimiter::default()),
+        }
+    }
+
+    /// The host's DNS settings as this server follows them (none with
+    /// `--dns-upstream`).
+    pub fn host_config(&self) -> Option<watch::Receiver<Arc<HostDnsConfig>>> {
+        match &self.resolution {
+            Resolution::Host { config, .. } => Some(config.clone()),
+            Resolution::Fixed(_) => None,
         }
     }
 
@@ -183,44 +257,182 @@ impl DnsServer {
         message::fit_udp(reply, limit)
     }
 
-    /// Forwards `query` to the upstreams in turn; the first usable answer
-    /// wins, else SERVFAIL. `tcp`: the guest asked over TCP, so a truncated
-    /// UDP answer is fetched again over TCP.
+    /// Answers a query the local zones do not: through the host's resolver
+    /// API where there is one, else from the upstreams; SERVFAIL when
+    /// nothing answers. `tcp`: the guest asked over TCP (an answer need not
+    /// fit a datagram).
     async fn forward(&self, query: &[u8], parsed: &Message, tcp: bool) -> Vec<u8> {
-        let upstreams = self.upstreams.borrow_mut().current(Instant::now());
+        let servers = match &self.resolution {
+            Resolution::Fixed(list) => list.clone(),
+            Resolution::Host { config, system } => {
+                if let Some(system) = system {
+                    match timeout(SYSTEM_TIMEOUT, system.resolve(query, parsed, tcp)).await {
+                        Ok(Resolved::Answer(answer, path)) => {
+                            self.count(|s| match path {
+                                Path::Raw => s.system_raw += 1,
+                                Path::PerType => s.system_per_type += 1,
+                            });
+                            return answer;
+                        }
+                        Ok(Resolved::Forward) => self.count(|s| s.system_forwarded += 1),
+                        Ok(Resolved::Busy) => {
+                            self.count(|s| s.overloaded += 1);
+                            crate::limited_warn!(
+                                self.logs.borrow_mut(),
+                                Instant::now(),
+                                "dns-system-busy",
+                                limit = system::MAX_OS_QUERIES,
+                                "too many queries waiting for the host's resolver: answering SERVFAIL"
+                            );
+                            return message::servfail(parsed);
+                        }
+                        Err(_) => {
+                            self.count(|s| s.upstream_failures += 1);
+                            crate::limited_warn!(
+                                self.logs.borrow_mut(),
+                                Instant::now(),
+                                "dns-system-timeout",
+                                "the host's resolver did not answer in time: answering SERVFAIL"
+                            );
+                            return message::servfail(parsed);
+                        }
+                    }
+                }
+                // Cloned out at once: the borrow must not live across awaits.
+                config.borrow().servers.clone()
+            }
+        };
+        match self.exchange_any(&servers, query, tcp).await {
+            Some(answer) => answer,
+            None => {
+                self.count(|s| s.upstream_failures += 1);
+                message::servfail(parsed)
+            }
+        }
+    }
+
+    /// Sends `query` to `servers` in health order: the first at once, the
+    /// next when the last one started has failed or has not answered within
+    /// [`STAGGER`]. The first usable answer wins (fetched again over TCP
+    /// when `tcp` and it came truncated); attempts still running that began
+    /// earlier count as failures of their upstreams, being slower. A
+    /// SERVFAIL or REFUSED answer is kept in case nothing better comes.
+    /// `None` when no upstream answered at all.
+    async fn exchange_any(&self, servers: &[SocketAddr], query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        type Attempt<'a> = Pin<Box<dyn Future<Output = io::Result<Vec<u8>>> + 'a>>;
+        let order = self.health.borrow_mut().order(servers, Instant::now());
+        let start = |up: SocketAddr| -> Attempt<'_> {
+            Box::pin(async move {
+                match timeout(ATTEMPT_TIMEOUT, upstream::exchange_udp(up, query)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(io::ErrorKind::TimedOut.into()),
+                }
+            })
+        };
+        // (index in `order`, the attempt)
+        let mut running: Vec<(usize, Attempt<'_>)> = Vec::new();
+        let mut next = 0;
         let mut fallback = None;
-        for up in upstreams {
-            let answer = match timeout(ATTEMPT_TIMEOUT, upstream::exchange_udp(up, query)).await {
-                Ok(Ok(a)) => a,
-                Ok(Err(e)) => {
-                    crate::limited_warn!(self.logs.borrow_mut(), Instant::now(), "dns-upstream-error", upstream = %up, error = %e, "DNS upstream failed");
+        let stagger = tokio::time::sleep(STAGGER);
+        tokio::pin!(stagger);
+        enum Event {
+            Done(usize, io::Result<Vec<u8>>),
+            Stagger,
+        }
+        loop {
+            if running.is_empty() {
+                let Some(up) = order.get(next) else { break };
+                running.push((next, start(*up)));
+                next += 1;
+                stagger.as_mut().reset(tokio::time::Instant::now() + STAGGER);
+            }
+            let event = std::future::poll_fn(|cx| {
+                for (i, (_, attempt)) in running.iter_mut().enumerate() {
+                    if let Poll::Ready(r) = attempt.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Done(i, r));
+                    }
+                }
+                if next < order.len() && stagger.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Stagger);
+                }
+                Poll::Pending
+            })
+            .await;
+            let (index, result) = match event {
+                Event::Stagger => {
+                    running.push((next, start(order[next])));
+                    next += 1;
+                    stagger.as_mut().reset(tokio::time::Instant::now() + STAGGER);
                     continue;
                 }
-                Err(_) => {
-                    crate::limited_warn!(self.logs.borrow_mut(), Instant::now(), "dns-upstream-timeout", upstream = %up, "DNS upstream did not answer in time");
+                Event::Done(i, result) => {
+                    let (index, _) = running.swap_remove(i);
+                    (index, result)
+                }
+            };
+            let up = order[index];
+            let answer = match result {
+                Ok(answer) => answer,
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::TimedOut {
+                        crate::limited_warn!(self.logs.borrow_mut(), Instant::now(), "dns-upstream-timeout", upstream = %up, "DNS upstream did not answer in time");
+                    } else {
+                        crate::limited_warn!(self.logs.borrow_mut(), Instant::now(), "dns-upstream-error", upstream = %up, error = %e, "DNS upstream failed");
+                    }
+                    self.upstream_failed(up);
+                    // Whoever is next need not wait for the stagger.
+                    if let Some(up) = order.get(next) {
+                        running.push((next, start(*up)));
+                        next += 1;
+                        stagger.as_mut().reset(tokio::time::Instant::now() + STAGGER);
+                    }
                     continue;
                 }
             };
+            // SERVFAIL (2) or REFUSED (5): another resolver may do better.
+            if matches!(message::rcode(&answer), Some(2 | 5)) {
+                fallback = Some(answer);
+                if let Some(up) = order.get(next) {
+                    running.push((next, start(*up)));
+                    next += 1;
+                    stagger.as_mut().reset(tokio::time::Instant::now() + STAGGER);
+                }
+                continue;
+            }
+            self.health.borrow_mut().success(up);
+            for (slower, _) in &running {
+                if *slower < index {
+                    self.upstream_failed(order[*slower]);
+                }
+            }
+            if index > 0 {
+                self.count(|s| s.upstream_failovers += 1);
+            }
             if tcp && message::is_truncated(&answer) {
                 match timeout(2 * ATTEMPT_TIMEOUT, upstream::exchange_tcp(up, query)).await {
-                    Ok(Ok(full)) if message::id_and_qr(&full).is_some() => return full,
+                    Ok(Ok(full)) if message::id_and_qr(&full).is_some() => return Some(full),
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::debug!(upstream = %up, error = %e, "DNS over TCP to upstream failed"),
                     Err(_) => tracing::debug!(upstream = %up, "DNS over TCP to upstream timed out"),
                 }
-                return answer;
             }
-            // SERVFAIL (2) or REFUSED (5): another resolver may do better.
-            if matches!(message::rcode(&answer), Some(2 | 5)) {
-                fallback = Some(answer);
-                continue;
-            }
-            return answer;
+            return Some(answer);
         }
-        fallback.unwrap_or_else(|| {
-            self.count(|s| s.upstream_failures += 1);
-            message::servfail(parsed)
-        })
+        fallback
+    }
+
+    /// Counts a failure of `up`, saying so when it becomes skipped.
+    fn upstream_failed(&self, up: SocketAddr) {
+        if self.health.borrow_mut().failure(up, Instant::now()) {
+            crate::limited_warn!(
+                self.logs.borrow_mut(),
+                Instant::now(),
+                "dns-upstream-skipped",
+                upstream = %up,
+                secs = upstream::SKIP_FOR.as_secs(),
+                "DNS upstream keeps failing: asking it last for a while"
+            );
+        }
     }
 
     /// Serves one guest TCP connection to port 53: 2-byte length-prefixed
@@ -275,6 +487,21 @@ impl DnsServer {
             }
         }
         let _ = stream.shutdown().await;
+    }
+}
+
+/// The host's resolver API, where the OS has one.
+fn host_system_resolver() -> Option<SystemResolver> {
+    #[cfg(windows)]
+    {
+        let resolver = sys::system_resolver();
+        let api = if resolver.has_raw() { "DnsQueryRaw" } else { "DnsQuery_W per question" };
+        tracing::info!(api, "DNS without --dns-upstream goes through the Windows resolver");
+        Some(resolver)
+    }
+    #[cfg(not(windows))]
+    {
+        None
     }
 }
 
@@ -437,5 +664,161 @@ mod tests {
         assert_eq!(server.zones()[1].records.len(), 2);
         server.add_zone(Zone { name: "extra.".into(), records: vec![], default_ip: None });
         assert_eq!(server.zones().len(), 3);
+    }
+
+    /// A toy upstream on loopback that answers every UDP query with
+    /// `rcode` and one A record (10.0.0.`tag`), so a test sees who answered.
+    async fn answering_upstream(rcode: ResponseCode, tag: u8) -> SocketAddr {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        tokio::task::spawn_local(async move {
+            let mut buf = vec![0; 65535];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.add_queries(q.queries.iter().cloned());
+                r.metadata.response_code = rcode;
+                if rcode == ResponseCode::NoError {
+                    r.add_answer(hickory_proto::rr::Record::from_rdata(
+                        q.queries[0].name().clone(),
+                        5,
+                        RData::A(A(Ipv4Addr::new(10, 0, 0, tag))),
+                    ));
+                }
+                let _ = udp.send_to(&r.to_vec().unwrap(), from).await;
+            }
+        });
+        addr
+    }
+
+    /// A UDP socket that takes queries and never answers, for as long as
+    /// the returned socket lives.
+    fn silent_upstream() -> (std::net::UdpSocket, SocketAddr) {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = s.local_addr().unwrap();
+        (s, addr)
+    }
+
+    async fn forwarded(server: &DnsServer, name: &str) -> Message {
+        let q = query(name, RecordType::A);
+        let parsed = Message::from_vec(&q).unwrap();
+        Message::from_vec(&server.forward(&q, &parsed, false).await).unwrap()
+    }
+
+    fn answered_by(m: &Message) -> Option<u8> {
+        match m.answers.first().map(|a| &a.data) {
+            Some(RData::A(a)) => Some(a.0.octets()[3]),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn silent_upstream_is_passed_over_and_then_skipped() {
+        run_local(async {
+            let (_silent, dead) = silent_upstream();
+            let good = answering_upstream(ResponseCode::NoError, 2).await;
+            let server = DnsServer::new(&cfg(), vec![dead, good]);
+            // The first queries wait a stagger for the silent one, then the
+            // next answers: never SERVFAIL.
+            for i in 0..upstream::FAILURES_TO_SKIP {
+                let started = std::time::Instant::now();
+                let a = forwarded(&server, &format!("q{i}.example.test.")).await;
+                assert_eq!((a.metadata.response_code, answered_by(&a)), (ResponseCode::NoError, Some(2)));
+                assert!(started.elapsed() < ATTEMPT_TIMEOUT, "took {:?}", started.elapsed());
+            }
+            assert_eq!(server.stats().upstream_failovers, u64::from(upstream::FAILURES_TO_SKIP));
+            // Now it keeps failing: skipped, the good one is asked first.
+            assert!(server.health.borrow().is_skipped(&dead, Instant::now()));
+            for i in 0..5 {
+                let started = std::time::Instant::now();
+                let a = forwarded(&server, &format!("r{i}.example.test.")).await;
+                assert_eq!(answered_by(&a), Some(2));
+                assert!(started.elapsed() < STAGGER, "took {:?}", started.elapsed());
+            }
+            assert_eq!(server.stats().upstream_failovers, u64::from(upstream::FAILURES_TO_SKIP));
+            assert_eq!(server.stats().upstream_failures, 0);
+        });
+    }
+
+    #[test]
+    fn servfail_and_refused_upstreams_yield_to_a_real_answer() {
+        run_local(async {
+            let bad = answering_upstream(ResponseCode::ServFail, 1).await;
+            let refusing = answering_upstream(ResponseCode::Refused, 3).await;
+            let good = answering_upstream(ResponseCode::NoError, 2).await;
+            let server = DnsServer::new(&cfg(), vec![bad, refusing, good]);
+            let a = forwarded(&server, "x.example.test.").await;
+            assert_eq!((a.metadata.response_code, answered_by(&a)), (ResponseCode::NoError, Some(2)));
+            // Only SERVFAIL anywhere: the upstream's SERVFAIL, not silence.
+            let server = DnsServer::new(&cfg(), vec![bad]);
+            let a = forwarded(&server, "x.example.test.").await;
+            assert_eq!(a.metadata.response_code, ResponseCode::ServFail);
+            assert_eq!(a.metadata.id, 0x4242);
+        });
+    }
+
+    #[test]
+    fn host_settings_are_followed_without_a_restart() {
+        run_local(async {
+            let first = answering_upstream(ResponseCode::NoError, 1).await;
+            let second = answering_upstream(ResponseCode::NoError, 2).await;
+            let (tx, rx) = watch::channel(Arc::new(HostDnsConfig { servers: vec![first], search: vec![] }));
+            let server = DnsServer::following_host(&cfg(), rx, None);
+            assert_eq!(answered_by(&forwarded(&server, "a.example.test.").await), Some(1));
+            // A VPN connects: the next query goes where the host now sends it.
+            tx.send(Arc::new(HostDnsConfig { servers: vec![second], search: vec![] })).unwrap();
+            assert_eq!(answered_by(&forwarded(&server, "a.example.test.").await), Some(2));
+            // No servers at all: SERVFAIL, at once.
+            tx.send(Arc::new(HostDnsConfig::default())).unwrap();
+            let a = forwarded(&server, "a.example.test.").await;
+            assert_eq!(a.metadata.response_code, ResponseCode::ServFail);
+            assert_eq!(server.stats().upstream_failures, 1);
+        });
+    }
+
+    /// The per-type API, mocked: `known.test` has an A record; everything
+    /// else "no such name", as Wine says it.
+    struct OsMock;
+
+    impl system::PerTypeApi for OsMock {
+        fn query(&self, name: &str, qtype: u16) -> system::OsAnswer {
+            match (name, qtype) {
+                ("known.test", 1) => system::OsAnswer::Records(vec![system::OsRecord {
+                    name: name.into(),
+                    section: system::Section::Answer,
+                    ttl: 77,
+                    data: system::OsData::A(Ipv4Addr::new(10, 7, 7, 7)),
+                }]),
+                _ => system::OsAnswer::NameError,
+            }
+        }
+    }
+
+    #[test]
+    fn the_host_resolver_api_answers_first() {
+        run_local(async {
+            let fallback = answering_upstream(ResponseCode::NoError, 9).await;
+            let (_tx, rx) = watch::channel(Arc::new(HostDnsConfig { servers: vec![fallback], search: vec![] }));
+            let system = SystemResolver::new(None, Arc::new(OsMock));
+            let server = Rc::new(DnsServer::following_host(&cfg(), rx, Some(system)));
+            let a = forwarded(&server, "known.test.").await;
+            assert_eq!((answered_by(&a), a.answers[0].ttl), (Some(7), 77));
+            let q = query("known.test.", RecordType::AAAA);
+            let parsed = Message::from_vec(&q).unwrap();
+            let a = Message::from_vec(&server.forward(&q, &parsed, false).await).unwrap();
+            assert_eq!((a.metadata.response_code, a.answers.len()), (ResponseCode::NoError, 0));
+            let a = forwarded(&server, "missing.test.").await;
+            assert_eq!(a.metadata.response_code, ResponseCode::NXDomain);
+            // Over TCP too.
+            let a = ask_tcp(server.clone(), &query("known.test.", RecordType::A)).await;
+            assert_eq!(answered_by(&a), Some(7));
+            assert_eq!(server.stats().system_per_type, 4);
+            // What the API cannot express goes to the host's DNS servers.
+            let any = query("known.test.", RecordType::ANY);
+            let parsed = Message::from_vec(&any).unwrap();
+            let a = Message::from_vec(&server.forward(&any, &parsed, false).await).unwrap();
+            assert_eq!(answered_by(&a), Some(9));
+            assert_eq!(server.stats().system_forwarded, 1);
+        });
     }
 }

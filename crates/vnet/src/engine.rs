@@ -42,6 +42,9 @@ pub struct EngineConfig {
     pub allow_link_local: bool,
     /// Upstream resolvers; empty means the host's own configuration.
     pub dns_upstreams: Vec<SocketAddr>,
+    /// DHCP hands out the host's DNS search list as it is at the time
+    /// (re-read every few seconds) rather than `NetConfig::search_domains`.
+    pub follow_host_search: bool,
     pub max_udp_flows: usize,
     pub udp_idle_timeout: Duration,
     pub max_tcp_flows: usize,
@@ -53,6 +56,7 @@ impl Default for EngineConfig {
             framing: Framing::U16Le,
             allow_link_local: false,
             dns_upstreams: Vec::new(),
+            follow_host_search: false,
             max_udp_flows: 4096,
             udp_idle_timeout: Duration::from_secs(90),
             max_tcp_flows: 32768,
@@ -161,9 +165,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(net: Network, config: EngineConfig) -> Rc<Self> {
+    pub fn new(mut net: Network, config: EngineConfig) -> Rc<Self> {
         let nat = NatPolicy::new(&net.cfg, config.allow_link_local);
         let dns = Rc::new(DnsServer::new(&net.cfg, config.dns_upstreams.clone()));
+        if config.follow_host_search {
+            // The DNS server's view of the host's settings when it follows
+            // them; otherwise one of DHCP's own.
+            let host = dns.host_config().unwrap_or_else(crate::dns::hostconf::watch);
+            net.dhcp.follow_search(host);
+        }
         let mut tcp =
             TcpNat::new(net.cfg.gateway_ip, net.cfg.subnet.prefix_len(), net.cfg.mtu.into(), config.max_tcp_flows);
         let dns_tcp = dns.clone();
@@ -192,15 +202,20 @@ impl Engine {
     }
 
     /// The largest frame a stream link may carry: above the MTU for VMs
-    /// that negotiated segmentation offload (`rdnet_link::offload`); taking
+    /// that negotiated segmentation offload (`rdnet_wire::offload`); taking
     /// them from any VM costs nothing and keeps the framing in sync.
     fn max_link_frame(&self) -> usize {
-        self.max_frame().max(rdnet_link::offload::MAX_LARGE_FRAME)
+        self.max_frame().max(rdnet_wire::offload::MAX_LARGE_FRAME)
     }
 
     /// Frames dropped because a port's peer did not keep up.
     pub fn overflow_drops(&self) -> u64 {
         self.ports.borrow().overflow_drops
+    }
+
+    /// Frames the pcap capture left out because the disk did not keep up.
+    pub fn capture_drops(&self) -> u64 {
+        self.ports.borrow().capture.as_ref().map_or(0, Capture::dropped_frames)
     }
 
     /// Number of VM connections being served.
@@ -209,8 +224,24 @@ impl Engine {
     }
 
     /// Records every frame received and sent to a pcap file from now on.
-    pub fn start_capture(&self, capture: Capture) {
+    /// Must run inside a `LocalSet`: a tick hands what was recorded to the
+    /// capture's writer once a second, so the file is current while quiet.
+    pub fn start_capture(self: &Rc<Self>, capture: Capture) {
         self.ports.borrow_mut().capture = Some(capture);
+        let weak = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(crate::capture::HANDOFF_AFTER);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(engine) = weak.upgrade() else { return };
+                let mut ports = engine.ports.borrow_mut();
+                match ports.capture.as_mut() {
+                    Some(c) if c.is_running() => c.hand_off_if_due(),
+                    _ => return,
+                }
+            }
+        });
     }
 
     /// Feeds one frame from `port` into the network.
@@ -393,7 +424,7 @@ impl Engine {
         };
 
         // The link carries frames of at most MTU + 14 bytes until the VM's
-        // offload hello was answered (rdnet_link::offload), 65535 after.
+        // offload hello was answered (rdnet_wire::offload), 65535 after.
         let mut reader = FrameReader::new(read_half, Decoder::new(self.config.framing, self.max_frame()));
         reader.reserve_for(self.max_link_frame());
         let mut large = false;

@@ -108,7 +108,7 @@ impl Network {
             return Upcall::None;
         };
         let (src, dst) = (eth.src_addr(), eth.dst_addr());
-        if rdnet_link::offload::is_offload_frame(frame) {
+        if rdnet_wire::offload::is_offload_frame(frame) {
             // Between a VM's switch and us only: never forwarded.
             self.handle_offload_hello(from, frame, out);
             return Upcall::None;
@@ -159,7 +159,7 @@ impl Network {
     /// A VM's switch offers to take large TCP frames: note it for the port
     /// and answer, which lets it turn on segmentation offload.
     fn handle_offload_hello(&mut self, from: PortId, frame: &[u8], out: &mut impl FrameSink) {
-        use rdnet_link::offload::{Hello, LARGE_TCP, Role, hello_frame, parse_hello};
+        use rdnet_wire::offload::{Hello, LARGE_TCP, Role, hello_frame, parse_hello};
         let Some(hello) = parse_hello(frame) else {
             self.stats.drops.malformed += 1;
             return;
@@ -630,7 +630,7 @@ mod tests {
     const GUEST3: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x33]);
 
     fn vm_hello(src: EthernetAddress) -> Vec<u8> {
-        use rdnet_link::offload::{Hello, LARGE_TCP, Role, hello_frame};
+        use rdnet_wire::offload::{Hello, LARGE_TCP, Role, hello_frame};
         hello_frame(src.0, [0xff; 6], Hello { role: Role::Vm, flags: LARGE_TCP })
     }
 
@@ -656,7 +656,7 @@ mod tests {
 
     #[test]
     fn vm_hello_is_answered_on_its_port_only_and_never_flooded() {
-        use rdnet_link::offload::{Hello, LARGE_TCP, Role, is_offload_frame, parse_hello};
+        use rdnet_wire::offload::{Hello, LARGE_TCP, Role, is_offload_frame, parse_hello};
         let mut n = net();
         let (p1, p2, p3) = (n.add_port(), n.add_port(), n.add_port());
         learn(&mut n, p2, GUEST2, 3);
@@ -686,7 +686,7 @@ mod tests {
 
     #[test]
     fn hellos_that_do_not_offer_large_frames_change_nothing() {
-        use rdnet_link::offload::{Hello, LARGE_TCP, Role, hello_frame};
+        use rdnet_wire::offload::{Hello, LARGE_TCP, Role, hello_frame};
         let mut n = net();
         let (p1, p2) = (n.add_port(), n.add_port());
         learn(&mut n, p2, GUEST2, 3);
@@ -716,7 +716,7 @@ mod tests {
         malformed.push(good[..30].to_vec());
         malformed.push(good[..14].to_vec());
         let mut unicast_junk = sized_frame(DEVICE_MAC, n.cfg.gateway_mac, 200);
-        unicast_junk[12..14].copy_from_slice(&rdnet_link::offload::ETHERTYPE.to_be_bytes());
+        unicast_junk[12..14].copy_from_slice(&rdnet_wire::offload::ETHERTYPE.to_be_bytes());
         malformed.push(unicast_junk);
         let mut to_guest2 = good.clone();
         to_guest2[..6].copy_from_slice(&GUEST2.0);

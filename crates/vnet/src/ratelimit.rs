@@ -2,49 +2,30 @@
 //!
 //! How this works: each call site names a key; within a window of
 //! [`WINDOW`] at most [`BURST`] messages per key pass, and the first message
-//! of the next window reports how many were suppressed. Time comes from the
-//! caller, so the limiter is deterministic under test.
+//! of the next window reports how many were suppressed
+//! (`rdnet_wire::ratelimit`, which every program shares). Time comes from
+//! the caller, so the limiter is deterministic under test.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+pub use rdnet_wire::ratelimit::Verdict;
 
 pub const WINDOW: Duration = Duration::from_secs(10);
 pub const BURST: u32 = 5;
 
-#[derive(Debug, Default)]
-pub struct LogLimiter {
-    keys: HashMap<&'static str, Slot>,
-}
-
+/// [`BURST`] lines per [`WINDOW`] for each call site.
 #[derive(Debug)]
-struct Slot {
-    start: Instant,
-    passed: u32,
-    suppressed: u64,
-}
+pub struct LogLimiter(rdnet_wire::ratelimit::Keyed);
 
-/// Whether to log, and how many messages were dropped since the last one.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Log { suppressed: u64 },
-    Quiet,
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter(rdnet_wire::ratelimit::Keyed::new(BURST, WINDOW))
+    }
 }
 
 impl LogLimiter {
     pub fn check(&mut self, key: &'static str, now: Instant) -> Verdict {
-        let slot = self.keys.entry(key).or_insert(Slot { start: now, passed: 0, suppressed: 0 });
-        if now.saturating_duration_since(slot.start) >= WINDOW {
-            slot.start = now;
-            slot.passed = 0;
-        }
-        if slot.passed < BURST {
-            slot.passed += 1;
-            let suppressed = std::mem::take(&mut slot.suppressed);
-            Verdict::Log { suppressed }
-        } else {
-            slot.suppressed += 1;
-            Verdict::Quiet
-        }
+        self.0.check(key, now)
     }
 }
 

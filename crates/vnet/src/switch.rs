@@ -27,7 +27,7 @@ pub struct Switch {
 struct Port {
     id: PortId,
     macs: usize,
-    /// Said it takes frames above the MTU (`rdnet_link::offload`).
+    /// Said it takes frames above the MTU (`rdnet_wire::offload`).
     large_frames: bool,
 }
 

@@ -100,7 +100,7 @@ const _: () = assert!(RX_BUFFER.is_power_of_two());
 /// The IP MTU of the TCP stack: the largest packet a u16-framed link can
 /// carry. Segments to a guest are further bounded by the MSS it announced,
 /// which for a VM that negotiated offload is raised to [`LARGE_MSS`].
-const IP_MTU: usize = rdnet_link::offload::MAX_LARGE_FRAME - ETH_HEADER;
+const IP_MTU: usize = rdnet_wire::offload::MAX_LARGE_FRAME - ETH_HEADER;
 /// The MSS a large-frame guest's SYN is taken to announce.
 const LARGE_MSS: u16 = (IP_MTU - IPV4_HEADER - 20) as u16;
 
@@ -204,7 +204,7 @@ impl TxToken for FlowTx<'_> {
             // smoltcp leaves the TCP checksum to us (see `flow_caps`). A
             // segment above the link's MTU goes only to a VM that negotiated
             // offload, where its checksum field means nothing
-            // (rdnet_link::offload).
+            // (rdnet_wire::offload).
             if len <= link_mtu && packet.get(9) == Some(&(IpProtocol::Tcp.into())) {
                 rdnet_wire::checksum::fill_ipv4_transport(packet, 16);
             }

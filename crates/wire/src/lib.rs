@@ -1,8 +1,13 @@
-//! Wire formats shared by both ends: safe decoding of untrusted messages.
+//! Wire formats shared by both ends: safe decoding of untrusted messages,
+//! and the small pure helpers every layer shares (checksums, MAC display,
+//! the log rate limit).
 #![deny(unsafe_code)]
 
 pub mod checksum;
 pub mod dhcp;
 pub mod mac;
+pub mod offload;
+pub mod ratelimit;
+pub mod vnet_hdr;
 
 pub use mac::MacDisplay;

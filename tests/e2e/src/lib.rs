@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+/// The test VM with real AF_VSOCK (`tests/vm.rs`).
+pub mod vm;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// True when the test may run. Outside CI a missing privilege skips with one

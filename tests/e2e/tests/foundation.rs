@@ -249,12 +249,68 @@ fn capture_flag_writes_a_pcap_of_the_gateways_traffic() {
     let mut world = World::new(&["--capture", &cap]);
     let g = world.add_guest(DEVICE_MAC, &[]);
     assert!(world.guest(g).wait_for_address(LEASE_WAIT).is_some(), "{}", world.logs());
-    let bytes = std::fs::read(&pcap).unwrap_or_default();
+    // The capture is written off the packet path, at least once a second.
+    let mut bytes = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        bytes = std::fs::read(&pcap).unwrap_or_default();
+        bytes.windows(6).any(|w| w == [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd])
+    });
     assert!(bytes.len() > 24, "capture is empty");
     assert_eq!(&bytes[..4], &0xa1b2_c3d4u32.to_le_bytes(), "pcap magic");
     assert_eq!(u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]), 1, "Ethernet link type");
     // The DHCP exchange is in it: the gateway's MAC as a source.
     assert!(bytes.windows(6).any(|w| w == [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd]));
+}
+
+#[test]
+fn a_debug_capture_stays_within_its_cap_under_a_1gb_transfer() {
+    if !privileged() {
+        return;
+    }
+    // With -debug (World always passes it) and the default cap.
+    let dir = rdnet_e2e::TempDir::new("bigcap");
+    let path = dir.join("capture.pcap");
+    let mut world = World::new(&["--capture", path.to_str().unwrap()]);
+    let g = world.add_guest(DEVICE_MAC, &[]);
+    assert!(world.guest(g).wait_for_address(LEASE_WAIT).is_some(), "{}", world.logs());
+    const GIB: u64 = 1 << 30;
+    let _server = world.host_server(
+        18090,
+        r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(4)
+block = b"x" * (1 << 20)
+while True:
+    c, _ = s.accept()
+    for _ in range(1024):
+        c.sendall(block)
+    c.close()
+"#,
+        &[],
+    );
+    let got = world.guest_python(
+        g,
+        120,
+        r#"
+import socket
+c = socket.create_connection(("192.168.127.254", 18090), timeout=30)
+n = 0
+while True:
+    b = c.recv(1 << 20)
+    if not b: break
+    n += len(b)
+print(n)
+"#,
+        &[],
+    );
+    assert_eq!(got.trim(), GIB.to_string(), "{}", world.logs());
+    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    assert!(len > 24, "no capture at {}", path.display());
+    assert!(len <= 256 * 1024 * 1024, "the capture grew to {len} bytes, beyond its 256 MiB cap");
+    let logs = world.host_switch().logs();
+    assert_eq!(logs.matches("capturing stops").count(), 1, "{logs}");
+    assert!(world.host_switch().try_wait().is_none(), "{logs}");
 }
 
 #[test]

@@ -599,6 +599,16 @@ fn started_as_rancher_desktop_starts_it() {
     }
     let vm_logged = wait_until(Duration::from_secs(5), || fs::metadata(&vm_log).is_ok_and(|m| m.len() > 0));
     assert!(vm_logged, "nothing in {vm_log}");
+    // The chain's end: vm-switch traces packets (the lease it got, both ways).
+    let traced = || {
+        let text = fs::read_to_string(&vm_log).unwrap_or_default();
+        text.contains("vm→host") && text.contains("host→vm") && text.contains("(DHCP ACK)")
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), traced),
+        "no packet trace in {vm_log}:\n{}",
+        fs::read_to_string(&vm_log).unwrap_or_default()
+    );
     let ns_text = fs::read_to_string(&ns_log).unwrap_or_default();
     assert!(ns_text.contains(&format!("wrote unshare's pid {}", d.unshare)), "{ns_log}:\n{ns_text}");
 

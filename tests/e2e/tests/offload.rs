@@ -1,5 +1,5 @@
 //! Segmentation offload between vm-switch and host-switch
-//! (`rdnet_link::offload`): after the hello exchange, bulk TCP through the
+//! (`rdnet_wire::offload`): after the hello exchange, bulk TCP through the
 //! NAT crosses the link in frames above the MTU both ways, the guest's tap
 //! has TSO on, and a peer that never said hello gets neither a large frame
 //! nor anybody's hello.
@@ -177,7 +177,7 @@ fn test_frame(src: [u8; 6], dst: [u8; 6], len: usize, fill: u8) -> Vec<u8> {
     f
 }
 
-/// A hello as `rdnet_link::offload` lays it out: EtherType, magic, role
+/// A hello as `rdnet_wire::offload` lays it out: EtherType, magic, role
 /// (1 VM, 2 gateway), flags (1: LARGE_TCP), padded to 60 bytes.
 fn hello(src: [u8; 6], dst: [u8; 6], role: u8, flags: u32) -> Vec<u8> {
     let mut f = dst.to_vec();

@@ -642,6 +642,8 @@ fn dhcp_script_gets_what_busybox_udhcpc_gives_and_does_the_addressing() {
             ("subnet", "255.255.255.0"),
             ("router", "192.168.127.1"),
             ("dns", "192.168.127.1"),
+            // Option 15, the first search domain (host-switch sends it too).
+            ("domain", "rd.example"),
             ("search", "rd.example"),
             ("lease", "3600"),
             ("serverid", "192.168.127.1"),

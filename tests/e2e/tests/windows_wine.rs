@@ -757,3 +757,196 @@ fn host_switch_exe_pings_without_raw_socket_rights() {
     assert_eq!(json_number(&stats, "replies"), Some(3), "{stats}");
     assert_eq!(json_number(&stats, "send_errors"), Some(0), "{stats}");
 }
+
+/// A DNS name in wire form, as hex (for dnsmasq's --dns-rr).
+fn wire_name_hex(name: &str) -> String {
+    let mut hex = String::new();
+    for label in name.trim_end_matches('.').split('.') {
+        hex += &format!("{:02X}", label.len());
+        hex += &label.bytes().map(|b| format!("{b:02X}")).collect::<String>();
+    }
+    hex + "00"
+}
+
+/// dnsmasq on 127.0.0.1:53 in `host`, the only resolver the host namespace
+/// has: `host.test` is its own (names it does not know are NXDOMAIN), every
+/// record with TTL 42.
+fn host_dnsmasq(host: &Netns, dir: &TempDir) -> Proc {
+    let soa = format!(
+        "--dns-rr=host.test,6,{}{}{}",
+        wire_name_hex("ns1.host.test"),
+        wire_name_hex("hostmaster.host.test"),
+        [2024u32, 3600, 600, 86400, 30].iter().map(|n| format!("{n:08X}")).collect::<String>()
+    );
+    let caa = format!(
+        "--dns-rr=only.host.test,257,0005{}",
+        "issueletsencrypt.org".bytes().map(|b| format!("{b:02X}")).collect::<String>()
+    );
+    let p = host.spawn(
+        dir,
+        "dnsmasq",
+        &[
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--port=53",
+            "--log-queries",
+            "--log-facility=-",
+            &format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+            "--local=/host.test/",
+            "--local-ttl=42",
+            "--host-record=only.host.test,10.7.7.7",
+            "--cname=alias.host.test,only.host.test",
+            "--txt-record=only.host.test,hello world",
+            "--mx-host=host.test,mail.host.test,10",
+            "--srv-host=_svc._tcp.host.test,only.host.test,8080,1,5",
+            &caa,
+            &soa,
+        ],
+    );
+    let ready = wait_until(Duration::from_secs(10), || {
+        host.exec("dig", &["@127.0.0.1", "+time=1", "+tries=1", "+short", "only.host.test"]).stdout == b"10.7.7.7\n"
+    });
+    assert!(ready, "dnsmasq did not answer: {}", p.logs());
+    p
+}
+
+/// Rancher Desktop starts host-switch.exe without --dns-upstream: names go
+/// to the host's own resolver. Under Wine that is `DnsQuery_W` per question
+/// (Wine has no `DnsQueryRaw`), and Wine's resolver reads the host
+/// namespace's resolv.conf, which names the test's dnsmasq. The guest
+/// resolves names only that resolver knows, with their TTLs and record
+/// types, gets NXDOMAIN for a missing name and NOERROR without records for
+/// a missing AAAA (Wine reports both as "no such name": the second look
+/// tells them apart), and gets the search suffixes by DHCP. CAA is a type
+/// Wine's `DnsQuery_W` does not implement: it goes to the adapters' DNS
+/// servers (`GetAdaptersAddresses`, which Wine fills from resolv.conf).
+#[test]
+fn host_switch_exe_resolves_through_the_host_resolver() {
+    if !privileged() {
+        return;
+    }
+    let Some(w) = wine() else { return };
+    let dir = TempDir::new("winedns");
+    let host = Netns::new("rdwn");
+    fs::write(
+        Path::new("/etc/netns").join(&host.name).join("resolv.conf"),
+        "search corp.example.test lab.example.test\nnameserver 127.0.0.1\n",
+    )
+    .unwrap();
+    let dnsmasq = host_dnsmasq(&host, &dir);
+    let (prefix, exe) = private_copy(&w, &dir);
+    let _server_dir = WineServerDir::of(&prefix);
+
+    let mut cmd = wine_command(&w, &host, &prefix);
+    cmd.arg(&exe).args(["--listen", &format!("tcp://127.0.0.1:{LINK_PORT}"), "-debug", "--capture="]);
+    let mut host_switch = Proc::spawn(&dir, &mut cmd);
+    let up =
+        wait_until(Duration::from_secs(120), || tcp_ready_in(&host, LINK_PORT) || host_switch.try_wait().is_some());
+    assert!(up && host_switch.try_wait().is_none(), "host-switch.exe did not listen:\n{}", host_switch.logs());
+    let relay_sock = dir.join("relay.sock");
+    let relay = host.spawn(
+        &dir,
+        "socat",
+        &[format!("UNIX-LISTEN:{},fork", relay_sock.display()), format!("TCP:127.0.0.1:{LINK_PORT}")],
+    );
+    assert!(wait_until(Duration::from_secs(10), || socket_exists(&relay_sock)), "socat did not listen");
+    let mut world = World { guests: Vec::new(), host_switch: Some(host_switch), host, socket: relay_sock, dir };
+    let g = world.add_guest(DEVICE_MAC, &[]);
+    let addr = world.guest(g).wait_for_address(Duration::from_secs(60));
+    assert_eq!(addr.as_deref(), Some("192.168.127.2/24"), "{}", world.logs());
+
+    // The search suffixes by DHCP: vm-switch wrote them to the guest's
+    // resolv.conf.
+    let resolv = fs::read_to_string(&world.guest(g).resolv_conf).unwrap_or_default();
+    assert!(resolv.contains("search corp.example.test lab.example.test\n"), "{resolv}\n{}", world.logs());
+    assert!(world.logs().contains("DnsQuery_W per question"), "{}", world.logs());
+
+    let dig = |args: &[&str]| {
+        let mut all = vec![format!("@{GATEWAY}"), "+time=5".into(), "+tries=1".into()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        String::from_utf8_lossy(&world.guest(g).ns.exec("dig", &all).stdout).into_owned()
+    };
+    let answers = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["+noall", "+answer"];
+        all.extend_from_slice(args);
+        dig(&all).lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect()
+    };
+    let wanted: [(&[&str], &[&str]); 8] = [
+        (&["only.host.test", "A"], &["only.host.test. 42 IN A 10.7.7.7"]),
+        (
+            &["alias.host.test", "A"],
+            &["alias.host.test. 42 IN CNAME only.host.test.", "only.host.test. 42 IN A 10.7.7.7"],
+        ),
+        (&["only.host.test", "TXT"], &["only.host.test. 42 IN TXT \"hello world\""]),
+        (&["host.test", "MX"], &["host.test. 42 IN MX 10 mail.host.test."]),
+        (&["_svc._tcp.host.test", "SRV"], &["_svc._tcp.host.test. 42 IN SRV 1 5 8080 only.host.test."]),
+        (&["-x", "10.7.7.7"], &["7.7.7.10.in-addr.arpa. 42 IN PTR only.host.test."]),
+        (&["host.test", "SOA"], &["host.test. 42 IN SOA ns1.host.test. hostmaster.host.test. 2024 3600 600 86400 30"]),
+        (&["only.host.test", "CAA"], &["only.host.test. 42 IN CAA 0 issue \"letsencrypt.org\""]),
+    ];
+    for (args, want) in wanted {
+        assert_eq!(answers(args), want, "dig {args:?}\n{}\n--- dnsmasq ---\n{}", world.logs(), dnsmasq.logs());
+    }
+    // NXDOMAIN for a missing name; NOERROR without records for a missing
+    // AAAA of a name that exists; over TCP as well.
+    for tcp in ["+notcp", "+tcp"] {
+        let nx = dig(&[tcp, "missing.host.test", "A"]);
+        assert!(nx.contains("status: NXDOMAIN"), "{nx}\n{}", world.logs());
+        let nodata = dig(&[tcp, "only.host.test", "AAAA"]);
+        assert!(nodata.contains("status: NOERROR") && nodata.contains("ANSWER: 0,"), "{nodata}\n{}", world.logs());
+    }
+    let id = dig(&["+qid=4321", "only.host.test", "A"]);
+    assert!(id.contains("id: 4321") && id.contains("flags: qr rd ra;"), "{id}");
+
+    // Which way the answers came. Per question through DnsQuery_W: A,
+    // CNAME, TXT, SRV, SOA, the NXDOMAIN and no-data answers (10 queries at
+    // least). Through the adapters' servers: CAA (Wine: 9004, not
+    // implemented), and MX and PTR (Wine 8 fails dnsmasq's answers with
+    // 9502, bad packet). Nothing raw: Wine has no DnsQueryRaw.
+    let stats = world.guest(g).ns.stdout("curl", &["-sS", "-m", "5", &format!("http://{GATEWAY}/stats")]);
+    let stat = |key: &str| -> u64 {
+        stats
+            .split(&format!("\"{key}\":"))
+            .nth(1)
+            .and_then(|s| s.split([',', '}']).next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {stats}"))
+    };
+    assert_eq!(stat("system_raw"), 0, "{stats}");
+    assert!(stat("system_per_type") >= 10, "{stats}");
+    assert!(stat("system_forwarded") >= 1, "{stats}");
+    assert_eq!(stat("system_per_type") + stat("system_forwarded"), stat("forwarded"), "{stats}");
+    assert_eq!(stat("upstream_failures"), 0, "{stats}");
+    let logs = world.logs();
+    assert!(logs.contains("forwarding name=\"only.host.test\" qtype=257"), "{logs}");
+    assert!(dnsmasq.logs().contains("query[CAA] only.host.test from 127.0.0.1"), "{}", dnsmasq.logs());
+    assert!(dnsmasq.logs().contains("query[A] only.host.test from 127.0.0.1"), "{}", dnsmasq.logs());
+    // The host's settings change (a VPN connects): host-switch.exe reads
+    // them again within seconds, without a restart.
+    fs::write(
+        Path::new("/etc/netns").join(&world.host.name).join("resolv.conf"),
+        "search vpn.example.test\nnameserver 127.0.0.1\n",
+    )
+    .unwrap();
+    let followed = wait_until(Duration::from_secs(20), || world.logs().contains("search=vpn.example.test"));
+    assert!(followed, "{}", world.logs());
+    // The next DHCP exchange (a new vm-switch) carries the new list.
+    let guest_resolv = world.guest(g).resolv_conf.clone();
+    fs::remove_file(&guest_resolv).unwrap();
+    let mut guest = world.guests.remove(g);
+    guest.vm_switch = None;
+    world.start_vm_switch(&mut guest, &[]);
+    world.guests.push(guest);
+    let renewed = wait_until(Duration::from_secs(30), || {
+        fs::read_to_string(&guest_resolv).is_ok_and(|t| t.contains("search vpn.example.test\n"))
+    });
+    assert!(renewed, "{:?}\n{}", fs::read_to_string(&guest_resolv), world.logs());
+    assert!(world.host_switch().try_wait().is_none(), "host-switch.exe exited\n{}", world.logs());
+    drop(relay);
+    drop(dnsmasq);
+    drop(world);
+}

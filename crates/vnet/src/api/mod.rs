@@ -454,6 +454,7 @@ struct StatsView {
     #[serde(flatten)]
     net: crate::stats::Stats,
     port_overflow_drops: u64,
+    capture_drops: u64,
     vm_connections: usize,
     flows: Flows,
     dhcp_leases: usize,
@@ -475,6 +476,7 @@ fn stats(engine: &Engine) -> StatsView {
         bytes_received: net_stats.bytes_in,
         net: net_stats,
         port_overflow_drops: engine.overflow_drops(),
+        capture_drops: engine.capture_drops(),
         vm_connections: engine.port_count(),
         flows: Flows {
             tcp: tcp.len(),

@@ -95,8 +95,9 @@ pub fn servfail(query: &Message) -> Vec<u8> {
     reply.to_vec().unwrap_or_else(|_| header_only(query.metadata.id, 0, ResponseCode::ServFail.low()))
 }
 
-/// A response skeleton for `query` with `rcode`.
-fn response_to(query: &Message, rcode: ResponseCode) -> Message {
+/// A response skeleton for `query` with `rcode`: its ID, opcode, RD and CD,
+/// RA set, its question, and an OPT record when it had one.
+pub fn response_to(query: &Message, rcode: ResponseCode) -> Message {
     let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
     reply.metadata.checking_disabled = query.metadata.checking_disabled;
@@ -172,6 +173,12 @@ pub fn fit_udp(response: Vec<u8>, limit: usize) -> Vec<u8> {
 pub fn id_and_qr(bytes: &[u8]) -> Option<(u16, bool)> {
     let h = bytes.get(..HEADER_LEN)?;
     Some((u16::from_be_bytes([h[0], h[1]]), h[2] & QR != 0))
+}
+
+/// `response` with its ID set to `id`; `None` if it has no header.
+pub fn with_id(mut response: Vec<u8>, id: u16) -> Option<Vec<u8>> {
+    response.get_mut(..2)?.copy_from_slice(&id.to_be_bytes());
+    (response.len() >= HEADER_LEN).then_some(response)
 }
 
 /// Whether a response has TC set.

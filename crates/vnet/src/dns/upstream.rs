@@ -1,5 +1,5 @@
-//! Talking to the upstream resolvers: where they are, and one exchange over
-//! UDP or TCP.
+//! Talking to upstream resolvers: one exchange over UDP or TCP, and how
+//! each upstream has been doing.
 //!
 //! How this works: each UDP exchange uses a fresh socket (a random source
 //! port per query) connected to the resolver, so only that resolver's
@@ -7,12 +7,15 @@
 //! the answer. A resolver that is not listening shows up as ECONNREFUSED at
 //! once, so the caller moves on (or answers SERVFAIL) without waiting. A TCP
 //! exchange writes one length-prefixed query and reads one answer. Callers
-//! bound every exchange with a timeout. Without configured upstreams the
-//! host's `/etc/resolv.conf` is used (Unix), re-read when it changes.
+//! bound every exchange with a timeout. [`Health`] counts each upstream's
+//! consecutive failures: after [`FAILURES_TO_SKIP`] it goes to the end of
+//! the order for [`SKIP_FOR`], so queries stop waiting for it, yet it is
+//! still tried when everything before it fails.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
@@ -75,78 +78,60 @@ pub async fn exchange_tcp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<
     Ok(answer)
 }
 
-/// The `nameserver` lines of a resolv.conf, as socket addresses on port 53.
-/// Scoped IPv6 addresses (`fe80::1%eth0`) are skipped.
-pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
-    text.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            (words.next()? == "nameserver").then_some(())?;
-            words.next()?.parse::<IpAddr>().ok()
-        })
-        .map(|ip| SocketAddr::new(ip, DNS_PORT))
-        .collect()
+/// Consecutive failures (timeouts, errors, slower than another upstream)
+/// after which an upstream is skipped.
+pub const FAILURES_TO_SKIP: u32 = 2;
+/// How long a failing upstream is skipped; afterwards it is tried again,
+/// and one more failure skips it again.
+pub const SKIP_FOR: Duration = Duration::from_secs(30);
+
+/// How the upstreams have been doing: which to try first.
+#[derive(Debug, Default)]
+pub struct Health {
+    entries: HashMap<SocketAddr, Entry>,
 }
 
-/// Where forwarded queries go.
-#[derive(Debug)]
-pub struct Upstreams {
-    configured: Vec<SocketAddr>,
-    /// From the host's configuration, and when it was last looked at.
-    host: Vec<SocketAddr>,
-    checked: Option<Instant>,
-    modified: Option<SystemTime>,
+#[derive(Debug, Default, Clone, Copy)]
+struct Entry {
+    failures: u32,
+    skip_until: Option<Instant>,
 }
 
-/// How often the host's resolv.conf is checked for changes.
-const RECHECK: Duration = Duration::from_secs(5);
-
-#[cfg(unix)]
-const RESOLV_CONF: &str = "/etc/resolv.conf";
-
-impl Upstreams {
-    pub fn new(configured: Vec<SocketAddr>) -> Self {
-        Upstreams { configured, host: Vec::new(), checked: None, modified: None }
+impl Health {
+    /// `list` in the order to try it: upstreams not being skipped first, in
+    /// list order, then the skipped ones, the soonest back first. Nothing
+    /// is left out, so a query still reaches a skipped upstream when all
+    /// others fail. Forgets upstreams no longer in `list`.
+    pub fn order(&mut self, list: &[SocketAddr], now: Instant) -> Vec<SocketAddr> {
+        self.entries.retain(|up, _| list.contains(up));
+        let skipped_until = |up: &SocketAddr| self.entries.get(up).and_then(|e| e.skip_until).filter(|t| *t > now);
+        let mut order: Vec<SocketAddr> = list.iter().copied().filter(|up| skipped_until(up).is_none()).collect();
+        let mut skipped: Vec<(Instant, SocketAddr)> =
+            list.iter().filter_map(|up| skipped_until(up).map(|t| (t, *up))).collect();
+        skipped.sort_by_key(|(t, _)| *t);
+        order.extend(skipped.into_iter().map(|(_, up)| up));
+        order
     }
 
-    /// The resolvers to try, in order. Empty when none are configured and
-    /// the host has none either (then every forwarded query gets SERVFAIL).
-    pub fn current(&mut self, now: Instant) -> Vec<SocketAddr> {
-        if !self.configured.is_empty() {
-            return self.configured.clone();
-        }
-        if self.checked.is_none_or(|t| now.saturating_duration_since(t) >= RECHECK) {
-            self.checked = Some(now);
-            self.reload_host();
-        }
-        self.host.clone()
+    /// An answer came from `up`.
+    pub fn success(&mut self, up: SocketAddr) {
+        self.entries.remove(&up);
     }
 
-    #[cfg(unix)]
-    fn reload_host(&mut self) {
-        let modified = std::fs::metadata(RESOLV_CONF).and_then(|m| m.modified()).ok();
-        if modified.is_some() && modified == self.modified {
-            return;
+    /// `up` failed; true when that makes it skipped from now on.
+    pub fn failure(&mut self, up: SocketAddr, now: Instant) -> bool {
+        let e = self.entries.entry(up).or_default();
+        e.failures = e.failures.saturating_add(1);
+        if e.failures >= FAILURES_TO_SKIP && e.skip_until.is_none_or(|t| t <= now) {
+            e.skip_until = Some(now + SKIP_FOR);
+            return true;
         }
-        self.modified = modified;
-        let servers = std::fs::read_to_string(RESOLV_CONF).map(|t| parse_resolv_conf(&t)).unwrap_or_default();
-        if servers != self.host {
-            tracing::info!(
-                "DNS upstreams from {RESOLV_CONF}: {}",
-                servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-            );
-        }
-        self.host = servers;
+        false
     }
 
-    /// Windows: the host's resolvers are not read yet; with no
-    /// `--dns-upstream`, forwarded queries get SERVFAIL.
-    #[cfg(not(unix))]
-    fn reload_host(&mut self) {
-        if self.modified.is_none() {
-            self.modified = Some(SystemTime::UNIX_EPOCH);
-            tracing::warn!("no DNS upstreams configured (--dns-upstream): names outside the local zones fail");
-        }
+    /// Whether `up` is being skipped now.
+    pub fn is_skipped(&self, up: &SocketAddr, now: Instant) -> bool {
+        self.entries.get(up).and_then(|e| e.skip_until).is_some_and(|t| t > now)
     }
 }
 
@@ -154,20 +139,37 @@ impl Upstreams {
 mod tests {
     use super::*;
 
-    #[test]
-    fn resolv_conf_lines() {
-        let text = "# comment\nsearch example.com\nnameserver 10.0.0.53\nnameserver  ::1 \nnameserver fe80::1%eth0\n\
-                    nameserverx 1.1.1.1\noptions ndots:2\nnameserver\n";
-        assert_eq!(
-            parse_resolv_conf(text),
-            vec!["10.0.0.53:53".parse::<SocketAddr>().unwrap(), "[::1]:53".parse::<SocketAddr>().unwrap()]
-        );
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
     }
 
     #[test]
-    fn configured_upstreams_win() {
-        let up: SocketAddr = "127.0.0.1:5353".parse().unwrap();
-        let mut u = Upstreams::new(vec![up]);
-        assert_eq!(u.current(Instant::now()), vec![up]);
+    fn failing_upstreams_go_last_for_a_while() {
+        let (a, b, c) = (addr("10.0.0.1:53"), addr("10.0.0.2:53"), addr("10.0.0.3:53"));
+        let list = [a, b, c];
+        let mut h = Health::default();
+        let t0 = Instant::now();
+        assert_eq!(h.order(&list, t0), list);
+        // One failure is not enough; a success forgets it.
+        assert!(!h.failure(a, t0));
+        h.success(a);
+        assert!(!h.failure(a, t0));
+        assert_eq!(h.order(&list, t0), list);
+        // Two in a row: skipped, but still tried last.
+        assert!(h.failure(a, t0));
+        assert!(h.is_skipped(&a, t0));
+        assert_eq!(h.order(&list, t0), [b, c, a]);
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(!h.failure(c, t1) && h.failure(c, t1));
+        assert_eq!(h.order(&list, t1), [b, a, c], "skipped ones: soonest back first");
+        // Back after SKIP_FOR; one more failure skips it again at once.
+        let t2 = t0 + SKIP_FOR;
+        assert_eq!(h.order(&list, t2), [a, b, c]);
+        assert!(h.failure(a, t2));
+        assert_eq!(h.order(&list, t2), [b, c, a]);
+        // A success clears it; an upstream that leaves the list is forgotten.
+        h.success(a);
+        assert_eq!(h.order(&[a, b], t2), [a, b]);
+        assert!(!h.is_skipped(&c, t2) && h.entries.len() <= 2);
     }
 }

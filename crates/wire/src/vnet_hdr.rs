@@ -13,7 +13,7 @@
 //! legacy 10-byte header in native byte order, which is what tun uses
 //! unless told otherwise.
 
-use rdnet_wire::checksum;
+use crate::checksum;
 
 pub const VNET_HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
