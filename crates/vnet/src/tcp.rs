@@ -76,8 +76,8 @@ use tokio::net::TcpStream;
 
 use crate::engine::Engine;
 use crate::flow_memory::{FlowMemory, HostRead, PROBE};
-use crate::sys::LazyRegion;
 use crate::frame::{ETH_HEADER, IPV4_HEADER};
+use crate::sys::LazyRegion;
 
 /// How long a flow's buffers stay empty before their memory is given back
 /// (a 2 MiB buffer each way, committed as traffic touches it: thousands of
