@@ -136,3 +136,72 @@ fn daemons_close_inherited_descriptors() {
     );
     assert!(!holds(vs.pid(), &marker), "vm-switch kept an inherited fd");
 }
+
+fn vm_rss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// 10 000 `POST /services/dns/add` from inside the network, each adding
+/// four new names: the zones stop growing at their bound (400 with the
+/// reason beyond it), host-switch's memory stays bounded, and the log
+/// stays quiet.
+#[test]
+fn ten_thousand_zone_adds_from_the_guest_are_bounded_and_quiet() {
+    if !privileged() {
+        return;
+    }
+    let mut world = world(&[]);
+    let pid = world.host_switch().pid();
+    let before = vm_rss_kib(pid);
+    let out = world.guest_python(
+        0,
+        300,
+        r#"
+import http.client, json
+c = http.client.HTTPConnection("192.168.127.1", 80, timeout=30)
+codes = {}
+last = ""
+for i in range(10000):
+    zone = {"Name": "flood.internal.", "Records": [{"Name": "n%d-%d" % (i, j), "IP": "10.1.2.3"} for j in range(4)]}
+    body = json.dumps(zone)
+    try:
+        c.request("POST", "/services/dns/add", body)
+        r = c.getresponse()
+        text = r.read().decode()
+    except (http.client.HTTPException, OSError):
+        c = http.client.HTTPConnection("192.168.127.1", 80, timeout=30)
+        continue
+    codes[r.status] = codes.get(r.status, 0) + 1
+    if r.status != 200:
+        last = text.strip()
+print(codes.get(200, 0), codes.get(400, 0), last)
+"#,
+        &[],
+    );
+    let mut parts = out.trim().splitn(3, ' ');
+    let ok: usize = parts.next().unwrap_or("0").parse().unwrap_or(0);
+    let refused: usize = parts.next().unwrap_or("0").parse().unwrap_or(0);
+    let reason = parts.next().unwrap_or("");
+    // 16 384 records in all; the two default zones hold four.
+    assert_eq!(ok, (16_384 - 4) / 4, "{out}\n{}", world.logs());
+    assert_eq!(ok + refused, 10_000, "{out}");
+    assert!(reason.contains("too many DNS records"), "{out}");
+    let listed = world.guest(0).ns.exec("curl", &["-s", "-m", "10", "http://192.168.127.1/services/dns/all"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).matches("\"Name\":\"n").count();
+    assert_eq!(listed, ok * 4, "the table holds what was accepted");
+    // Bounded memory: the records and their index, well under 64 MiB.
+    let after = vm_rss_kib(pid);
+    eprintln!("host-switch VmRSS: {before} KiB before, {after} KiB after 10 000 zone adds");
+    assert!(after < before + 64 * 1024, "{before} KiB -> {after} KiB");
+    // Quiet: the limiter lets a handful of lines through per 10 s.
+    let logs = world.host_switch().logs();
+    let lines = logs.lines().filter(|l| l.contains("DNS zone added")).count();
+    assert!(lines <= 30, "{lines} zone lines in the log");
+    // And DNS still answers, from the table.
+    let dig =
+        world.guest(0).ns.exec("dig", &["+short", "+time=2", "+tries=1", "@192.168.127.1", "n7-3.flood.internal"]);
+    assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), "10.1.2.3", "{}", world.logs());
+}
