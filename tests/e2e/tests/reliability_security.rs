@@ -205,3 +205,74 @@ print(codes.get(200, 0), codes.get(400, 0), last)
         world.guest(0).ns.exec("dig", &["+short", "+time=2", "+tries=1", "@192.168.127.1", "n7-3.flood.internal"]);
     assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), "10.1.2.3", "{}", world.logs());
 }
+
+/// Prints every datagram it gets on 127.0.0.1:PORT, one per line.
+const UDP_PRINTER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+while True:
+    d, _ = s.recvfrom(2048)
+    print(d.decode(errors="replace"), flush=True)
+"#;
+
+/// In a guest: sends UDP datagrams to the host alias with a chosen source
+/// address (raw IP socket, IP_HDRINCL), and a gratuitous ARP claiming an
+/// address (raw packet socket). argv: PORT SRC_IP PAYLOAD COUNT.
+const SPOOFER: &str = r#"
+import socket, struct, sys, fcntl
+port, src, payload, count = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode(), int(sys.argv[4])
+dst = "192.168.127.254"
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+udp = struct.pack("!HHHH", 40001, port, 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for _ in range(count):
+    r.sendto(ip + udp, (dst, 0))
+# A gratuitous ARP reply: "SRC is at my MAC", broadcast.
+p = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+p.bind(("eth0", 0))
+mac = fcntl.ioctl(p.fileno(), 0x8927, struct.pack("256s", b"eth0"))[18:24]
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, mac, socket.inet_aton(src), b"\xff" * 6, socket.inet_aton(src))
+p.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
+print("sent")
+"#;
+
+fn stats_field(world: &World, g: usize, field: &str) -> u64 {
+    let stats = world.guest(g).ns.stdout("curl", &["-s", "-m", "5", "http://192.168.127.1/stats"]);
+    let at = stats.find(&format!("\"{field}\":")).unwrap_or_else(|| panic!("no {field} in {stats}"));
+    stats[at + field.len() + 3..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap_or(0)
+}
+
+#[test]
+fn a_guest_spoofing_anothers_address_gets_nothing_through() {
+    if !privileged() {
+        return;
+    }
+    let mut world = world(&[]);
+    let b = world.add_guest("02:00:00:00:00:b2", &[]);
+    let b_ip = world.guest(b).wait_for_address(Duration::from_secs(20)).expect("a lease for B");
+    let b_ip = b_ip.split('/').next().unwrap_or_default().to_string();
+    let printer = world.host_server_udp(18099, UDP_PRINTER);
+    let before = stats_field(&world, 0, "spoofed_source");
+    // B as itself: through. B as A (.2), and as an address outside the
+    // subnet: nothing, and the counter moves.
+    assert_eq!(world.guest_python(b, 20, SPOOFER, &["18099", &b_ip, "honest", "3"]), "sent");
+    assert_eq!(world.guest_python(b, 20, SPOOFER, &["18099", "192.168.127.2", "spoofed", "20"]), "sent");
+    assert_eq!(world.guest_python(b, 20, SPOOFER, &["18099", "10.9.9.9", "outside", "20"]), "sent");
+    assert!(wait_until(Duration::from_secs(5), || printer.logs().contains("honest")), "{}", world.logs());
+    std::thread::sleep(Duration::from_millis(500));
+    let got = printer.logs();
+    assert!(!got.contains("spoofed") && !got.contains("outside"), "a spoofed datagram got through: {got}");
+    let after = stats_field(&world, 0, "spoofed_source");
+    assert!(after >= before + 40, "spoofed_source {before} -> {after}");
+    // A's address still reaches A: the gateway was not fooled by B's ARP.
+    assert!(world.guest(0).ping("192.168.127.1"), "{}", world.logs());
+    let from_a = world.guest(0).ns.exec("curl", &["-s", "-m", "5", "http://192.168.127.1/services/forwarder/all"]);
+    assert!(from_a.status.success() && String::from_utf8_lossy(&from_a.stdout).trim() == "[]", "{}", world.logs());
+}
