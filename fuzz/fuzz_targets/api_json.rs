@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
 use rdnet_vnet::api::gojson::{self, Field};
-use rdnet_vnet::dns::zone::{self, Zone};
+use rdnet_vnet::dns::zone::{Zone, ZoneTable};
 use rdnet_vnet::forwarder;
 
 const EXPOSE: &[Field] = &[
@@ -37,13 +37,14 @@ fuzz_target!(|body: &[u8]| {
         assert!(range.end <= body.len() && range.start <= range.end);
         let _ = gojson::encode(&format!("{value:?}"));
         if let Ok(z) = serde_json::from_slice::<Zone>(&body[range]) {
-            let mut zones = Zone::defaults(Ipv4Addr::new(192, 168, 127, 1), Ipv4Addr::new(192, 168, 127, 254));
+            let mut zones =
+                ZoneTable::new(Zone::defaults(Ipv4Addr::new(192, 168, 127, 1), Ipv4Addr::new(192, 168, 127, 254)));
             let name = z.name.clone();
             let rel = z.records.first().map(|r| r.name.clone()).unwrap_or_default();
-            zone::merge(&mut zones, z);
-            let _ = zone::lookup(&zones, &format!("{rel}.{name}"));
-            let _ = zone::lookup(&zones, "db1.example.internal.");
-            let _ = gojson::encode(&zones);
+            let _ = zones.merge(z);
+            let _ = zones.lookup(&format!("{rel}.{name}"));
+            let _ = zones.lookup("db1.example.internal.");
+            let _ = gojson::encode(&zones.zones());
         }
     }
 });

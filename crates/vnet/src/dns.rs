@@ -56,7 +56,7 @@ use hostconf::HostDnsConfig;
 pub use message::Decision;
 use system::{Path, Resolved, SystemResolver};
 use upstream::Health;
-pub use zone::{Record, Zone};
+pub use zone::{Record, Zone, ZoneError, ZoneTable};
 
 pub const DNS_PORT: u16 = 53;
 /// One attempt at one upstream resolver.
@@ -113,7 +113,7 @@ enum Resolution {
 }
 
 pub struct DnsServer {
-    zones: RefCell<Vec<Zone>>,
+    zones: RefCell<ZoneTable>,
     resolution: Resolution,
     health: RefCell<Health>,
     /// The largest DNS payload in one UDP datagram on the virtual link.
@@ -146,7 +146,7 @@ impl DnsServer {
 
     fn with(cfg: &NetConfig, resolution: Resolution) -> Self {
         DnsServer {
-            zones: RefCell::new(Zone::defaults(cfg.gateway_ip, cfg.host_ip)),
+            zones: RefCell::new(ZoneTable::new(Zone::defaults(cfg.gateway_ip, cfg.host_ip))),
             resolution,
             health: RefCell::new(Health::default()),
             link_udp_max: (cfg.mtu as usize).saturating_sub(crate::frame::IPV4_HEADER + crate::frame::UDP_HEADER),
@@ -168,12 +168,13 @@ impl DnsServer {
 
     /// The local zones (for `/services/dns/all`).
     pub fn zones(&self) -> Vec<Zone> {
-        self.zones.borrow().clone()
+        self.zones.borrow().zones()
     }
 
-    /// Adds or merges a zone (for `POST /services/dns/add`), as gvproxy does.
-    pub fn add_zone(&self, zone: Zone) {
-        zone::merge(&mut self.zones.borrow_mut(), zone);
+    /// Adds or merges a zone (for `POST /services/dns/add`), as gvproxy
+    /// does, within the table's bounds.
+    pub fn add_zone(&self, zone: Zone) -> Result<(), zone::ZoneError> {
+        self.zones.borrow_mut().merge(zone)
     }
 
     pub fn stats(&self) -> DnsStats {
@@ -659,10 +660,10 @@ mod tests {
     fn zones_api() {
         let server = DnsServer::new(&cfg(), vec![]);
         assert_eq!(server.zones().len(), 2);
-        server.add_zone(Zone { name: "docker.internal.".into(), records: vec![], default_ip: None });
+        server.add_zone(Zone { name: "docker.internal.".into(), records: vec![], default_ip: None }).unwrap();
         assert_eq!(server.zones().len(), 2);
         assert_eq!(server.zones()[1].records.len(), 2);
-        server.add_zone(Zone { name: "extra.".into(), records: vec![], default_ip: None });
+        server.add_zone(Zone { name: "extra.".into(), records: vec![], default_ip: None }).unwrap();
         assert_eq!(server.zones().len(), 3);
     }
 

@@ -370,8 +370,8 @@ impl Engine {
         };
         let stream = Prefixed::new(prefix, stream);
         let how = match opening {
-            Opening::Frames => "frames",
-            Opening::Connect => "gvproxy's POST /connect",
+            Opening::Frames => "raw frames",
+            Opening::Connect => "POST /connect",
             Opening::Http { method, path } => {
                 tracing::debug!(%peer, "HTTP {method} {path} on the VM listener: serving the API");
                 crate::api::serve_connection(self, stream, crate::api::Peer::from_link_peer(&peer)).await;

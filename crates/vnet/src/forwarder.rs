@@ -185,10 +185,13 @@ impl Forwarder {
     }
 
     /// Removes the forward of `protocol` on `local` (gvproxy's `Unexpose`).
-    pub fn unexpose(&self, protocol: &str, local: &str) -> Result<(), String> {
+    /// Logs go through `engine`'s limiter: the inside API lets any guest
+    /// process call this.
+    pub fn unexpose(&self, engine: &Engine, protocol: &str, local: &str) -> Result<(), String> {
         let proxy = self.proxies.borrow_mut().remove(&(local.to_string(), protocol.to_string()));
         let Some(proxy) = proxy else { return Err("proxy not found".to_string()) };
-        tracing::info!(protocol, local, remote = %proxy.info.remote, "forward removed");
+        crate::limited!(info, engine.logs.borrow_mut(), std::time::Instant::now(), "forward-change",
+            protocol, local, remote = %proxy.info.remote, "forward removed");
         self.close(proxy);
         self.count(|s| s.unexposed += 1);
         Ok(())
@@ -231,11 +234,21 @@ impl Forwarder {
         match &result {
             Ok(()) => {
                 self.count(|s| s.exposed += 1);
-                tracing::info!(protocol, local, remote, "forward added");
+                crate::limited!(
+                    info,
+                    engine.logs.borrow_mut(),
+                    std::time::Instant::now(),
+                    "forward-change",
+                    protocol,
+                    local,
+                    remote,
+                    "forward added"
+                );
             }
             Err(e) => {
                 self.count(|s| s.expose_errors += 1);
-                tracing::info!(protocol, local, remote, error = %e, "forward refused");
+                crate::limited!(info, engine.logs.borrow_mut(), std::time::Instant::now(), "forward-change",
+                    protocol, local, remote, error = %e, "forward refused");
             }
         }
         result

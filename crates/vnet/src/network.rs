@@ -118,10 +118,19 @@ impl Network {
                 self.stats.drops.mac_table_full += 1;
                 crate::limited_warn!(self.logs, now, "mac-table", port = from, mac = %rdnet_wire::MacDisplay(src.0), "port has too many MAC addresses; not learning more");
             }
-            Learn::Moved(old) => {
-                tracing::debug!(mac = %rdnet_wire::MacDisplay(src.0), old, new = from, "MAC moved to another port")
+            Learn::Conflict(owner) => {
+                self.stats.drops.spoofed_source += 1;
+                crate::limited_warn!(self.logs, now, "spoofed-mac", port = from, owner,
+                    mac = %rdnet_wire::MacDisplay(src.0), "dropping a frame: its source MAC belongs to another connected port");
+                return Upcall::None;
             }
             _ => {}
+        }
+        if let Some(why) = self.spoofed_source(src, frame, now) {
+            self.stats.drops.spoofed_source += 1;
+            crate::limited_warn!(self.logs, now, "spoofed-ip", port = from,
+                mac = %rdnet_wire::MacDisplay(src.0), "dropping a frame: its source is {why}");
+            return Upcall::None;
         }
         let for_gateway = if dst == self.cfg.gateway_mac {
             true
@@ -337,6 +346,48 @@ impl Network {
         self.stats.dhcp_replies += 1;
         self.deliver(&buf, now, out);
         self.scratch = buf;
+    }
+
+    /// Why the source address of an IPv4 or ARP frame from `src_mac` is
+    /// not that guest's to use, if it is not: an address a guest has is
+    /// the one leased to its MAC, or (for addresses set by hand) the one it
+    /// was first seen using, for as long as that MAC stays connected.
+    /// `0.0.0.0` (DHCP, ARP probes for duplicate addresses) is anyone's.
+    fn spoofed_source(&self, src_mac: EthernetAddress, frame: &[u8], now: Instant) -> Option<&'static str> {
+        let eth = EthernetFrame::new_unchecked(frame);
+        let claimed = match eth.ethertype() {
+            EthernetProtocol::Ipv4 => {
+                // Not an IPv4 header at all: the malformed-frame path counts it.
+                let ip = Ipv4Packet::new_checked(eth.payload()).ok().filter(|ip| ip.version() == 4)?;
+                ip.src_addr()
+            }
+            EthernetProtocol::Arp => {
+                let arp = ArpPacket::new_checked(eth.payload()).ok()?;
+                if arp.source_hardware_addr() != src_mac.as_bytes() {
+                    return Some("an ARP sender MAC that is not the frame's");
+                }
+                Ipv4Addr::from(<[u8; 4]>::try_from(arp.source_protocol_addr()).ok()?)
+            }
+            _ => return None,
+        };
+        if claimed.is_unspecified() {
+            return None;
+        }
+        if !self.cfg.subnet.contains(&claimed)
+            || claimed == self.cfg.subnet.network()
+            || claimed == self.cfg.broadcast()
+        {
+            return Some("outside the subnet");
+        }
+        if self.cfg.is_gateway_owned(claimed) {
+            return Some("the gateway's address");
+        }
+        let attached = |mac: &EthernetAddress| self.switch.lookup(mac).is_some();
+        let owner = self.dhcp.mac_of(claimed, now).filter(attached).or_else(|| self.neighbor(claimed).filter(attached));
+        match owner {
+            Some(mac) if mac != src_mac => Some("another guest's address"),
+            _ => None,
+        }
     }
 
     fn remember(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
@@ -652,6 +703,71 @@ mod tests {
 
     fn ports_of(out: &[(PortId, Vec<u8>)]) -> Vec<PortId> {
         out.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// A UDP frame from `mac`/`src` to the host alias, through the gateway.
+    fn udp_from(mac: EthernetAddress, src: Ipv4Addr) -> Vec<u8> {
+        let mut f = Vec::new();
+        frame::udp(
+            &mut f,
+            mac,
+            net().cfg.gateway_mac,
+            SocketAddrV4::new(src, 40000),
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 254), 53),
+            b"payload",
+        );
+        f
+    }
+
+    #[test]
+    fn a_guest_cannot_use_another_guests_addresses() {
+        let mut n = net();
+        let (p1, p2) = (n.add_port(), n.add_port());
+        learn(&mut n, p1, DEVICE_MAC, 2);
+        learn(&mut n, p2, GUEST2, 3);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        // Its own address: up to the NAT.
+        assert!(matches!(
+            n.handle_frame(p2, &udp_from(GUEST2, Ipv4Addr::new(192, 168, 127, 3)), now, &mut out),
+            Upcall::Ipv4 { .. }
+        ));
+        let spoofs = [
+            udp_from(GUEST2, Ipv4Addr::new(192, 168, 127, 2)), // the other guest's
+            udp_from(GUEST2, Ipv4Addr::new(10, 0, 0, 1)),      // outside the subnet
+            udp_from(GUEST2, Ipv4Addr::new(192, 168, 127, 1)), // the gateway's
+            udp_from(GUEST2, Ipv4Addr::new(192, 168, 127, 255)), // the broadcast
+            udp_from(DEVICE_MAC, Ipv4Addr::new(192, 168, 127, 2)), // the other guest's MAC
+            arp_request(GUEST2, Ipv4Addr::new(192, 168, 127, 2), Ipv4Addr::new(192, 168, 127, 1)),
+        ];
+        for (i, f) in spoofs.iter().enumerate() {
+            out.clear();
+            assert_eq!(n.handle_frame(p2, f, now, &mut out), Upcall::None, "case {i}");
+            assert!(out.is_empty(), "case {i}: nothing answered or flooded");
+            assert_eq!(n.stats.drops.spoofed_source, i as u64 + 1, "case {i}");
+        }
+        // Still the first guest's, and its MAC still on p1.
+        assert_eq!(n.neighbor(Ipv4Addr::new(192, 168, 127, 2)), Some(DEVICE_MAC));
+        assert_eq!(n.switch.lookup(&DEVICE_MAC), Some(p1));
+        // DHCP from 0.0.0.0 is anyone's.
+        out.clear();
+        let discover = crate::dhcp_server::client_message(GUEST2, dhcproto::v4::MessageType::Discover, 7, vec![]);
+        let mut f = Vec::new();
+        frame::udp(
+            &mut f,
+            GUEST2,
+            EthernetAddress::BROADCAST,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
+            &discover,
+        );
+        n.handle_frame(p2, &f, now, &mut out);
+        assert_eq!(n.stats.drops.spoofed_source, spoofs.len() as u64);
+        assert!(!out.is_empty(), "a DHCP offer");
+        // Once the first guest is gone, its address is free to take.
+        n.remove_port(p1);
+        assert!(matches!(n.handle_frame(p2, &spoofs[0], now, &mut out), Upcall::Ipv4 { .. }));
+        assert_eq!(n.neighbor(Ipv4Addr::new(192, 168, 127, 2)), Some(GUEST2));
     }
 
     #[test]

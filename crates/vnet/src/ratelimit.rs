@@ -29,18 +29,27 @@ impl LogLimiter {
     }
 }
 
-/// `limited_warn!(limiter, now, "key", "fmt", args…)` logs at warn level
-/// through a [`LogLimiter`].
+/// `limited!(level, limiter, now, "key", "fmt", args…)` logs at `level`
+/// (`warn`, `info`, `debug`) through a [`LogLimiter`], with the count of
+/// lines held back since the last one that passed.
+#[macro_export]
+macro_rules! limited {
+    ($level:ident, $limiter:expr, $now:expr, $key:literal, $($arg:tt)+) => {
+        if let $crate::ratelimit::Verdict::Log { suppressed } = $limiter.check($key, $now) {
+            if suppressed > 0 {
+                tracing::$level!(suppressed, $($arg)+);
+            } else {
+                tracing::$level!($($arg)+);
+            }
+        }
+    };
+}
+
+/// `limited_warn!(limiter, now, "key", "fmt", args…)`: [`limited!`] at warn.
 #[macro_export]
 macro_rules! limited_warn {
     ($limiter:expr, $now:expr, $key:literal, $($arg:tt)+) => {
-        if let $crate::ratelimit::Verdict::Log { suppressed } = $limiter.check($key, $now) {
-            if suppressed > 0 {
-                tracing::warn!(suppressed, $($arg)+);
-            } else {
-                tracing::warn!($($arg)+);
-            }
-        }
+        $crate::limited!(warn, $limiter, $now, $key, $($arg)+)
     };
 }
 

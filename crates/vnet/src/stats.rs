@@ -27,4 +27,8 @@ pub struct Drops {
     pub not_for_us: u64,
     /// Frames above the MTU for a port that did not offer to take them.
     pub too_big: u64,
+    /// Frames whose source a guest may not use: an IP address leased to,
+    /// or first used by, another connected guest; one outside the subnet
+    /// or the gateway's; a MAC another connected port owns.
+    pub spoofed_source: u64,
 }

@@ -36,8 +36,10 @@ struct Port {
 pub enum Learn {
     Known,
     Learned,
-    /// The address moved from another port (a VM reconnected).
-    Moved(PortId),
+    /// The address belongs to another port that is still connected: not
+    /// moved (a guest may not take over another's MAC). Once that port is
+    /// gone (a VM that reconnects), the address is learned afresh.
+    Conflict(PortId),
     /// The port already taught its share of addresses.
     Refused,
     /// Not a unicast address: never learned.
@@ -86,7 +88,8 @@ impl Switch {
         }
         match self.table.get(&mac).copied() {
             Some(p) if p == port => Learn::Known,
-            previous => {
+            Some(other) => Learn::Conflict(other),
+            None => {
                 let Some(entry) = self.ports.iter_mut().find(|p| p.id == port) else {
                     return Learn::Ignored;
                 };
@@ -95,15 +98,7 @@ impl Switch {
                 }
                 entry.macs += 1;
                 self.table.insert(mac, port);
-                match previous {
-                    Some(old) => {
-                        if let Some(o) = self.ports.iter_mut().find(|p| p.id == old) {
-                            o.macs = o.macs.saturating_sub(1);
-                        }
-                        Learn::Moved(old)
-                    }
-                    None => Learn::Learned,
-                }
+                Learn::Learned
             }
         }
     }
@@ -134,12 +129,18 @@ mod tests {
         assert_eq!(s.learn(A, p1), Learn::Known);
         assert_eq!(s.learn(B, p2), Learn::Learned);
         assert_eq!(s.lookup(&A), Some(p1));
-        assert_eq!(s.learn(A, p2), Learn::Moved(p1));
+        // Another connected port may not take A over; once p1 is gone, p2
+        // learns it.
+        assert_eq!(s.learn(A, p2), Learn::Conflict(p1));
+        assert_eq!(s.lookup(&A), Some(p1));
+        s.remove_port(p1);
+        assert_eq!(s.learn(A, p2), Learn::Learned);
         assert_eq!(s.lookup(&A), Some(p2));
+        let p3 = s.add_port();
         s.remove_port(p2);
         assert_eq!(s.lookup(&A), None);
         assert_eq!(s.lookup(&B), None);
-        assert_eq!(s.ports().collect::<Vec<_>>(), vec![p1]);
+        assert_eq!(s.ports().collect::<Vec<_>>(), vec![p3]);
     }
 
     #[test]

@@ -423,6 +423,19 @@ impl World {
         p
     }
 
+    /// A python3 `script` in the host namespace, given `port`; returns once
+    /// a UDP socket is bound to `port` there.
+    pub fn host_server_udp(&self, port: u16, script: &str) -> Proc {
+        let port_arg = port.to_string();
+        let p = self.host.spawn(&self.dir, "python3", &["-c", script, &port_arg]);
+        assert!(
+            wait_until(Duration::from_secs(10), || udp_ready_in(&self.host, port)),
+            "UDP server on {port} did not start: {}",
+            p.logs()
+        );
+        p
+    }
+
     /// Runs a python3 `script` with `args` in guest `g`, ended after `secs`
     /// seconds; fails the test unless it succeeds, else returns its stdout.
     pub fn guest_python(&self, g: usize, secs: u32, script: &str, args: &[&str]) -> String {
@@ -481,6 +494,12 @@ impl Guest {
 /// without connecting, so one-shot servers are not disturbed).
 pub fn tcp_ready_in(ns: &Netns, port: u16) -> bool {
     let out = ns.exec("ss", &["-Hltn", &format!("sport = :{port}")]);
+    out.status.success() && !out.stdout.is_empty()
+}
+
+/// Whether a UDP socket is bound to `port` in `ns`.
+pub fn udp_ready_in(ns: &Netns, port: u16) -> bool {
+    let out = ns.exec("ss", &["-Huan", &format!("sport = :{port}")]);
     out.status.success() && !out.stdout.is_empty()
 }
 

@@ -106,7 +106,7 @@ fn post_connect_peer_gets_a_lease_and_raw_peers_still_do() {
         world.logs()
     );
     assert_eq!(offered, Some(Ipv4Addr::new(192, 168, 127, 2)));
-    assert!(world.host_switch().logs().contains("VM connected (gvproxy's POST /connect)"), "{}", world.logs());
+    assert!(world.host_switch().logs().contains("VM connected (POST /connect)"), "{}", world.logs());
     link.shutdown();
 
     // A raw-framed peer on the same listener, as before.

@@ -372,7 +372,7 @@ fn unexpose(engine: &Rc<Engine>, body: &[u8]) -> Response<Body> {
     };
     let [local, protocol] = <[String; 2]>::try_from(fields).unwrap_or_default();
     let protocol = if protocol.is_empty() { "tcp".to_string() } else { protocol };
-    match engine.forwarder.unexpose(&protocol, &local) {
+    match engine.forwarder.unexpose(engine, &protocol, &local) {
         Ok(()) => ok(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
     }
@@ -391,9 +391,16 @@ fn add_zone(engine: &Rc<Engine>, body: &[u8]) -> Response<Body> {
             Err(e) => return error(StatusCode::BAD_REQUEST, &format!("json: {e}")),
         }
     };
-    tracing::info!(zone = %zone.name, records = zone.records.len(), "DNS zone added through the API");
-    engine.dns.add_zone(zone);
-    ok()
+    let (name, records) = (zone.name.clone(), zone.records.len());
+    // Anyone in the guest may call this: bounded, and logged through the limiter.
+    match engine.dns.add_zone(zone) {
+        Ok(()) => {
+            crate::limited!(debug, engine.logs.borrow_mut(), Instant::now(), "api-dns-add",
+                zone = %name, records, "DNS zone added through the API");
+            ok()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
 }
 
 /// A MAC address as Go prints one.

@@ -16,7 +16,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 
-use super::zone::{self, Lookup, Zone};
+use super::zone::{Lookup, ZoneTable};
 
 pub const HEADER_LEN: usize = 12;
 /// Largest UDP answer without EDNS (RFC 1035).
@@ -37,7 +37,7 @@ pub enum Decision {
 }
 
 /// Decides how to handle `bytes`, a message a guest sent to port 53.
-pub fn classify(zones: &[Zone], bytes: &[u8]) -> Decision {
+pub fn classify(zones: &ZoneTable, bytes: &[u8]) -> Decision {
     let query = match Message::from_vec(bytes) {
         Ok(m) => m,
         Err(_) => return formerr(bytes).map_or(Decision::Drop, Decision::Reply),
@@ -54,7 +54,7 @@ pub fn classify(zones: &[Zone], bytes: &[u8]) -> Decision {
         return Decision::Forward(Box::new(query));
     }
     let name = q.name().to_ascii();
-    match zone::lookup(zones, &name) {
+    match zones.lookup(&name) {
         Lookup::NotLocal => Decision::Forward(Box::new(query)),
         found => match local_answer(&query, &found) {
             Some(bytes) => Decision::Reply(bytes),
@@ -194,14 +194,15 @@ pub fn rcode(bytes: &[u8]) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::zone::Zone;
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     use hickory_proto::rr::rdata::TXT;
     use std::net::Ipv4Addr;
     use std::str::FromStr;
 
-    fn zones() -> Vec<Zone> {
-        Zone::defaults(Ipv4Addr::new(192, 168, 127, 1), Ipv4Addr::new(192, 168, 127, 254))
+    fn zones() -> ZoneTable {
+        ZoneTable::new(Zone::defaults(Ipv4Addr::new(192, 168, 127, 1), Ipv4Addr::new(192, 168, 127, 254)))
     }
 
     fn query(name: &str, qtype: RecordType, edns: Option<u16>) -> Message {
@@ -216,7 +217,7 @@ mod tests {
         m
     }
 
-    fn answer(zs: &[Zone], q: &Message) -> Message {
+    fn answer(zs: &ZoneTable, q: &Message) -> Message {
         match classify(zs, &q.to_vec().unwrap()) {
             Decision::Reply(r) => Message::from_vec(&r).unwrap(),
             other => panic!("expected a local reply, got {other:?}"),
