@@ -73,7 +73,7 @@ struct Opts {
     #[arg(long)]
     capture: Option<String>,
     /// The capture stops once its file would grow beyond this many bytes.
-    #[arg(long = "capture-max-bytes", default_value_t = rdnet_vnet::capture::DEFAULT_MAX_BYTES)]
+    #[arg(long = "capture-max-bytes", default_value_t = rdnet_vnet::shell::capture::DEFAULT_MAX_BYTES)]
     capture_max_bytes: u64,
     /// The guest's handshake endpoint (vsock://CID:6669, unix:///path,
     /// hybridvsock:///VMM.sock:6669 for a guest behind a hybrid-vsock VMM): find
@@ -181,7 +181,7 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
             // Whole frames, also those above the MTU that VMs which
             // negotiated offload exchange (rdnet_wire::offload).
             let snaplen = engine.max_frame().max(rdnet_wire::offload::MAX_LARGE_FRAME) as u32;
-            match rdnet_vnet::capture::Capture::create(&path, snaplen, opts.capture_max_bytes) {
+            match rdnet_vnet::shell::capture::Capture::create(&path, snaplen, opts.capture_max_bytes) {
                 Ok(c) => {
                     tracing::info!(path = %path.display(), max_bytes = opts.capture_max_bytes, "capturing frames");
                     engine.start_capture(c);

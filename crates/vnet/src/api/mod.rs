@@ -41,8 +41,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::dns::Zone;
-use crate::engine::Engine;
+use crate::gateway::dns::Zone;
+use crate::shell::Engine;
 use gojson::Field;
 
 /// The gateway port of the inside API.
@@ -352,7 +352,7 @@ fn expose(engine: &Rc<Engine>, peer: &Peer, body: &[u8]) -> Response<Body> {
     let [local, remote, protocol] = <[String; 3]>::try_from(fields).unwrap_or_default();
     let protocol = if protocol.is_empty() { "tcp".to_string() } else { protocol };
     let remote = if protocol != "unix" && protocol != "npipe" {
-        match crate::forwarder::fill_remote_host(&remote, &peer.remote_addr()) {
+        match crate::forward::fill_remote_host(&remote, &peer.remote_addr()) {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         }
@@ -465,10 +465,10 @@ struct StatsView {
     vm_connections: usize,
     flows: Flows,
     dhcp_leases: usize,
-    dns: crate::dns::DnsStats,
-    udp_nat: crate::udp_nat::UdpNatStats,
-    icmp_nat: crate::icmp_nat::IcmpNatStats,
-    forwarder: crate::forwarder::ForwardStats,
+    dns: crate::gateway::dns::DnsStats,
+    udp_nat: crate::nat::udp::UdpNatStats,
+    icmp_nat: crate::nat::icmp::IcmpNatStats,
+    forwarder: crate::forward::ForwardStats,
     memory: MemoryView,
 }
 

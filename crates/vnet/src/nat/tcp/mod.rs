@@ -53,6 +53,8 @@
 //! so a SYN flood from one guest holds bounded state and cannot starve
 //! another guest.
 
+pub mod memory;
+
 use crate::FastMap;
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -74,9 +76,9 @@ use smoltcp::wire::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::engine::Engine;
-use crate::flow_memory::{FlowMemory, HostRead, PROBE};
 use crate::frame::{ETH_HEADER, IPV4_HEADER};
+use crate::nat::tcp::memory::{FlowMemory, HostRead, PROBE};
+use crate::shell::Engine;
 use crate::sys::LazyRegion;
 
 /// How long a flow's buffers stay empty before their memory is given back

@@ -12,6 +12,8 @@
 //! I/O error ends only that connection (with a logged reason); its MAC
 //! entries leave with its port.
 
+pub mod capture;
+
 use std::cell::RefCell;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::rc::Rc;
@@ -25,15 +27,15 @@ use tokio::sync::Notify;
 
 use smoltcp::wire::{EthernetAddress, IpProtocol, Ipv4Repr};
 
-use crate::capture::Capture;
-use crate::dns::DnsServer;
-use crate::icmp_nat::IcmpNat;
+use crate::gateway::dns::DnsServer;
+use crate::gateway::{FrameSink, Network, Upcall};
 use crate::nat::NatPolicy;
-use crate::network::{FrameSink, Network, Upcall};
+use crate::nat::icmp::IcmpNat;
+use crate::nat::tcp::TcpNat;
+use crate::nat::udp::UdpNat;
 use crate::ratelimit::LogLimiter;
+use crate::shell::capture::Capture;
 use crate::switch::PortId;
-use crate::tcp::TcpNat;
-use crate::udp_nat::UdpNat;
 
 /// Settings of the I/O shell (the network's own live in `NetConfig`).
 #[derive(Debug, Clone)]
@@ -161,7 +163,7 @@ pub struct Engine {
     /// Rate limits for logs a guest can trigger from the shell's modules.
     pub logs: RefCell<LogLimiter>,
     /// Port forwards from the host into the guests (and the API's table).
-    pub forwarder: crate::forwarder::Forwarder,
+    pub forwarder: crate::forward::Forwarder,
 }
 
 impl Engine {
@@ -171,14 +173,14 @@ impl Engine {
         if config.follow_host_search {
             // The DNS server's view of the host's settings when it follows
             // them; otherwise one of DHCP's own.
-            let host = dns.host_config().unwrap_or_else(crate::dns::hostconf::watch);
+            let host = dns.host_config().unwrap_or_else(crate::gateway::dns::hostconf::watch);
             net.dhcp.follow_search(host);
         }
         let mut tcp =
             TcpNat::new(net.cfg.gateway_ip, net.cfg.subnet.prefix_len(), net.cfg.mtu.into(), config.max_tcp_flows);
         let dns_tcp = dns.clone();
         tcp.register_service(
-            crate::dns::DNS_PORT,
+            crate::gateway::dns::DNS_PORT,
             Rc::new(move |stream, _peer| {
                 tokio::task::spawn_local(dns_tcp.clone().serve_tcp(stream));
             }),
@@ -186,7 +188,7 @@ impl Engine {
         Rc::new(Engine {
             tcp: RefCell::new(tcp),
             logs: RefCell::new(LogLimiter::default()),
-            forwarder: crate::forwarder::Forwarder::default(),
+            forwarder: crate::forward::Forwarder::default(),
             ports: RefCell::new(Ports { map: Default::default(), capture: None, overflow_drops: 0 }),
             udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout)),
             icmp: RefCell::new(IcmpNat::new()),
@@ -230,7 +232,7 @@ impl Engine {
         self.ports.borrow_mut().capture = Some(capture);
         let weak = Rc::downgrade(self);
         tokio::task::spawn_local(async move {
-            let mut tick = tokio::time::interval(crate::capture::HANDOFF_AFTER);
+            let mut tick = tokio::time::interval(crate::shell::capture::HANDOFF_AFTER);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -277,9 +279,9 @@ impl Engine {
                     return;
                 };
                 if *dst.ip() == gateway {
-                    if dst.port() == crate::dns::DNS_PORT {
+                    if dst.port() == crate::gateway::dns::DNS_PORT {
                         self.dns.clone().serve_udp(self, src, dst, payload);
-                    } else if !crate::forwarder::udp_from_guest(self, src, dst, payload) {
+                    } else if !crate::forward::udp_from_guest(self, src, dst, payload) {
                         // Not a reply to a UDP port forward either.
                         self.net.borrow_mut().stats.drops.not_for_us += 1;
                     }
@@ -290,7 +292,7 @@ impl Engine {
             IpProtocol::Icmp => IcmpNat::handle(self, src_mac, header, packet, now),
             IpProtocol::Tcp => {
                 let large = self.net.borrow().takes_large_frames(port);
-                crate::tcp::handle_guest_packet(self, header, packet, large)
+                crate::nat::tcp::handle_guest_packet(self, header, packet, large)
             }
             _ => self.net.borrow_mut().stats.drops.unsupported_protocol += 1,
         }

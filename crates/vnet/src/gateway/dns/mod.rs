@@ -50,8 +50,8 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::config::NetConfig;
-use crate::engine::Engine;
 use crate::ratelimit::LogLimiter;
+use crate::shell::Engine;
 use hostconf::HostDnsConfig;
 pub use message::Decision;
 use system::{Path, Resolved, SystemResolver};

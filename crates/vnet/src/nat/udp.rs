@@ -34,9 +34,9 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::engine::Engine;
 use crate::frame::{IPV4_HEADER, UDP_HEADER};
 use crate::ratelimit::LogLimiter;
+use crate::shell::Engine;
 
 /// A bounded table of flows with least-recently-used eviction and idle
 /// expiry. Sans-I/O: every operation takes `now`.
@@ -521,7 +521,7 @@ mod tests {
     /// stays bounded, idle flows end.
     #[test]
     fn flows_open_reply_evict_and_expire() {
-        use crate::engine::EngineConfig;
+        use crate::shell::EngineConfig;
         use crate::{NetConfig, Network};
 
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
