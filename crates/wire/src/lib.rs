@@ -8,6 +8,7 @@ pub mod checksum;
 pub mod dhcp;
 pub mod frame;
 pub mod mac;
+pub mod ndp_dns;
 pub mod offload;
 pub mod ratelimit;
 pub mod vnet_hdr;
