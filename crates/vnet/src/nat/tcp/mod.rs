@@ -46,6 +46,14 @@
 //! as soon as its socket is closed or reaches TIME-WAIT: TIME-WAIT holds no
 //! host resources.
 //!
+//! *Timestamps.* Our SYN-ACKs carry TCP timestamps when the guest's SYN
+//! does (RFC 7323), from one clock shared by every flow, so they only grow:
+//! a guest kernel may then reuse a port of its own in TIME-WAIT for a new
+//! connection at once (`tcp_tw_reuse` needs timestamps to tell the old
+//! connection's segments from the new one's). Without them, a guest that
+//! opens and closes connections fast runs out of ports and its connects
+//! wait (issue 15: 2 500 conn/s falling to 230).
+//!
 //! *Bounds.* At most `max_flows` flows, and per guest address at most
 //! `max_half_open_per_guest` half-open ones (from the guest's SYN until it
 //! completes the handshake); a SYN beyond either gets a RST. A half-open
@@ -361,11 +369,27 @@ impl TxToken for FlowRx<'_> {
     }
 }
 
+thread_local! {
+    /// The TCP timestamp clock (milliseconds of the NAT's clock), set before
+    /// each poll: smoltcp asks for timestamps through a plain `fn()`, which
+    /// can hold no state of its own, and a flow is only ever polled on the
+    /// thread that owns the NAT.
+    static TSVAL_MS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// smoltcp's timestamp source: the NAT's clock in milliseconds (wrapping,
+/// as RFC 7323 allows), the same for every flow, so never going back.
+fn tsval() -> u32 {
+    TSVAL_MS.with(std::cell::Cell::get)
+}
+
 /// Polls the shared interface with one flow's sockets, optionally feeding
 /// it one packet from the guest.
 fn poll_flow(engine: &Engine, state: &mut FlowState, rx: Option<&[u8]>) {
     let mut nat = engine.tcp.borrow_mut();
     let now = nat.now();
+    // Truncation is the wrap RFC 7323 expects of a 32-bit timestamp clock.
+    TSVAL_MS.with(|t| t.set(now.total_millis() as u32));
     let TcpNat { iface, tx_frame, mtu, link_mtu, .. } = &mut *nat;
     let mut dev = FlowDevice { rx, guest: state.guest, engine, tx_frame, mtu: *mtu, link_mtu: *link_mtu };
     if rx.is_some() {
@@ -576,6 +600,8 @@ fn new_socket() -> Option<(tcp::Socket<'static>, FlowMemory)> {
     socket.set_nagle_enabled(false);
     socket.set_ack_delay(None);
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
+    // Dropped again by smoltcp if the guest's SYN has no timestamp option.
+    socket.set_tsval_generator(Some(tsval));
     Some((socket, memory))
 }
 
