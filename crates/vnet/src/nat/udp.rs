@@ -339,8 +339,13 @@ async fn reply_task(engine: Rc<Engine>, key: FlowKey, id: u64, socket: Rc<UdpSoc
                     Ok(r) => r,
                     Err(_) => break,
                 };
-                if !drain(&engine, &key, &socket, link_max) {
-                    break;
+                match drain(&engine, &key, &socket, link_max) {
+                    Drained::Empty => {}
+                    // A host that sends faster than the guest link takes
+                    // would otherwise keep the engine thread here: let the
+                    // other flows and the packet path run, then go on.
+                    Drained::Budget => tokio::task::yield_now().await,
+                    Drained::Failed => break,
                 }
                 if ready.is_error() {
                     // An error the drain did not consume (SO_ERROR), then
@@ -366,14 +371,34 @@ async fn reply_task(engine: Rc<Engine>, key: FlowKey, id: u64, socket: Rc<UdpSoc
     engine.udp.borrow_mut().close_if(&key, id, false);
 }
 
-/// Reads every datagram waiting on a flow's socket and sends each to the
-/// guest. False when the socket failed for good.
-fn drain(engine: &Rc<Engine>, key: &FlowKey, socket: &UdpSocket, link_max: usize) -> bool {
+/// Datagrams one wake of a reply task reads before it yields.
+pub(crate) const DRAIN_BUDGET: usize = 64;
+
+/// How a drain of a flow's socket ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drained {
+    /// Nothing more waiting.
+    Empty,
+    /// [`DRAIN_BUDGET`] datagrams read and maybe more waiting: yield, then
+    /// drain again (the socket stays readable, so the next wait returns at once).
+    Budget,
+    /// The socket failed for good.
+    Failed,
+}
+
+/// Reads the datagrams waiting on a flow's socket, at most [`DRAIN_BUDGET`],
+/// and sends each to the guest.
+fn drain(engine: &Rc<Engine>, key: &FlowKey, socket: &UdpSocket, link_max: usize) -> Drained {
     let (src, dst) = *key;
     let mut buf = std::mem::take(&mut engine.udp.borrow_mut().scratch);
     buf.resize(SCRATCH, 0);
     let mut errors = 0;
-    let alive = loop {
+    let mut budget = DRAIN_BUDGET;
+    let drained = loop {
+        if budget == 0 {
+            break Drained::Budget;
+        }
+        budget -= 1;
         match socket.try_recv(&mut buf) {
             Ok(n) => {
                 let now = Instant::now();
@@ -389,7 +414,7 @@ fn drain(engine: &Rc<Engine>, key: &FlowKey, socket: &UdpSocket, link_max: usize
                 // From the address the guest sent to, not the host's.
                 engine.send_udp_to_guest(dst, src, &buf[..n]);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Drained::Empty,
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => port_unreachable(engine, src, dst, 0),
             // Reading consumes the error (host or network unreachable, say);
             // only a socket that keeps failing ends its flow.
@@ -398,13 +423,13 @@ fn drain(engine: &Rc<Engine>, key: &FlowKey, socket: &UdpSocket, link_max: usize
                 let mut nat = engine.udp.borrow_mut();
                 crate::limited_warn!(nat.logs, Instant::now(), "udp-recv", %src, %dst, error = %e, "UDP reply error");
                 if errors > MAX_ERRORS_IN_A_ROW {
-                    break false;
+                    break Drained::Failed;
                 }
             }
         }
     };
     engine.udp.borrow_mut().scratch = buf;
-    alive
+    drained
 }
 
 /// Tells the guest that `dst` refused its datagrams from `src`.
