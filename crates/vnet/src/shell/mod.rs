@@ -292,7 +292,7 @@ impl Engine {
             IpProtocol::Icmp => IcmpNat::handle(self, src_mac, header, packet, now),
             IpProtocol::Tcp => {
                 let large = self.net.borrow().takes_large_frames(port);
-                crate::nat::tcp::handle_guest_packet(self, header, packet, large)
+                crate::nat::tcp::handle_guest_packet(self, port, header, packet, large)
             }
             _ => self.net.borrow_mut().stats.drops.unsupported_protocol += 1,
         }
