@@ -41,9 +41,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::nat::udp::{DRAIN_BUDGET, Drained, Flow, FlowTable};
+use crate::nat::udp::FlowTable;
 use crate::ratelimit::LogLimiter;
 use crate::shell::Engine;
+use crate::shell::udp::{DRAIN_BUDGET, Drained, Flow};
 use rdnet_wire::frame::IPV4_HEADER;
 
 /// Most concurrent echo flows.
