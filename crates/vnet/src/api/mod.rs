@@ -465,6 +465,8 @@ struct StatsView {
     vm_connections: usize,
     flows: Flows,
     dhcp_leases: usize,
+    /// Guest IPv6 addresses the gateway knows (bounded per MAC and in all).
+    ipv6_neighbors: usize,
     dns: crate::gateway::dns::DnsStats,
     udp_nat: crate::nat::udp::UdpNatStats,
     icmp_nat: crate::nat::icmp::IcmpNatStats,
@@ -473,9 +475,9 @@ struct StatsView {
 }
 
 fn stats(engine: &Engine) -> StatsView {
-    let (net_stats, leases) = {
+    let (net_stats, leases, ipv6_neighbors) = {
         let net = engine.net.borrow();
-        (net.stats.clone(), net.dhcp.active_leases(Instant::now()).len())
+        (net.stats.clone(), net.dhcp.active_leases(Instant::now()).len(), net.ipv6.len())
     };
     let tcp = engine.tcp.borrow();
     StatsView {
@@ -496,6 +498,7 @@ fn stats(engine: &Engine) -> StatsView {
             tcp_memory_refused: tcp.memory_refused,
         },
         dhcp_leases: leases,
+        ipv6_neighbors,
         dns: engine.dns.stats(),
         udp_nat: engine.udp.borrow().stats(),
         icmp_nat: engine.icmp.borrow().stats(),
