@@ -18,7 +18,7 @@ use std::net::{Ipv6Addr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use dhcproto::v6::{DhcpOption, Message as Dhcp6Message, MessageType as Dhcp6Type};
-use dhcproto::{Decodable, Encodable, Name};
+use dhcproto::{Encodable, Name};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpProtocol,
@@ -326,7 +326,9 @@ impl Network {
         now: Instant,
         out: &mut impl FrameSink,
     ) {
-        let Ok(msg) = Dhcp6Message::from_bytes(data) else {
+        // Only the client's DUID (at most 130 bytes, RFC 8415 §11.1) is read.
+        let Some(msg) = rdnet_wire::dhcp::decode6_filtered(data, |code, len| code == 1 && (1..=130).contains(&len))
+        else {
             self.stats.drops.dhcp_invalid += 1;
             return;
         };
@@ -525,6 +527,7 @@ mod tests {
     use super::*;
     use crate::config::{DEFAULT_SUBNET6, DEVICE_MAC, NetConfig};
     use crate::switch::PortId;
+    use dhcproto::Decodable;
 
     const GUEST2: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x22]);
 
