@@ -19,7 +19,8 @@
 use rdnet_wire::ndp_dns::{ROUTER_ADVERT, RaDns, parse_ra_dns};
 use rdnet_wire::offload::{self, Role};
 
-use crate::frame::{Mac, is_dhcp_client_frame};
+use rdnet_wire::Mac;
+use rdnet_wire::frame::is_dhcp_client_frame;
 use rdnet_wire::vnet_hdr::{GSO_NONE, VnetHdr, complete_from_tap, header_to_tap};
 
 /// What to do with a frame read from the tap.
@@ -271,7 +272,7 @@ mod tests {
 
     #[test]
     fn dhcp_replies_go_to_the_client_only_when_it_runs() {
-        let mut reply = crate::frame::build_udp_frame(
+        let mut reply = rdnet_wire::frame::build_udp_frame(
             GW,
             MAC,
             "192.168.127.1:67".parse().unwrap(),

@@ -6,7 +6,6 @@
 pub mod api;
 pub mod config;
 pub mod forward;
-pub mod frame;
 pub mod gateway;
 pub mod nat;
 pub mod ratelimit;

@@ -485,9 +485,9 @@ fn udp_to_guest(engine: &Rc<Engine>, fwd: &Rc<UdpForward>, client: SocketAddr, p
         let net = engine.net.borrow();
         (net.cfg.gateway_ip, net.cfg.gateway_mac)
     };
-    let mut frame = Vec::with_capacity(crate::frame::ETH_HEADER + 28 + payload.len());
+    let mut frame = Vec::with_capacity(rdnet_wire::frame::ETH_HEADER + 28 + payload.len());
     // The destination MAC is filled in by the send (from the neighbor table).
-    crate::frame::udp(
+    rdnet_wire::frame::udp(
         &mut frame,
         gateway_mac,
         EthernetAddress([0; 6]),

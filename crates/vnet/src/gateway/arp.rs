@@ -10,7 +10,7 @@ use std::time::Instant;
 use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetProtocol};
 
 use super::{FrameSink, Network};
-use crate::frame;
+use rdnet_wire::frame;
 
 /// Remembered guest addresses (IP → MAC), bounded.
 pub const MAX_NEIGHBORS: usize = 4096;

@@ -360,7 +360,7 @@ impl super::Network {
         }
         tracing::debug!(ip = %reply.dst_ip, mac = %rdnet_wire::MacDisplay(reply.dst_mac.0), "DHCP {:?}", reply.kind);
         let mut buf = std::mem::take(&mut self.scratch);
-        crate::frame::udp(
+        rdnet_wire::frame::udp(
             &mut buf,
             self.cfg.gateway_mac,
             reply.dst_mac,

@@ -7,7 +7,7 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{EthernetAddress, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Repr};
 
 use super::{FrameSink, Network};
-use crate::frame;
+use rdnet_wire::frame;
 
 impl Network {
     pub(super) fn answer_ping(

@@ -33,11 +33,11 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Repr};
 
 use crate::config::NetConfig;
-use crate::frame::{self, ETH_HEADER};
 use crate::ratelimit::LogLimiter;
 use crate::stats::Stats;
 use crate::switch::{Learn, PortId, Switch};
 use dhcp::DhcpServer;
+use rdnet_wire::frame::{self, ETH_HEADER};
 
 /// Where the network's outgoing frames go (one VM connection each).
 pub trait FrameSink {
@@ -490,8 +490,9 @@ mod tests {
         let mut out = Vec::new();
         n.handle_frame(p, &f, Instant::now(), &mut out);
         assert_eq!(out.len(), 1);
-        let (mac, src, dst, _) = frame::parse_udp(&out[0].1).unwrap();
-        assert_eq!(mac, n.cfg.gateway_mac);
+        let reply = frame::parse_udp(&out[0].1).unwrap();
+        assert_eq!(reply.src_mac, n.cfg.gateway_mac.0);
+        let (src, dst) = (reply.src, reply.dst);
         assert_eq!(src, SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 1), 67));
         assert_eq!(dst, SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 3), 68));
         assert_eq!(n.stats.dhcp_replies, 1);

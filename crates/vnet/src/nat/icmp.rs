@@ -41,10 +41,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::frame::IPV4_HEADER;
 use crate::nat::udp::{Flow, FlowTable};
 use crate::ratelimit::LogLimiter;
 use crate::shell::Engine;
+use rdnet_wire::frame::IPV4_HEADER;
 
 /// Most concurrent echo flows.
 pub const MAX_FLOWS: usize = 1024;

@@ -34,9 +34,9 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::frame::{IPV4_HEADER, UDP_HEADER};
 use crate::ratelimit::LogLimiter;
 use crate::shell::Engine;
+use rdnet_wire::frame::{IPV4_HEADER, UDP_HEADER};
 
 /// A bounded table of flows with least-recently-used eviction and idle
 /// expiry. Sans-I/O: every operation takes `now`.

@@ -337,7 +337,7 @@ impl Engine {
         let gateway = self.net.borrow().cfg.gateway_ip;
         match header.next_header {
             IpProtocol::Udp => {
-                let Some((src, dst, payload)) = crate::frame::parse_udp_ip(packet) else {
+                let Some((src, dst, payload)) = rdnet_wire::frame::parse_udp_ip(packet) else {
                     self.net.borrow_mut().stats.drops.malformed += 1;
                     return;
                 };
@@ -388,7 +388,7 @@ impl Engine {
         fill: F,
     ) -> Result<R, F> {
         let mut net = self.net.borrow_mut();
-        let frame_len = crate::frame::ETH_HEADER + len;
+        let frame_len = rdnet_wire::frame::ETH_HEADER + len;
         let Some((port, mac)) = net.port_for_guest(dst, frame_len) else { return Err(fill) };
         let gateway_mac = net.cfg.gateway_mac;
         let mut ports = self.ports.borrow_mut();
@@ -397,7 +397,7 @@ impl Engine {
         eth.set_dst_addr(mac);
         eth.set_src_addr(gateway_mac);
         eth.set_ethertype(smoltcp::wire::EthernetProtocol::Ipv4);
-        let r = fill(&mut buf[crate::frame::ETH_HEADER..]);
+        let r = fill(&mut buf[rdnet_wire::frame::ETH_HEADER..]);
         ports.commit(port, frame_len);
         net.stats.frames_out += 1;
         net.stats.bytes_out += frame_len as u64;

@@ -155,7 +155,8 @@ impl DnsServer {
             }),
             resolution,
             health: RefCell::new(Health::default()),
-            link_udp_max: (cfg.mtu as usize).saturating_sub(crate::frame::IPV4_HEADER + crate::frame::UDP_HEADER),
+            link_udp_max: (cfg.mtu as usize)
+                .saturating_sub(rdnet_wire::frame::IPV4_HEADER + rdnet_wire::frame::UDP_HEADER),
             stats: Cell::new(DnsStats::default()),
             in_flight: Cell::new(0),
             tcp_connections: Cell::new(0),

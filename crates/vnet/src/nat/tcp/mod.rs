@@ -76,10 +76,10 @@ use smoltcp::wire::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::frame::{ETH_HEADER, IPV4_HEADER};
 use crate::nat::tcp::memory::{FlowMemory, HostRead, PROBE};
 use crate::shell::Engine;
 use crate::sys::LazyRegion;
+use rdnet_wire::frame::{ETH_HEADER, IPV4_HEADER};
 
 /// How long a flow's buffers stay empty before their memory is given back
 /// (a 2 MiB buffer each way, committed as traffic touches it: thousands of
@@ -384,15 +384,15 @@ fn poll_flow(engine: &Engine, state: &mut FlowState, rx: Option<&[u8]>) {
 /// guest's is capped at what its MTU allows.
 pub fn handle_guest_packet(engine: &Rc<Engine>, header: &Ipv4Repr, packet: &[u8], large_frames: bool) {
     let rewritten;
-    let packet = if crate::frame::is_tcp_syn(packet) {
+    let packet = if rdnet_wire::frame::is_tcp_syn(packet) {
         let mut p = packet.to_vec();
         if large_frames {
-            crate::frame::set_tcp_mss(&mut p, LARGE_MSS);
+            rdnet_wire::frame::set_tcp_mss(&mut p, LARGE_MSS);
         } else {
             // smoltcp's MTU is the largest a link carries, so the MSS is
             // all that keeps its segments within this guest's MTU.
             let link_mtu = engine.tcp.borrow().link_mtu;
-            crate::frame::clamp_tcp_mss(&mut p, u16::try_from(link_mtu - IPV4_HEADER - 20).unwrap_or(u16::MAX));
+            rdnet_wire::frame::clamp_tcp_mss(&mut p, u16::try_from(link_mtu - IPV4_HEADER - 20).unwrap_or(u16::MAX));
         }
         rewritten = p;
         &rewritten[..]
