@@ -29,7 +29,7 @@ use smoltcp::wire::{
 use super::{FrameSink, Network, Upcall};
 use crate::FastMap;
 use crate::config::Ipv6Config;
-use crate::frame;
+use rdnet_wire::frame;
 
 /// Guest addresses remembered in all (IPv6 address → MAC).
 pub const MAX_NEIGHBORS6: usize = 4096;
