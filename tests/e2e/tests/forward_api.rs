@@ -340,9 +340,24 @@ fn leases_cam_stats_and_dns_zones() {
     }
     let api_dir = TempDir::new("api");
     let (world, sock) = world(&api_dir, &[]);
-    let (code, body) = api(&world, &sock, "GET", "/services/dhcp/leases", None);
-    assert_eq!(code, 200);
-    assert_eq!(body, "{\"192.168.127.1\":\"5a:94:ef:e4:0c:dd\",\"192.168.127.2\":\"5a:94:ef:e4:0c:ee\"}\n");
+    // IPv4 leases, then IPv6 addresses: the gateway's, and the guest's once
+    // its kernel has used them (SLAAC takes a DAD round).
+    let expected = concat!(
+        "{\"192.168.127.1\":\"5a:94:ef:e4:0c:dd\",\"192.168.127.2\":\"5a:94:ef:e4:0c:ee\",",
+        "\"fd5a:94ef:e40c:0:5894:efff:fee4:cee\":\"5a:94:ef:e4:0c:ee\",\"fd5a:94ef:e40c::1\":\"5a:94:ef:e4:0c:dd\",",
+        "\"fe80::5894:efff:fee4:cdd\":\"5a:94:ef:e4:0c:dd\",\"fe80::5894:efff:fee4:cee\":\"5a:94:ef:e4:0c:ee\"}\n"
+    );
+    let mut body = String::new();
+    let listed = wait_until(Duration::from_secs(15), || {
+        let (code, b) = api(&world, &sock, "GET", "/services/dhcp/leases", None);
+        body = b;
+        if body != expected {
+            // Make the guest use its global address.
+            world.guest(0).ns.exec("ping", &["-6", "-c", "1", "-W", "1", "fd5a:94ef:e40c::1"]);
+        }
+        code == 200 && body == expected
+    });
+    assert!(listed, "{body}\n{}", world.logs());
     let (code, body) = api(&world, &sock, "GET", "/cam", None);
     assert_eq!(code, 200);
     assert!(body.starts_with("{\"5a:94:ef:e4:0c:ee\":") && body.ends_with("}\n"), "{body}");

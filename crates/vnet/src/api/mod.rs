@@ -418,6 +418,16 @@ fn leases(engine: &Engine) -> BTreeMap<String, String> {
     for (ip, mac) in net.dhcp.active_leases(Instant::now()) {
         map.insert(ip.to_string(), mac_text(&mac));
     }
+    // IPv6 has no leases (SLAAC): the gateway's addresses and the guest
+    // addresses it has seen in use, in the same map.
+    if let Some(v6) = &net.cfg.ipv6 {
+        for ip in [v6.gateway, v6.link_local] {
+            map.insert(ip.to_string(), mac_text(&net.cfg.gateway_mac));
+        }
+    }
+    for (ip, mac) in net.ipv6.neighbors() {
+        map.insert(ip.to_string(), mac_text(&mac));
+    }
     map
 }
 
