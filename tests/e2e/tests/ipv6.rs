@@ -310,3 +310,40 @@ fn a_rogue_guests_neighbour_discovery_flood_leaves_tables_bounded() {
     rogue.shutdown();
     let _ = drainer.join();
 }
+
+#[test]
+fn queries_over_ipv6_reach_an_ipv6_upstream() {
+    if !privileged() {
+        return;
+    }
+    let world = dual_stack_world(&["--dns-upstream", "[::1]:5353"]);
+    // The host's resolver, on ::1 only (host-switch's namespace has only lo).
+    let pid = format!("--pid-file={}", world.dir.join("dnsmasq.pid").display());
+    let dnsmasq = world.host.spawn(
+        &world.dir,
+        "dnsmasq",
+        &[
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--listen-address=::1",
+            "--bind-interfaces",
+            "--port=5353",
+            "--log-facility=-",
+            &pid,
+            "--host-record=dual.example.test,10.9.8.7,fd00::987",
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || rdnet_e2e::udp_ready_in(&world.host, 5353)),
+        "dnsmasq: {}",
+        dnsmasq.logs()
+    );
+    let ns = &world.guest(0).ns;
+    for (qtype, want) in [("AAAA", "fd00::987"), ("A", "10.9.8.7")] {
+        let got =
+            ns.stdout("dig", &[&format!("@{GATEWAY6}"), "+short", "+time=2", "+tries=2", qtype, "dual.example.test"]);
+        assert_eq!(got.trim(), want, "{qtype}\n{}\n{}", dnsmasq.logs(), world.logs());
+    }
+}
