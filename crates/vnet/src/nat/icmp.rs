@@ -41,9 +41,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::nat::udp::{Flow, FlowTable};
+use crate::nat::udp::FlowTable;
 use crate::ratelimit::LogLimiter;
 use crate::shell::Engine;
+use crate::shell::udp::{DRAIN_BUDGET, Drained, Flow};
 use rdnet_wire::frame::IPV4_HEADER;
 
 /// Most concurrent echo flows.
@@ -424,7 +425,12 @@ async fn reply_task(engine: Rc<Engine>, key: FlowKey, id: u64, socket: Rc<UdpSoc
                 let mut buf = std::mem::take(&mut engine.icmp.borrow_mut().scratch);
                 buf.resize(65536, 0);
                 let mut errors = 0;
-                let alive = loop {
+                let mut budget = DRAIN_BUDGET;
+                let drained = loop {
+                    if budget == 0 {
+                        break Drained::Budget;
+                    }
+                    budget -= 1;
                     match socket.try_recv(&mut buf) {
                         Ok(n) => {
                             let Some((seq_no, data)) = parse_host_reply(mode, &buf[..n], ident) else { continue };
@@ -436,7 +442,7 @@ async fn reply_task(engine: Rc<Engine>, key: FlowKey, id: u64, socket: Rc<UdpSoc
                             }
                             engine.send_ipv4_to_guest(&packet);
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Drained::Empty,
                         // Reading consumes an error (an ICMP error for our
                         // request: the guest's ping times out, as it would);
                         // only a socket that keeps failing is given up.
@@ -444,14 +450,18 @@ async fn reply_task(engine: Rc<Engine>, key: FlowKey, id: u64, socket: Rc<UdpSoc
                             errors += 1;
                             tracing::debug!(%guest, %dst, error = %e, "ping error");
                             if errors > MAX_ERRORS_IN_A_ROW {
-                                break false;
+                                break Drained::Failed;
                             }
                         }
                     }
                 };
                 engine.icmp.borrow_mut().scratch = buf;
-                if !alive {
-                    break;
+                match drained {
+                    Drained::Empty => {}
+                    // Replies flooding in (a raw socket sees every echo
+                    // reply to this host): let the engine's other tasks run.
+                    Drained::Budget => tokio::task::yield_now().await,
+                    Drained::Failed => break,
                 }
                 if ready.is_error() {
                     let _ = socket.take_error();

@@ -1,41 +1,44 @@
-//! UDP NAT: guest datagrams to any address leave through host sockets.
+//! UDP NAT, the sans-I/O core: guest datagrams to any address leave
+//! through host sockets the shell (`shell::udp`) owns.
 //!
-//! How this works: a flow is a guest (source, destination) pair. Its first
-//! datagram opens a host UDP socket bound to the wildcard address and
-//! connected to the destination as [`NatPolicy`](crate::nat::NatPolicy)
-//! translates it (the host alias becomes 127.0.0.1), so the kernel delivers
-//! only that peer's replies to it; refused destinations are dropped with a
-//! rate-limited log. Later datagrams find the flow by a hash lookup on the
-//! pair and are sent with one non-blocking `send`. One local task per flow
-//! waits for replies and hands each to the guest as coming from the original
-//! destination. ICMP errors the host receives for the flow surface as
-//! ECONNREFUSED on the connected socket, and the guest gets an ICMP
-//! port-unreachable built from the flow's addresses. Timers: every flow
-//! remembers when it last carried a datagram either way; its task wakes at
-//! `last + idle` (90 s by default) and ends the flow if nothing happened
-//! since. Bounds: at most `max_flows` flows; a new one first reaps idle
-//! flows, then evicts the least recently used. Ending a flow aborts its task
-//! and closes its socket. The table itself ([`FlowTable`]) is sans-I/O with
-//! `now` passed in.
+//! How this works: a flow is a guest (source, destination) pair, numbered
+//! by a [`FlowId`] the shell knows its host socket by. The shell hands the
+//! core each event with the time it happened (`now`, the only clock) and
+//! does what the core answers: a guest datagram with no flow is checked
+//! against the [`NatPolicy`] (the host alias becomes 127.0.0.1; refused
+//! destinations are counted and logged, rate-limited) and answered with
+//! "open a socket for flow N connected to T"; the shell reports whether it
+//! could ([`UdpCore::opened`], [`UdpCore::open_failed`]) and the result of
+//! each send ([`UdpCore::sent`]). A datagram the host socket received is
+//! answered with the addresses to hand it to the guest from and to (the
+//! original destination, not the host's address), or with nothing when it
+//! does not fit the link. ECONNREFUSED on a flow's socket (the host got an
+//! ICMP error for it) is answered with an ICMP port-unreachable packet for
+//! the guest, built from the flow's addresses.
+//!
+//! Timers: every flow remembers when it last carried a datagram either way;
+//! [`UdpCore::next_deadline`] says when the next one goes idle (90 s by
+//! default) and [`UdpCore::expire`] returns the flows to close then. A new
+//! flow's deadline is never earlier than the earliest one already there, so
+//! one timer in the shell suffices. Bounds: at most `max_flows` flows; a new
+//! one first reaps idle flows, then evicts the least recently used. No
+//! tokio, no sockets and no clock here: [`FlowTable`] and [`UdpCore`] are
+//! driven entirely by their arguments and unit-tested that way.
 
 use std::collections::BTreeMap;
 
 use crate::FastMap;
 use std::hash::Hash;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
-use std::rc::Rc;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
-use tokio::task::JoinHandle;
 
+use crate::nat::NatPolicy;
 use crate::ratelimit::LogLimiter;
-use crate::shell::Engine;
 use rdnet_wire::frame::{IPV4_HEADER, UDP_HEADER};
 
 /// A bounded table of flows with least-recently-used eviction and idle
@@ -151,6 +154,11 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
     pub fn deadline(&self, key: &K) -> Option<Instant> {
         self.last_used(key).map(|t| t + self.idle)
     }
+
+    /// When the least recently used flow becomes idle, if there is one.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.order.first_key_value().map(|((last, _), _)| *last + self.idle)
+    }
 }
 
 /// Counters for `/stats`.
@@ -172,53 +180,48 @@ pub struct UdpNatStats {
     pub port_unreachable_sent: u64,
 }
 
-type FlowKey = (SocketAddrV4, SocketAddrV4);
+/// A flow's guest-side addresses: (guest source, destination it sent to).
+pub type FlowKey = (SocketAddrV4, SocketAddrV4);
+/// What the shell knows a flow's host socket by. Never reused.
+pub type FlowId = u64;
 
-/// A NAT flow's host socket and the task reading its replies; the task is
-/// aborted when the flow leaves its table. Shared with the ICMP NAT, whose
-/// ping sockets are datagram sockets too.
-pub(crate) struct Flow {
-    /// Tells a reply task whether the table entry is still its own.
-    pub(crate) id: u64,
-    pub(crate) socket: Rc<UdpSocket>,
-    pub(crate) task: Option<JoinHandle<()>>,
+/// Where a guest datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Send it on this flow's socket, then report with [`UdpCore::sent`].
+    Flow(FlowId),
+    /// Open a socket connected to `target` for a new flow `id`, report with
+    /// [`UdpCore::opened`] or [`UdpCore::open_failed`], then send.
+    Open { id: FlowId, target: SocketAddr },
+    /// Refused by the NAT policy: drop it.
+    Refused,
 }
 
-impl Drop for Flow {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-pub struct UdpNat {
-    table: FlowTable<FlowKey, Flow>,
-    next_id: u64,
+/// The UDP NAT's state: flows, counters, and the log limiter for what a
+/// guest can make it say.
+pub struct UdpCore {
+    table: FlowTable<FlowKey, FlowId>,
+    keys: FastMap<FlowId, FlowKey>,
+    next_id: FlowId,
+    /// Largest reply payload one frame on the guest link carries.
+    link_max: usize,
     logs: LogLimiter,
     stats: UdpNatStats,
-    /// One receive buffer shared by every flow's task (one thread).
-    scratch: Vec<u8>,
 }
 
-/// Size of the shared receive buffer: the largest UDP payload there is, so
-/// an oversized reply is seen whole and counted rather than cut.
-const SCRATCH: usize = 65536;
-/// A socket whose reads fail this many times in a row ends its flow.
-const MAX_ERRORS_IN_A_ROW: u32 = 8;
-
-impl UdpNat {
-    pub fn new(max_flows: usize, idle: Duration) -> Self {
-        UdpNat {
+impl UdpCore {
+    /// `link_mtu`: the IP MTU of the guest links.
+    pub fn new(max_flows: usize, idle: Duration, link_mtu: usize) -> Self {
+        UdpCore {
             table: FlowTable::new(max_flows, idle),
+            keys: FastMap::default(),
             next_id: 0,
+            link_max: link_mtu.saturating_sub(IPV4_HEADER + UDP_HEADER),
             logs: LogLimiter::default(),
             stats: UdpNatStats::default(),
-            scratch: Vec::new(),
         }
     }
 
-    /// Number of open flows.
     pub fn len(&self) -> usize {
         self.table.len()
     }
@@ -231,187 +234,141 @@ impl UdpNat {
         self.stats
     }
 
-    fn drop_flows(&mut self, gone: Vec<(FlowKey, Flow)>, expired: bool) {
-        for ((src, dst), _flow) in gone {
-            tracing::debug!(%src, %dst, expired, "UDP flow closed");
-            if expired {
-                self.stats.flows_expired += 1;
-            } else {
-                self.stats.flows_evicted += 1;
-            }
-        }
+    /// The flow carrying `key`, if there is one.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowId> {
+        self.table.peek(key).copied()
     }
 
-    /// Forwards one guest datagram from `src` to `dst` through a host socket.
-    pub fn send(engine: &Rc<Engine>, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], now: Instant) {
-        let key = (src, dst);
-        let mut nat = engine.udp.borrow_mut();
-        let socket = match nat.table.get(&key, now) {
-            Some(flow) => flow.socket.clone(),
-            None => match nat.open(engine, key, now) {
-                Some(s) => s,
-                None => return,
-            },
-        };
-        // Straight to the kernel: tokio's `try_send` would refuse until the
-        // reactor has seen the new socket writable, losing first datagrams.
-        match socket2::SockRef::from(&*socket).send(payload) {
-            Ok(_) => nat.stats.datagrams_out += 1,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                drop(nat);
-                port_unreachable(engine, src, dst, payload.len());
-            }
-            Err(e) => {
-                nat.stats.send_errors += 1;
-                crate::limited_warn!(nat.logs, now, "udp-send", %src, %dst, error = %e, "dropping UDP datagram: host send failed");
-            }
+    /// A guest datagram from `src` to `dst` at `now`: which flow carries it.
+    pub fn route_guest(&mut self, now: Instant, policy: &NatPolicy, src: SocketAddrV4, dst: SocketAddrV4) -> Route {
+        if let Some(&mut id) = self.table.get(&(src, dst), now) {
+            return Route::Flow(id);
         }
-    }
-
-    /// Opens the host side of a new flow and starts its reply task.
-    fn open(&mut self, engine: &Rc<Engine>, key: FlowKey, now: Instant) -> Option<Rc<UdpSocket>> {
-        let (src, dst) = key;
-        let target = match engine.nat.translate(*dst.ip()) {
-            Ok(ip) => SocketAddr::new(ip, dst.port()),
+        match policy.translate(*dst.ip()) {
+            Ok(ip) => {
+                self.next_id += 1;
+                Route::Open { id: self.next_id, target: SocketAddr::new(ip, dst.port()) }
+            }
             Err(why) => {
                 self.stats.refused += 1;
                 crate::limited_warn!(self.logs, now, "udp-refused", %src, %dst, reason = %why, "dropping UDP datagram");
-                return None;
+                Route::Refused
             }
-        };
-        let socket = match connect_udp(target) {
-            Ok(s) => Rc::new(s),
-            Err(e) => {
-                self.stats.open_errors += 1;
-                crate::limited_warn!(self.logs, now, "udp-open", %src, %dst, %target, error = %e, "cannot open host UDP socket");
-                return None;
-            }
-        };
-        self.next_id += 1;
-        let id = self.next_id;
-        let task = tokio::task::spawn_local(reply_task(engine.clone(), key, id, socket.clone()));
-        let gone = self.table.insert(key, Flow { id, socket: socket.clone(), task: Some(task) }, now);
-        self.drop_flows(gone, false);
+        }
+    }
+
+    /// The shell opened flow `id`'s socket for `key`: the flow exists from
+    /// now on. Returns the flows that had to go to make room (close them).
+    pub fn opened(&mut self, now: Instant, key: FlowKey, id: FlowId) -> Vec<FlowId> {
+        let (src, dst) = key;
+        let mut gone = Vec::new();
+        // Idle flows reaped here count as evicted too: room was wanted.
+        for (k, old) in self.table.insert(key, id, now) {
+            self.forget(k, old, false);
+            gone.push(old);
+        }
+        self.keys.insert(id, key);
         self.stats.flows_opened += 1;
-        tracing::debug!(%src, %dst, %target, flows = self.table.len(), "UDP flow opened");
-        Some(socket)
+        tracing::debug!(%src, %dst, flows = self.table.len(), "UDP flow opened");
+        gone
     }
 
-    /// Ends flow `key` if it is still the one numbered `id`.
-    fn close_if(&mut self, key: &FlowKey, id: u64, expired: bool) {
-        if self.table.peek(key).is_some_and(|f| f.id == id)
-            && let Some(mut flow) = self.table.remove(key)
-        {
-            // The task calling this ends by itself; aborting it from inside
-            // is harmless but pointless.
-            flow.task = None;
-            self.drop_flows(vec![(*key, flow)], expired);
-        }
+    /// The shell could not open a socket for `key`.
+    pub fn open_failed(&mut self, now: Instant, key: FlowKey, target: SocketAddr, error: &io::Error) {
+        let (src, dst) = key;
+        self.stats.open_errors += 1;
+        crate::limited_warn!(self.logs, now, "udp-open", %src, %dst, %target, error = %error, "cannot open host UDP socket");
     }
-}
 
-/// A non-blocking UDP socket bound to the wildcard address of `target`'s
-/// family and connected to it.
-fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
-    let bind: SocketAddr = match target.ip() {
-        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let s = std::net::UdpSocket::bind(bind)?;
-    s.connect(target)?;
-    s.set_nonblocking(true)?;
-    UdpSocket::from_std(s)
-}
-
-/// Waits for replies on one flow's socket and hands them to the guest;
-/// ends the flow when it has been idle for the idle timeout.
-async fn reply_task(engine: Rc<Engine>, key: FlowKey, id: u64, socket: Rc<UdpSocket>) {
-    let (src, dst) = key;
-    let link_max = (engine.net.borrow().cfg.mtu as usize).saturating_sub(IPV4_HEADER + UDP_HEADER);
-    loop {
-        let deadline = match engine.udp.borrow().table.deadline(&key) {
-            Some(d) if engine.udp.borrow().table.peek(&key).is_some_and(|f| f.id == id) => d,
-            _ => return,
-        };
-        tokio::select! {
-            ready = socket.ready(Interest::READABLE | Interest::ERROR) => {
-                let ready = match ready {
-                    Ok(r) => r,
-                    Err(_) => break,
-                };
-                if !drain(&engine, &key, &socket, link_max) {
-                    break;
-                }
-                if ready.is_error() {
-                    // An error the drain did not consume (SO_ERROR), then
-                    // clear tokio's error readiness so we do not spin.
-                    if let Ok(Some(e)) = socket.take_error()
-                        && e.kind() == io::ErrorKind::ConnectionRefused
-                    {
-                        port_unreachable(&engine, src, dst, 0);
-                    }
-                    let _ = socket.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-                }
+    /// How a send of `payload_len` bytes on flow `id` went. Returns an
+    /// ICMP port-unreachable packet for the guest when the host refused.
+    pub fn sent(&mut self, now: Instant, id: FlowId, payload_len: usize, result: io::Result<()>) -> Option<Vec<u8>> {
+        let &(src, dst) = self.keys.get(&id)?;
+        match result {
+            Ok(()) => {
+                self.stats.datagrams_out += 1;
+                None
             }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                let now = Instant::now();
-                let mut nat = engine.udp.borrow_mut();
-                if nat.table.deadline(&key).is_some_and(|d| d <= now) {
-                    nat.close_if(&key, id, true);
-                    return;
-                }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                Some(port_unreachable_packet(src, dst, payload_len))
             }
-        }
-    }
-    engine.udp.borrow_mut().close_if(&key, id, false);
-}
-
-/// Reads every datagram waiting on a flow's socket and sends each to the
-/// guest. False when the socket failed for good.
-fn drain(engine: &Rc<Engine>, key: &FlowKey, socket: &UdpSocket, link_max: usize) -> bool {
-    let (src, dst) = *key;
-    let mut buf = std::mem::take(&mut engine.udp.borrow_mut().scratch);
-    buf.resize(SCRATCH, 0);
-    let mut errors = 0;
-    let alive = loop {
-        match socket.try_recv(&mut buf) {
-            Ok(n) => {
-                let now = Instant::now();
-                let mut nat = engine.udp.borrow_mut();
-                nat.table.touch(key, now);
-                if n > link_max {
-                    nat.stats.oversize_replies += 1;
-                    crate::limited_warn!(nat.logs, now, "udp-oversize", %src, %dst, len = n, max = link_max, "dropping UDP reply larger than the link allows");
-                    continue;
-                }
-                nat.stats.datagrams_in += 1;
-                drop(nat);
-                // From the address the guest sent to, not the host's.
-                engine.send_udp_to_guest(dst, src, &buf[..n]);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => port_unreachable(engine, src, dst, 0),
-            // Reading consumes the error (host or network unreachable, say);
-            // only a socket that keeps failing ends its flow.
             Err(e) => {
-                errors += 1;
-                let mut nat = engine.udp.borrow_mut();
-                crate::limited_warn!(nat.logs, Instant::now(), "udp-recv", %src, %dst, error = %e, "UDP reply error");
-                if errors > MAX_ERRORS_IN_A_ROW {
-                    break false;
-                }
+                self.stats.send_errors += 1;
+                crate::limited_warn!(self.logs, now, "udp-send", %src, %dst, error = %e, "dropping UDP datagram: host send failed");
+                None
             }
         }
-    };
-    engine.udp.borrow_mut().scratch = buf;
-    alive
-}
+    }
 
-/// Tells the guest that `dst` refused its datagrams from `src`.
-fn port_unreachable(engine: &Rc<Engine>, src: SocketAddrV4, dst: SocketAddrV4, payload_len: usize) {
-    let packet = port_unreachable_packet(src, dst, payload_len);
-    if engine.send_ipv4_to_guest(&packet) {
-        engine.udp.borrow_mut().stats.port_unreachable_sent += 1;
+    /// A datagram of `len` bytes read from flow `id`'s socket at `now`:
+    /// the (source, destination) to hand it to the guest with, or `None`
+    /// (the flow is gone, or the datagram is larger than the link carries).
+    pub fn host_datagram(&mut self, now: Instant, id: FlowId, len: usize) -> Option<(SocketAddrV4, SocketAddrV4)> {
+        let &key = self.keys.get(&id)?;
+        let (src, dst) = key;
+        self.table.touch(&key, now);
+        if len > self.link_max {
+            self.stats.oversize_replies += 1;
+            crate::limited_warn!(self.logs, now, "udp-oversize", %src, %dst, len, max = self.link_max, "dropping UDP reply larger than the link allows");
+            return None;
+        }
+        self.stats.datagrams_in += 1;
+        // From the address the guest sent to, not the host's.
+        Some((dst, src))
+    }
+
+    /// Flow `id`'s socket said ECONNREFUSED (the host got an ICMP error for
+    /// it): the port-unreachable packet for the guest.
+    pub fn host_refused(&self, id: FlowId) -> Option<Vec<u8>> {
+        let &(src, dst) = self.keys.get(&id)?;
+        Some(port_unreachable_packet(src, dst, 0))
+    }
+
+    /// A port-unreachable the core built reached the guest.
+    pub fn port_unreachable_sent(&mut self) {
+        self.stats.port_unreachable_sent += 1;
+    }
+
+    /// A read from flow `id`'s socket failed (other than ECONNREFUSED).
+    pub fn host_error(&mut self, now: Instant, id: FlowId, error: &io::Error) {
+        if let Some(&(src, dst)) = self.keys.get(&id) {
+            crate::limited_warn!(self.logs, now, "udp-recv", %src, %dst, error = %error, "UDP reply error");
+        }
+    }
+
+    /// Flow `id`'s socket failed for good: the flow ends (the shell closes
+    /// the socket). False if there was no such flow.
+    pub fn host_failed(&mut self, id: FlowId) -> bool {
+        let Some(key) = self.keys.get(&id).copied() else { return false };
+        self.table.remove(&key);
+        self.forget(key, id, false);
+        true
+    }
+
+    /// When the next flow goes idle, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.table.next_deadline()
+    }
+
+    /// The flows idle at `now`: they end (the shell closes their sockets).
+    pub fn expire(&mut self, now: Instant) -> Vec<FlowId> {
+        let gone = self.table.expire(now);
+        gone.into_iter()
+            .map(|(key, id)| {
+                self.forget(key, id, true);
+                id
+            })
+            .collect()
+    }
+
+    fn forget(&mut self, (src, dst): FlowKey, id: FlowId, expired: bool) {
+        self.keys.remove(&id);
+        tracing::debug!(%src, %dst, expired, "UDP flow closed");
+        if expired {
+            self.stats.flows_expired += 1;
+        } else {
+            self.stats.flows_evicted += 1;
+        }
     }
 }
 
@@ -449,6 +406,107 @@ pub fn port_unreachable_packet(src: SocketAddrV4, dst: SocketAddrV4, payload_len
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::NetConfig;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn policy() -> NatPolicy {
+        NatPolicy::new(&NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap(), false)
+    }
+
+    fn guest(port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2), port)
+    }
+
+    const ALIAS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 254), 5353);
+
+    /// Opens a flow the way the shell does; returns its id.
+    fn open(core: &mut UdpCore, now: Instant, src: SocketAddrV4, dst: SocketAddrV4) -> (FlowId, Vec<FlowId>) {
+        match core.route_guest(now, &policy(), src, dst) {
+            Route::Open { id, target } => {
+                assert_eq!(target.port(), dst.port());
+                let gone = core.opened(now, (src, dst), id);
+                (id, gone)
+            }
+            other => panic!("expected a new flow, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn core_opens_once_then_routes_to_the_flow_and_back() {
+        let t = t0();
+        let mut core = UdpCore::new(8, Duration::from_secs(90), 1500);
+        let (id, gone) = open(&mut core, t, guest(1000), ALIAS);
+        assert!(gone.is_empty());
+        // The host alias is the host's loopback.
+        let Route::Open { target, .. } =
+            UdpCore::new(8, Duration::from_secs(90), 1500).route_guest(t, &policy(), guest(1), ALIAS)
+        else {
+            panic!()
+        };
+        assert_eq!(target.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(core.route_guest(t, &policy(), guest(1000), ALIAS), Route::Flow(id));
+        assert_eq!(core.sent(t, id, 3, Ok(())), None);
+        // Replies come from the address the guest sent to.
+        assert_eq!(core.host_datagram(t, id, 100), Some((ALIAS, guest(1000))));
+        // Larger than the link: dropped and counted.
+        assert_eq!(core.host_datagram(t, id, 1500 - 28 + 1), None);
+        assert_eq!(core.host_datagram(t, id, 1500 - 28), Some((ALIAS, guest(1000))));
+        let s = core.stats();
+        assert_eq!((s.flows_opened, s.datagrams_out, s.datagrams_in, s.oversize_replies), (1, 1, 2, 1));
+        // An unknown flow (closed meanwhile) gets nothing.
+        assert_eq!(core.host_datagram(t, id + 1, 10), None);
+        assert_eq!(core.sent(t, id + 1, 10, Ok(())), None);
+    }
+
+    #[test]
+    fn core_refuses_by_policy_and_counts_failures() {
+        let t = t0();
+        let mut core = UdpCore::new(8, Duration::from_secs(90), 1500);
+        for dst in [SocketAddrV4::new(Ipv4Addr::BROADCAST, 9), SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80)]
+        {
+            assert_eq!(core.route_guest(t, &policy(), guest(1), dst), Route::Refused);
+        }
+        assert_eq!(core.stats().refused, 2);
+        assert!(core.is_empty());
+        let Route::Open { id, target } = core.route_guest(t, &policy(), guest(1), ALIAS) else { panic!() };
+        core.open_failed(t, (guest(1), ALIAS), target, &io::Error::other("no"));
+        assert_eq!((core.stats().open_errors, core.len(), core.flow(&(guest(1), ALIAS))), (1, 0, None));
+        let (id2, _) = open(&mut core, t, guest(1), ALIAS);
+        assert_ne!(id, id2, "ids are never reused");
+        assert_eq!(core.sent(t, id2, 5, Err(io::ErrorKind::WouldBlock.into())), None);
+        assert_eq!(core.stats().send_errors, 1);
+        // Refused by the host: an ICMP port-unreachable quoting the datagram.
+        let icmp = core.sent(t, id2, 5, Err(io::ErrorKind::ConnectionRefused.into())).unwrap();
+        assert_eq!(icmp, port_unreachable_packet(guest(1), ALIAS, 5));
+        assert_eq!(core.host_refused(id2), Some(port_unreachable_packet(guest(1), ALIAS, 0)));
+        // A socket that fails for good ends its flow, once.
+        assert!(core.host_failed(id2));
+        assert!(!core.host_failed(id2));
+        assert!(core.is_empty());
+        assert_eq!(core.host_refused(id2), None);
+    }
+
+    #[test]
+    fn core_evicts_the_least_recently_used_and_expires_idle_flows() {
+        let t = t0();
+        let idle = Duration::from_secs(90);
+        let mut core = UdpCore::new(2, idle, 1500);
+        let (a, _) = open(&mut core, t, guest(1), ALIAS);
+        let (b, _) = open(&mut core, t + Duration::from_secs(1), guest(2), ALIAS);
+        // A reply keeps `a` in use: `b` is the one to go.
+        assert!(core.host_datagram(t + Duration::from_secs(2), a, 10).is_some());
+        let (c, gone) = open(&mut core, t + Duration::from_secs(3), guest(3), ALIAS);
+        assert_eq!(gone, vec![b]);
+        assert_eq!(core.stats().flows_evicted, 1);
+        assert_eq!(core.host_datagram(t + Duration::from_secs(3), b, 10), None);
+        // One timer: the next deadline is the least recently used flow's.
+        assert_eq!(core.next_deadline(), Some(t + Duration::from_secs(2) + idle));
+        assert!(core.expire(t + Duration::from_secs(2) + idle - Duration::from_millis(1)).is_empty());
+        assert_eq!(core.expire(t + Duration::from_secs(2) + idle), vec![a]);
+        assert_eq!(core.next_deadline(), Some(t + Duration::from_secs(3) + idle));
+        assert_eq!(core.expire(t + Duration::from_secs(3600)), vec![c]);
+        assert_eq!((core.stats().flows_expired, core.len(), core.next_deadline()), (2, 0, None));
+    }
 
     fn t0() -> Instant {
         Instant::now()
@@ -515,54 +573,6 @@ mod tests {
         }
         assert_eq!(t.len(), 100);
         assert_eq!(t.order.len(), 100);
-    }
-
-    /// The I/O shell on loopback: flows open, replies come back, the table
-    /// stays bounded, idle flows end.
-    #[test]
-    fn flows_open_reply_evict_and_expire() {
-        use crate::shell::EngineConfig;
-        use crate::{NetConfig, Network};
-
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, async {
-            let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
-            let idle = Duration::from_millis(300);
-            let config = EngineConfig { max_udp_flows: 2, udp_idle_timeout: idle, ..EngineConfig::default() };
-            let engine = Engine::new(Network::new(cfg), config);
-            // An echo server on this namespace's loopback, reached through
-            // the host alias.
-            let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let port = echo.local_addr().unwrap().port();
-            tokio::task::spawn_local(async move {
-                let mut buf = [0u8; 2048];
-                while let Ok((n, peer)) = echo.recv_from(&mut buf).await {
-                    let _ = echo.send_to(&buf[..n], peer).await;
-                }
-            });
-            let alias = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 254), port);
-            let guest = |p| SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2), p);
-            UdpNat::send(&engine, guest(1000), alias, b"one", Instant::now());
-            UdpNat::send(&engine, guest(1000), alias, b"two", Instant::now());
-            assert_eq!(engine.udp.borrow().len(), 1);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let stats = engine.udp.borrow().stats();
-            assert_eq!((stats.flows_opened, stats.datagrams_out, stats.datagrams_in), (1, 2, 2));
-            // A third flow evicts the least recently used one.
-            UdpNat::send(&engine, guest(1001), alias, b"x", Instant::now());
-            UdpNat::send(&engine, guest(1000), alias, b"y", Instant::now());
-            UdpNat::send(&engine, guest(1002), alias, b"z", Instant::now());
-            assert_eq!(engine.udp.borrow().len(), 2);
-            assert!(engine.udp.borrow().table.peek(&(guest(1001), alias)).is_none());
-            assert_eq!(engine.udp.borrow().stats().flows_evicted, 1);
-            // Refused destinations open nothing.
-            UdpNat::send(&engine, guest(1003), SocketAddrV4::new(Ipv4Addr::BROADCAST, 9), b"b", Instant::now());
-            assert_eq!(engine.udp.borrow().stats().refused, 1);
-            // Idle flows end by themselves.
-            tokio::time::sleep(idle * 3).await;
-            assert_eq!(engine.udp.borrow().len(), 0);
-            assert_eq!(engine.udp.borrow().stats().flows_expired, 2);
-        });
     }
 
     #[test]

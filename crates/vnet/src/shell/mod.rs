@@ -13,6 +13,7 @@
 //! entries leave with its port.
 
 pub mod capture;
+pub mod udp;
 
 use std::cell::RefCell;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -32,10 +33,10 @@ use crate::gateway::{FrameSink, Network, Upcall};
 use crate::nat::NatPolicy;
 use crate::nat::icmp::IcmpNat;
 use crate::nat::tcp::TcpNat;
-use crate::nat::udp::UdpNat;
 use crate::ratelimit::LogLimiter;
 use crate::shell::capture::Capture;
 use crate::switch::PortId;
+use udp::UdpNat;
 
 /// Settings of the I/O shell (the network's own live in `NetConfig`).
 #[derive(Debug, Clone)]
@@ -192,7 +193,7 @@ impl Engine {
             logs: RefCell::new(LogLimiter::default()),
             forwarder: crate::forward::Forwarder::default(),
             ports: RefCell::new(Ports { map: Default::default(), capture: None, overflow_drops: 0 }),
-            udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout)),
+            udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout, usize::from(net.cfg.mtu))),
             icmp: RefCell::new(IcmpNat::new()),
             dns,
             nat,
@@ -355,7 +356,7 @@ impl Engine {
             IpProtocol::Icmp => IcmpNat::handle(self, src_mac, header, packet, now),
             IpProtocol::Tcp => {
                 let large = self.net.borrow().takes_large_frames(port);
-                crate::nat::tcp::handle_guest_packet(self, header, packet, large)
+                crate::nat::tcp::handle_guest_packet(self, port, header, packet, large)
             }
             _ => self.net.borrow_mut().stats.drops.unsupported_protocol += 1,
         }
