@@ -62,6 +62,8 @@ use crate::script::Script;
 use crate::signals::{Event as SignalEvent, Signals};
 
 /// Bytes queued for the link before a flush even if the tap has more.
+/// A deadline that never comes (a year), for settings with nothing to expire.
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 const BATCH_BYTES: usize = 256 * 1024;
 const REDIAL_MIN: Duration = Duration::from_millis(100);
 const REDIAL_MAX: Duration = Duration::from_secs(2);
@@ -760,8 +762,11 @@ impl DhcpTask {
     /// The gateway's router advertisement: its DNS servers and search list
     /// go to resolv.conf beside the lease's (a lifetime of 0 withdraws them).
     fn router_advert(&mut self, dns: RaDns, now: Instant) {
-        let expiry = |secs: u32| now + Duration::from_secs(u64::from(secs));
-        let (servers_until, search_until) = (expiry(dns.servers_lifetime), expiry(dns.search_lifetime));
+        // Nothing to expire when an option is absent (or empty): otherwise
+        // its lifetime of 0 would fire the timer at once, on every RA.
+        let expiry = |secs: u32, empty: bool| now + if empty { NEVER } else { Duration::from_secs(u64::from(secs)) };
+        let servers_until = expiry(dns.servers_lifetime, dns.servers.is_empty());
+        let search_until = expiry(dns.search_lifetime, dns.search.is_empty());
         let unchanged =
             self.ra.as_ref().is_some_and(|(old, _, _)| old.servers == dns.servers && old.search == dns.search);
         if !unchanged {
@@ -780,19 +785,24 @@ impl DhcpTask {
     /// Drops the router advertisement's DNS settings whose lifetime ran out.
     fn ra_expired(&mut self, now: Instant) {
         let Some((dns, servers_until, search_until)) = self.ra.as_mut() else { return };
+        let mut changed = false;
         if now >= *servers_until {
+            changed |= !dns.servers.is_empty();
             dns.servers.clear();
-            *servers_until = now + Duration::from_secs(365 * 24 * 3600);
+            *servers_until = now + NEVER;
         }
         if now >= *search_until {
+            changed |= !dns.search.is_empty();
             dns.search.clear();
-            *search_until = now + Duration::from_secs(365 * 24 * 3600);
+            *search_until = now + NEVER;
         }
         if dns.servers.is_empty() && dns.search.is_empty() {
             self.ra = None;
         }
-        info!("the router advertisement's DNS settings expired");
-        self.write_dns();
+        if changed {
+            info!("the router advertisement's DNS settings expired");
+            self.write_dns();
+        }
     }
 
     /// Writes resolv.conf from the lease and the router advertisement

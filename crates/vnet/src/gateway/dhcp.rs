@@ -192,13 +192,29 @@ impl DhcpServer {
         }
     }
 
-    /// Handles one datagram that arrived on port 67.
-    pub fn handle(&mut self, payload: &[u8], now: Instant) -> Result<Option<Reply>, DhcpError> {
+    /// The search list as it is now (the host's, when it follows it), for
+    /// the IPv6 side's advertisements.
+    pub fn current_search(&mut self) -> Vec<String> {
+        self.refresh_search();
+        self.search_domains()
+    }
+
+    #[cfg(test)]
+    pub fn set_search_for_tests(&mut self, domains: Vec<String>) {
+        self.search = names(&domains);
+    }
+
+    fn refresh_search(&mut self) {
         if let Some(host) = &mut self.host_dns
             && host.has_changed().unwrap_or(false)
         {
             self.search = names(&host.borrow_and_update().search);
         }
+    }
+
+    /// Handles one datagram that arrived on port 67.
+    pub fn handle(&mut self, payload: &[u8], now: Instant) -> Result<Option<Reply>, DhcpError> {
+        self.refresh_search();
         // Only the options read below pass to dhcproto (see rdnet_wire::dhcp).
         let req =
             rdnet_wire::dhcp::decode_filtered(payload, |code, len| matches!((code, len), (53, 1) | (50, 4) | (54, 4)))

@@ -30,6 +30,7 @@ impl Network {
                 }
                 Ipv4Addr::from(<[u8; 4]>::try_from(arp.source_protocol_addr()).ok()?)
             }
+            EthernetProtocol::Ipv6 => return self.spoofed_source6(src_mac, frame),
             _ => return None,
         };
         if claimed.is_unspecified() {

@@ -21,6 +21,7 @@ pub mod dhcp;
 pub mod dns;
 mod guard;
 mod icmp;
+pub mod ipv6;
 
 pub use arp::MAX_NEIGHBORS;
 
@@ -29,7 +30,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr};
+use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Repr};
 
 use crate::config::NetConfig;
 use crate::ratelimit::LogLimiter;
@@ -60,6 +61,13 @@ pub enum Upcall<'a> {
         header: Ipv4Repr,
         packet: &'a [u8],
     },
+    /// An IPv6 packet (header first) sent to the gateway's MAC that is not
+    /// neighbour discovery, DHCPv6 or a ping of the gateway.
+    Ipv6 {
+        src_mac: EthernetAddress,
+        header: Ipv6Repr,
+        packet: &'a [u8],
+    },
 }
 
 pub struct Network {
@@ -69,6 +77,7 @@ pub struct Network {
     pub stats: Stats,
     neighbors: FastMap<Ipv4Addr, EthernetAddress>,
     arp_probes: FastMap<Ipv4Addr, Instant>,
+    pub ipv6: ipv6::Ipv6State,
     logs: LogLimiter,
     scratch: Vec<u8>,
 }
@@ -83,6 +92,7 @@ impl Network {
             stats: Stats::default(),
             neighbors: FastMap::default(),
             arp_probes: FastMap::default(),
+            ipv6: ipv6::Ipv6State::default(),
             logs: LogLimiter::default(),
             scratch: Vec::with_capacity(2048),
         }
@@ -158,6 +168,9 @@ impl Network {
             }
             EthernetProtocol::Ipv4 => {
                 self.handle_ipv4(src, dst == self.cfg.gateway_mac, &frame[ETH_HEADER..], now, out)
+            }
+            EthernetProtocol::Ipv6 => {
+                self.handle_ipv6(src, dst == self.cfg.gateway_mac, &frame[ETH_HEADER..], now, out)
             }
             _ => {
                 if dst == self.cfg.gateway_mac {

@@ -166,6 +166,8 @@ pub struct Engine {
     pub logs: RefCell<LogLimiter>,
     /// Port forwards from the host into the guests (and the API's table).
     pub forwarder: crate::forward::Forwarder,
+    /// Whether the router advertisement timer runs.
+    ra_timer: std::cell::Cell<bool>,
 }
 
 impl Engine {
@@ -198,6 +200,7 @@ impl Engine {
             nat,
             net: RefCell::new(net),
             config,
+            ra_timer: std::cell::Cell::new(false),
         })
     }
 
@@ -259,9 +262,69 @@ impl Engine {
             }
             net.handle_frame(port, frame, now, &mut *ports)
         };
-        if let Upcall::Ipv4 { header, packet, .. } = upcall {
-            self.route_ipv4(port, &header, packet, now);
+        match upcall {
+            Upcall::Ipv4 { header, packet, .. } => self.route_ipv4(port, &header, packet, now),
+            Upcall::Ipv6 { header, packet, .. } => self.route_ipv6(&header, packet, now),
+            Upcall::None => {}
         }
+    }
+
+    /// IPv6 the gateway must route: its DNS server; everything else has no
+    /// route yet, and the guest hears so at once (ICMPv6 unreachable), so
+    /// its connects fail fast and happy eyeballs falls back to IPv4.
+    fn route_ipv6(self: &Rc<Self>, header: &smoltcp::wire::Ipv6Repr, packet: &[u8], now: Instant) {
+        let gateway6 = self.net.borrow().cfg.ipv6.as_ref().map(|v6| v6.gateway);
+        if header.next_header == IpProtocol::Udp
+            && Some(header.dst_addr) == gateway6
+            && let Some(body) = packet.get(40..)
+            && let Ok(udp) = smoltcp::wire::UdpPacket::new_checked(body)
+            && udp.dst_port() == crate::gateway::dns::DNS_PORT
+            && udp.verify_checksum(&header.src_addr.into(), &header.dst_addr.into())
+        {
+            let client = std::net::SocketAddrV6::new(header.src_addr, udp.src_port(), 0, 0);
+            let server = std::net::SocketAddrV6::new(header.dst_addr, udp.dst_port(), 0, 0);
+            self.dns.clone().serve_udp(self, client.into(), server.into(), udp.payload());
+            return;
+        }
+        let mut net = self.net.borrow_mut();
+        let mut ports = self.ports.borrow_mut();
+        net.unreachable6(header, packet, now, &mut *ports);
+    }
+
+    /// Sends a UDP datagram from the gateway to a guest, either family
+    /// (DNS answers).
+    pub fn send_udp_reply(&self, src: std::net::SocketAddr, dst: std::net::SocketAddr, payload: &[u8]) -> bool {
+        use std::net::SocketAddr::{V4, V6};
+        match (src, dst) {
+            (V4(src), V4(dst)) => self.send_udp_to_guest(src, dst, payload),
+            (V6(src), V6(dst)) => {
+                let mut net = self.net.borrow_mut();
+                let mut ports = self.ports.borrow_mut();
+                net.send_udp6_to_guest(src, dst, payload, Instant::now(), &mut *ports)
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends the periodic router advertisement from now on (once per
+    /// engine, from the first VM connection: it needs a `LocalSet`).
+    fn start_router_adverts(self: &Rc<Self>) {
+        if self.ra_timer.replace(true) || self.net.borrow().cfg.ipv6.is_none() {
+            return;
+        }
+        let weak = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            loop {
+                let next = {
+                    let Some(engine) = weak.upgrade() else { return };
+                    let mut net = engine.net.borrow_mut();
+                    let mut ports = engine.ports.borrow_mut();
+                    net.poll_ipv6(Instant::now(), &mut *ports)
+                };
+                let Some(next) = next else { return };
+                tokio::time::sleep_until(next.into()).await;
+            }
+        });
     }
 
     /// IPv4 the gateway must route: its own services or the NAT.
@@ -275,7 +338,7 @@ impl Engine {
                 };
                 if *dst.ip() == gateway {
                     if dst.port() == crate::gateway::dns::DNS_PORT {
-                        self.dns.clone().serve_udp(self, src, dst, payload);
+                        self.dns.clone().serve_udp(self, src.into(), dst.into(), payload);
                     } else if !crate::forward::udp_from_guest(self, src, dst, payload) {
                         // Not a reply to a UDP port forward either.
                         self.net.borrow_mut().stats.drops.not_for_us += 1;
@@ -384,6 +447,7 @@ impl Engine {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
     {
         let port = self.net.borrow_mut().add_port();
+        self.start_router_adverts();
         let notify = Rc::new(Notify::new());
         self.ports.borrow_mut().map.insert(port, PortTx::new(self.config.framing, notify.clone()));
         tracing::info!(port, %peer, "VM connected ({how})");
@@ -490,6 +554,7 @@ impl Engine {
     pub async fn serve_datagram(self: Rc<Self>, link: rdnet_link::datagram::DatagramLink) {
         let link = Rc::new(link);
         let port = self.net.borrow_mut().add_port();
+        self.start_router_adverts();
         let notify = Rc::new(Notify::new());
         self.ports.borrow_mut().map.insert(port, PortTx::new(Framing::U32Be, notify.clone()));
         let peer: Rc<RefCell<Option<std::path::PathBuf>>> = Rc::default();
