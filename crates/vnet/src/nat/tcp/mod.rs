@@ -62,6 +62,8 @@
 
 pub mod admission;
 pub mod memory;
+#[cfg(all(test, unix))]
+mod tests;
 
 use crate::FastMap;
 use std::cell::RefCell;
@@ -468,6 +470,26 @@ pub fn handle_guest_packet(engine: &Rc<Engine>, port: PortId, header: &Ipv4Repr,
                     remove_flow(engine, &flow);
                 }
             }
+            Phase::Open { handle }
+                if seg.syn()
+                    && !seg.ack()
+                    && matches!(
+                        state.sockets.get::<tcp::Socket>(handle).state(),
+                        tcp::State::Closed | tcp::State::TimeWait
+                    ) =>
+            {
+                // The connection is over but its task has not run since: a
+                // guest reusing the 4-tuple at once (its port from
+                // TIME-WAIT, `tcp_tw_reuse`) gets a new flow, not a RST from
+                // the old socket. The old task sees it was replaced and ends.
+                let waker = state.waker.take();
+                drop(state);
+                remove_flow(engine, &flow);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                open_flow(engine, port, key, &seg, packet);
+            }
             Phase::Open { handle } => {
                 poll_guest_segment(engine, &flow, &mut state, handle, &seg, packet);
                 let waker = state.waker.take();
@@ -873,7 +895,15 @@ where
         let mut state = flow.state.borrow_mut();
         let Phase::Open { handle } = state.phase else { return Poll::Ready(End::Closed) };
         if !still_registered_flow(engine, flow) {
-            return Poll::Ready(End::Reset);
+            // Replaced by a new connection on the same 4-tuple after this
+            // one was over (then it ends as it would have), or dropped.
+            let socket = state.sockets.get::<tcp::Socket>(handle);
+            let over = match socket.state() {
+                tcp::State::Closed => io.host_eof && io.host_write_shut && socket.recv_queue() == 0,
+                tcp::State::TimeWait => socket.recv_queue() == 0,
+                _ => false,
+            };
+            return Poll::Ready(if over { End::Closed } else { End::Reset });
         }
         let mut progressed = false;
         let mut reset = false;
@@ -969,8 +999,12 @@ where
                 }
             }
 
-            // Guest FIN and everything written: half-close the host side.
-            if !io.established && socket.state() == tcp::State::Established {
+            // The handshake is complete once the socket is past SYN-RECEIVED,
+            // not only in ESTABLISHED: a guest ACK and FIN handled in one
+            // go, or a host EOF read in this same poll, move it on to
+            // CLOSE-WAIT or FIN-WAIT before this check sees it (and the flow
+            // would stay counted as half-open, then be reset at its deadline).
+            if !io.established && handshake_done(socket.state()) {
                 io.established = true;
                 settle_half_open(&mut engine.tcp.borrow_mut(), flow);
             }
@@ -979,6 +1013,7 @@ where
                 socket.abort();
                 reset = true;
             }
+            // Guest FIN and everything written: half-close the host side.
             if !reset
                 && io.established
                 && !io.host_write_shut
@@ -1090,6 +1125,11 @@ where
         }
         return Poll::Pending;
     }
+}
+
+/// Whether a socket in `state` has completed its handshake with the guest.
+fn handshake_done(state: tcp::State) -> bool {
+    !matches!(state, tcp::State::Closed | tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived)
 }
 
 fn still_registered_flow(engine: &Engine, flow: &Flow) -> bool {
