@@ -1,8 +1,9 @@
 //! The TCP NAT through a whole engine, without root: the test is the VM (a
 //! socketpair carrying u16-LE frames) and the host is this process's
 //! loopback. Real time, so only behaviour that does not wait on timers:
-//! connect-first, RST on refusal, TCP timestamps in the SYN-ACK, and a new
-//! flow for a 4-tuple right after its close. The deterministic harness with
+//! connect-first, RST on refusal, TCP timestamps in the SYN-ACK, a new
+//! flow for a 4-tuple right after its close, half-close and resets both
+//! ways. The deterministic harness with
 //! a virtual clock needs the sans-I/O TCP core (issue 15).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -33,6 +34,7 @@ struct Segment {
     ack: bool,
     seq: TcpSeqNumber,
     timestamp: Option<TcpTimestampRepr>,
+    payload: Vec<u8>,
 }
 
 struct Vm {
@@ -49,6 +51,18 @@ impl Vm {
     }
 
     async fn send_tcp(&mut self, dst: SocketAddrV4, src_port: u16, control: TcpControl, seq: u32, ack: Option<u32>) {
+        self.send_data(dst, src_port, control, seq, ack, &[]).await;
+    }
+
+    async fn send_data(
+        &mut self,
+        dst: SocketAddrV4,
+        src_port: u16,
+        control: TcpControl,
+        seq: u32,
+        ack: Option<u32>,
+        payload: &[u8],
+    ) {
         let tcp = TcpRepr {
             src_port,
             dst_port: dst.port(),
@@ -62,7 +76,7 @@ impl Vm {
             sack_ranges: [None; 3],
             // As Linux sends them: what lets it reuse its TIME-WAIT ports.
             timestamp: Some(TcpTimestampRepr::new(1000 + seq, 0)),
-            payload: &[],
+            payload,
         };
         let ip = Ipv4Repr {
             src_addr: GUEST,
@@ -118,6 +132,7 @@ impl Vm {
                     ack: repr.ack_number.is_some(),
                     seq: repr.seq_number,
                     timestamp: repr.timestamp,
+                    payload: repr.payload.to_vec(),
                 });
             }
         };
@@ -201,5 +216,71 @@ fn a_guest_that_closed_first_gets_a_new_flow_for_the_same_4_tuple_at_once() {
             // number, as Linux does from TIME-WAIT.
             seq += 100_000;
         }
+    });
+}
+
+/// Opens a flow from the guest's `port` to `dst`: returns the host's side
+/// and the next sequence numbers (the guest's, the NAT's).
+async fn establish(
+    vm: &mut Vm,
+    listener: &tokio::net::TcpListener,
+    dst: SocketAddrV4,
+    port: u16,
+) -> (tokio::net::TcpStream, u32, u32) {
+    vm.send_tcp(dst, port, TcpControl::Syn, 7000, None).await;
+    let syn_ack = vm.recv_tcp().await.expect("a SYN-ACK");
+    assert_eq!(syn_ack.control, TcpControl::Syn, "{syn_ack:?}");
+    let (host, _) = listener.accept().await.unwrap();
+    let theirs = syn_ack.seq.0 as u32 + 1;
+    vm.send_tcp(dst, port, TcpControl::None, 7001, Some(theirs)).await;
+    (host, 7001, theirs)
+}
+
+#[test]
+fn half_close_both_ways_delivers_everything_before_each_fin() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        let (mut host, seq, theirs) = establish(&mut vm, &listener, dst, 40_200).await;
+        // Guest → host, then the guest's FIN: the host reads it all, then EOF.
+        vm.send_data(dst, 40_200, TcpControl::Fin, seq, Some(theirs), b"hello").await;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), host.read_to_end(&mut got)).await.unwrap().unwrap();
+        assert_eq!(got, b"hello");
+        // The other way still works: host → guest, then the host's FIN.
+        host.write_all(b"world").await.unwrap();
+        host.shutdown().await.unwrap();
+        let mut data = Vec::new();
+        let mut fin = false;
+        while !fin {
+            let seg = vm.recv_tcp().await.expect("the host's data and FIN");
+            data.extend_from_slice(&seg.payload);
+            fin = seg.control == TcpControl::Fin;
+        }
+        assert_eq!(data, b"world");
+    });
+}
+
+#[test]
+fn resets_cross_both_ways() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        // A guest RST aborts the host connection (a reset, not an EOF).
+        let (mut host, seq, theirs) = establish(&mut vm, &listener, dst, 40_300).await;
+        vm.send_tcp(dst, 40_300, TcpControl::Rst, seq, Some(theirs)).await;
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), host.read(&mut buf)).await.unwrap();
+        assert_eq!(read.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+        // A host reset reaches the guest as a RST.
+        let (host, _, _) = establish(&mut vm, &listener, dst, 40_301).await;
+        socket2::SockRef::from(&host).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(host);
+        let rst = vm.recv_tcp().await.expect("a RST");
+        assert_eq!((rst.control, rst.dst_port), (TcpControl::Rst, 40_301), "{rst:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(engine.tcp.borrow().len(), 0, "both flows are gone");
     });
 }
