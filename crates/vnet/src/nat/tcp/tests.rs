@@ -3,7 +3,7 @@
 //! loopback. Real time, so only behaviour that does not wait on timers:
 //! connect-first, RST on refusal, TCP timestamps in the SYN-ACK, a new
 //! flow for a 4-tuple right after its close, half-close and resets both
-//! ways. The deterministic harness with
+//! ways, back-pressure both ways, and `--max-flows`. The deterministic harness with
 //! a virtual clock needs the sans-I/O TCP core (issue 15).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -35,6 +35,9 @@ struct Segment {
     seq: TcpSeqNumber,
     timestamp: Option<TcpTimestampRepr>,
     payload: Vec<u8>,
+    ack_number: u32,
+    window_len: u16,
+    window_scale: Option<u8>,
 }
 
 struct Vm {
@@ -102,6 +105,10 @@ impl Vm {
     /// The next TCP segment to the guest (other frames skipped), if one
     /// comes within 5 s.
     async fn recv_tcp(&mut self) -> Option<Segment> {
+        self.recv_tcp_within(Duration::from_secs(5)).await
+    }
+
+    async fn recv_tcp_within(&mut self, wait: Duration) -> Option<Segment> {
         let next = async {
             loop {
                 let mut len = [0u8; 2];
@@ -133,18 +140,25 @@ impl Vm {
                     seq: repr.seq_number,
                     timestamp: repr.timestamp,
                     payload: repr.payload.to_vec(),
+                    ack_number: repr.ack_number.map_or(0, |a| a.0 as u32),
+                    window_len: repr.window_len,
+                    window_scale: repr.window_scale,
                 });
             }
         };
-        tokio::time::timeout(Duration::from_secs(5), next).await.ok().flatten()
+        tokio::time::timeout(wait, next).await.ok().flatten()
     }
 }
 
 fn run(test: impl AsyncFnOnce(Rc<Engine>)) {
+    run_with(EngineConfig::default(), test);
+}
+
+fn run_with(config: EngineConfig, test: impl AsyncFnOnce(Rc<Engine>)) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     tokio::task::LocalSet::new().block_on(&rt, async {
         let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
-        let engine = Engine::new(Network::new(cfg), EngineConfig::default());
+        let engine = Engine::new(Network::new(cfg), config);
         test(engine).await;
     });
 }
@@ -219,21 +233,22 @@ fn a_guest_that_closed_first_gets_a_new_flow_for_the_same_4_tuple_at_once() {
     });
 }
 
-/// Opens a flow from the guest's `port` to `dst`: returns the host's side
-/// and the next sequence numbers (the guest's, the NAT's).
+/// Opens a flow from the guest's `port` to `dst`: returns the host's side,
+/// the next sequence numbers (the guest's, the NAT's) and the NAT's window
+/// scale.
 async fn establish(
     vm: &mut Vm,
     listener: &tokio::net::TcpListener,
     dst: SocketAddrV4,
     port: u16,
-) -> (tokio::net::TcpStream, u32, u32) {
+) -> (tokio::net::TcpStream, u32, u32, u8) {
     vm.send_tcp(dst, port, TcpControl::Syn, 7000, None).await;
     let syn_ack = vm.recv_tcp().await.expect("a SYN-ACK");
     assert_eq!(syn_ack.control, TcpControl::Syn, "{syn_ack:?}");
     let (host, _) = listener.accept().await.unwrap();
     let theirs = syn_ack.seq.0 as u32 + 1;
     vm.send_tcp(dst, port, TcpControl::None, 7001, Some(theirs)).await;
-    (host, 7001, theirs)
+    (host, 7001, theirs, syn_ack.window_scale.unwrap_or(0))
 }
 
 #[test]
@@ -242,7 +257,7 @@ fn half_close_both_ways_delivers_everything_before_each_fin() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
         let mut vm = Vm::connect(&engine);
-        let (mut host, seq, theirs) = establish(&mut vm, &listener, dst, 40_200).await;
+        let (mut host, seq, theirs, _) = establish(&mut vm, &listener, dst, 40_200).await;
         // Guest → host, then the guest's FIN: the host reads it all, then EOF.
         vm.send_data(dst, 40_200, TcpControl::Fin, seq, Some(theirs), b"hello").await;
         let mut got = Vec::new();
@@ -269,18 +284,102 @@ fn resets_cross_both_ways() {
         let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
         let mut vm = Vm::connect(&engine);
         // A guest RST aborts the host connection (a reset, not an EOF).
-        let (mut host, seq, theirs) = establish(&mut vm, &listener, dst, 40_300).await;
+        let (mut host, seq, theirs, _) = establish(&mut vm, &listener, dst, 40_300).await;
         vm.send_tcp(dst, 40_300, TcpControl::Rst, seq, Some(theirs)).await;
         let mut buf = [0u8; 8];
         let read = tokio::time::timeout(Duration::from_secs(5), host.read(&mut buf)).await.unwrap();
         assert_eq!(read.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
         // A host reset reaches the guest as a RST.
-        let (host, _, _) = establish(&mut vm, &listener, dst, 40_301).await;
+        let (host, ..) = establish(&mut vm, &listener, dst, 40_301).await;
         socket2::SockRef::from(&host).set_linger(Some(Duration::ZERO)).unwrap();
         drop(host);
         let rst = vm.recv_tcp().await.expect("a RST");
         assert_eq!((rst.control, rst.dst_port), (TcpControl::Rst, 40_301), "{rst:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(engine.tcp.borrow().len(), 0, "both flows are gone");
+    });
+}
+
+#[test]
+fn max_flows_refuses_further_syns_with_a_rst() {
+    run_with(EngineConfig { max_tcp_flows: 2, ..EngineConfig::default() }, async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        let _a = establish(&mut vm, &listener, dst, 40_400).await;
+        // Half-open counts too: this one never completes its handshake.
+        vm.send_tcp(dst, 40_401, TcpControl::Syn, 1, None).await;
+        assert_eq!(vm.recv_tcp().await.map(|s| s.control), Some(TcpControl::Syn));
+        vm.send_tcp(dst, 40_402, TcpControl::Syn, 1, None).await;
+        let rst = vm.recv_tcp().await.expect("a RST");
+        assert_eq!((rst.control, rst.dst_port), (TcpControl::Rst, 40_402), "{rst:?}");
+        assert_eq!((engine.tcp.borrow().len(), engine.tcp.borrow().refused_syns), (2, 1));
+    });
+}
+
+#[test]
+fn a_host_that_does_not_read_closes_the_guests_window() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        // The host accepts and never reads.
+        let (_host, mut seq, theirs, shift) = establish(&mut vm, &listener, dst, 40_500).await;
+        let chunk = [0x5a; 1400];
+        let (mut acked, mut window) = (seq, 64_000usize);
+        let mut sent = 0usize;
+        loop {
+            // Fill what the window allows, then see what was acknowledged.
+            while (seq.wrapping_sub(acked) as usize) + chunk.len() <= window {
+                vm.send_data(dst, 40_500, TcpControl::None, seq, Some(theirs), &chunk).await;
+                seq = seq.wrapping_add(chunk.len() as u32);
+                sent += chunk.len();
+            }
+            let mut progressed = false;
+            while let Some(ack) = vm.recv_tcp_within(Duration::from_millis(200)).await {
+                acked = ack.ack_number;
+                window = usize::from(ack.window_len) << shift;
+                progressed = true;
+            }
+            if window < chunk.len() {
+                break;
+            }
+            assert!(progressed, "no ACK after {sent} bytes");
+            assert!(sent < 64 << 20, "the window never closed after {sent} bytes");
+        }
+        // Everything acknowledged is held: the NAT's buffer and the host's socket.
+        assert!(sent >= 2 << 20, "closed after only {sent} bytes");
+        assert_eq!(engine.tcp.borrow().len(), 1);
+    });
+}
+
+#[test]
+fn a_guest_that_does_not_acknowledge_stops_the_host_reads() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        // The guest's window: 64 000 << 7 bytes, and it never acknowledges.
+        let (mut host, ..) = establish(&mut vm, &listener, dst, 40_600).await;
+        let block = vec![0xa5u8; 1 << 20];
+        let mut written = 0usize;
+        let writing = async {
+            loop {
+                host.write_all(&block).await.unwrap();
+                written += block.len();
+            }
+        };
+        // The host's writes stall: the NAT stopped reading its socket.
+        let _ = tokio::time::timeout(Duration::from_secs(2), writing).await;
+        let mut to_guest = 0usize;
+        while let Some(seg) = vm.recv_tcp_within(Duration::from_millis(200)).await {
+            to_guest += seg.payload.len();
+        }
+        // What the host wrote is held by its socket, the NAT's 2 MiB send
+        // buffer and the guest's window; no more was read, nothing dropped.
+        eprintln!("host wrote {written} bytes, {to_guest} reached the guest");
+        assert!(written < 32 << 20, "the host wrote {written} bytes unhindered");
+        assert!(to_guest <= 64_000 << 7, "{to_guest} bytes sent beyond the guest's window");
+        assert!(to_guest > 0, "nothing reached the guest");
     });
 }
