@@ -3,7 +3,8 @@
 //! loopback. Real time, so only behaviour that does not wait on timers:
 //! connect-first, RST on refusal, TCP timestamps in the SYN-ACK, a new
 //! flow for a 4-tuple right after its close, half-close and resets both
-//! ways, back-pressure both ways, and `--max-flows`. The deterministic harness with
+//! ways, back-pressure both ways, `--max-flows`, reordering and
+//! retransmission, and TIME-WAIT holding no flow. The deterministic harness with
 //! a virtual clock needs the sans-I/O TCP core (issue 15).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -381,5 +382,60 @@ fn a_guest_that_does_not_acknowledge_stops_the_host_reads() {
         assert!(written < 32 << 20, "the host wrote {written} bytes unhindered");
         assert!(to_guest <= 64_000 << 7, "{to_guest} bytes sent beyond the guest's window");
         assert!(to_guest > 0, "nothing reached the guest");
+    });
+}
+
+#[test]
+fn out_of_order_guest_data_reaches_the_host_in_order_and_unacknowledged_data_is_sent_again() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        let (mut host, seq, theirs, _) = establish(&mut vm, &listener, dst, 40_700).await;
+        // The second half first, then the first.
+        vm.send_data(dst, 40_700, TcpControl::None, seq + 5, Some(theirs), b"world").await;
+        vm.send_data(dst, 40_700, TcpControl::None, seq, Some(theirs), b"hello").await;
+        let mut got = [0u8; 10];
+        tokio::time::timeout(Duration::from_secs(5), host.read_exact(&mut got)).await.unwrap().unwrap();
+        assert_eq!(&got, b"helloworld");
+        // Host data the guest does not acknowledge comes again, same bytes
+        // at the same sequence number, once the retransmission timer fires.
+        host.write_all(b"ping").await.unwrap();
+        let mut first = vm.recv_tcp().await.expect("the host's data");
+        while first.payload.is_empty() {
+            first = vm.recv_tcp().await.expect("the host's data");
+        }
+        assert_eq!(first.payload, b"ping");
+        let again = loop {
+            let seg = vm.recv_tcp().await.expect("a retransmission");
+            if !seg.payload.is_empty() {
+                break seg;
+            }
+        };
+        assert_eq!((again.seq, &again.payload[..]), (first.seq, &b"ping"[..]));
+    });
+}
+
+#[test]
+fn time_wait_holds_no_flow() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        let (host, seq, ..) = establish(&mut vm, &listener, dst, 40_800).await;
+        // The host closes first, so the NAT's socket is the one that ends
+        // in TIME-WAIT once the guest's FIN is acknowledged.
+        drop(host);
+        let fin = loop {
+            let seg = vm.recv_tcp().await.expect("the NAT's FIN");
+            if seg.control == TcpControl::Fin {
+                break seg;
+            }
+        };
+        vm.send_tcp(dst, 40_800, TcpControl::Fin, seq, Some(fin.seq.0 as u32 + 1)).await;
+        let ack = vm.recv_tcp().await.expect("the ACK of the guest's FIN");
+        assert_eq!(ack.ack_number, seq + 1, "{ack:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(engine.tcp.borrow().len(), 0, "a flow in TIME-WAIT was kept");
     });
 }
