@@ -330,6 +330,13 @@ impl TcpNat {
         self.admission.half_open()
     }
 
+    /// Buffer memory committed by this NAT's flows (tests: the process-wide
+    /// figure mixes in other tests' flows).
+    #[cfg(test)]
+    fn committed(&self) -> usize {
+        self.flows.values().map(|f| f.state.borrow().memory.as_ref().map_or(0, FlowMemory::committed)).sum()
+    }
+
     fn now(&self) -> SmolInstant {
         SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }

@@ -4,7 +4,7 @@
 //! connect-first, RST on refusal, TCP timestamps in the SYN-ACK, a new
 //! flow for a 4-tuple right after its close, half-close and resets both
 //! ways, back-pressure both ways, `--max-flows`, reordering and
-//! retransmission, and TIME-WAIT holding no flow. The deterministic harness with
+//! retransmission, TIME-WAIT holding no flow, and idle memory going back. The deterministic harness with
 //! a virtual clock needs the sans-I/O TCP core (issue 15).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -437,5 +437,27 @@ fn time_wait_holds_no_flow() {
         assert_eq!(ack.ack_number, seq + 1, "{ack:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(engine.tcp.borrow().len(), 0, "a flow in TIME-WAIT was kept");
+    });
+}
+
+#[test]
+fn an_idle_flow_gives_its_buffer_memory_back() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        let (mut host, mut seq, theirs, _) = establish(&mut vm, &listener, dst, 40_900).await;
+        let chunk = [0x33u8; 1400];
+        for _ in 0..32 {
+            vm.send_data(dst, 40_900, TcpControl::None, seq, Some(theirs), &chunk).await;
+            seq += chunk.len() as u32;
+        }
+        let mut got = vec![0u8; 32 * chunk.len()];
+        tokio::time::timeout(Duration::from_secs(5), host.read_exact(&mut got)).await.unwrap().unwrap();
+        assert!(engine.tcp.borrow().committed() > 0, "the data went through uncommitted memory");
+        // Both buffers empty for IDLE_RELEASE: the memory goes back; the
+        // flow stays.
+        tokio::time::sleep(super::IDLE_RELEASE + Duration::from_millis(500)).await;
+        assert_eq!((engine.tcp.borrow().committed(), engine.tcp.borrow().len()), (0, 1));
     });
 }
