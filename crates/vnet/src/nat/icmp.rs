@@ -1,58 +1,61 @@
-//! ICMP echo NAT: guest pings to any address are answered through the
-//! host's own ICMP sockets.
+//! ICMP echo NAT, the sans-I/O core: guest pings to any address are
+//! answered through the host's own ICMP sockets, which the shell
+//! (`shell::icmp`) owns.
 //!
 //! How this works: a flow is a guest's (source, destination, identifier)
-//! triple, found by a hash lookup. Its first echo request opens a host ICMP
-//! socket connected to the translated destination (the host alias becomes
-//! 127.0.0.1; refused destinations are dropped with a rate-limited log):
-//! preferably an unprivileged ping socket (`SOCK_DGRAM`/`IPPROTO_ICMP`),
-//! whose identifier the kernel chooses; where `net.ipv4.ping_group_range`
-//! forbids those, a raw socket (root only), which keeps the guest's
-//! identifier. Which kind works is learnt once. Each request goes out with
-//! the guest's sequence number and payload. One local task per flow reads
-//! echo replies (for a raw socket: only those with the flow's identifier)
-//! and hands them to the guest from the original destination, with the
-//! guest's identifier and sequence number restored. Timers and bounds: a
-//! flow idle for [`IDLE`] ends, and at most [`MAX_FLOWS`] exist (least
-//! recently used evicted first); ending a flow aborts its task and closes
-//! its socket. Anything other than an echo request is dropped.
+//! triple, found by a hash lookup and numbered by a [`FlowId`] the shell
+//! knows its socket by. The shell hands each event to the core with the
+//! time it happened (`now`, the only clock). A guest echo request on a flow
+//! is answered with the request to send on the flow's socket; with no flow,
+//! the destination is checked against the [`NatPolicy`] (the host alias
+//! becomes 127.0.0.1; refused destinations are counted and logged,
+//! rate-limited) and the answer is "open a socket for flow N to T": the
+//! shell opens preferably an unprivileged ping socket
+//! (`SOCK_DGRAM`/`IPPROTO_ICMP`), whose identifier the kernel chooses, and
+//! where `net.ipv4.ping_group_range` forbids those a raw socket (root only),
+//! which keeps the guest's identifier; which kind works is learnt once, and
+//! the shell reports what it got ([`IcmpCore::opened`]). Each request goes
+//! out with the guest's sequence number and payload. What a flow's socket
+//! reads is shown to the core, which keeps echo replies (for a raw socket:
+//! only those with the flow's identifier) and returns the packet for the
+//! guest, from the original destination, with the guest's identifier and
+//! sequence number restored. Timers and bounds: a flow idle for [`IDLE`]
+//! ends ([`IcmpCore::next_deadline`], [`IcmpCore::expire`]), and at most
+//! [`MAX_FLOWS`] exist (least recently used evicted first). Anything other
+//! than an echo request is dropped.
 //!
 //! On Windows neither socket kind is open to an ordinary user (raw sockets
 //! need an administrator, and there are no ping sockets), so each request
 //! goes to the system's ICMP API instead: `IcmpSendEcho2` (iphlpapi), a
-//! blocking call made on tokio's blocking pool, never on the engine thread.
-//! Its reply, when the host gets one within [`ECHO_TIMEOUT`], goes to the
-//! guest with the guest's own identifier and sequence number and the
-//! payload the host got back; when the host gets none, neither does the
-//! guest. Requests waiting for the API are bounded per guest
-//! ([`MAX_IN_FLIGHT_PER_GUEST`]) and in total ([`MAX_IN_FLIGHT`]): beyond
-//! that a request is dropped and counted (`busy`), so a flood towards an
-//! address that never answers holds a bounded number of threads.
+//! blocking call the shell makes on tokio's blocking pool, never on the
+//! engine thread. Its reply, when the host gets one within
+//! [`ECHO_TIMEOUT`], goes to the guest with the guest's own identifier and
+//! sequence number and the payload the host got back; when the host gets
+//! none, neither does the guest. Requests waiting for the API are bounded
+//! per guest ([`MAX_IN_FLIGHT_PER_GUEST`]) and in total ([`MAX_IN_FLIGHT`]):
+//! beyond that a request is dropped and counted (`busy`), so a flood towards
+//! an address that never answers holds a bounded number of threads.
+//!
+//! No tokio, no sockets and no clock here.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::rc::Rc;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{EthernetAddress, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
 
+use crate::FastMap;
+use crate::nat::NatPolicy;
 use crate::nat::udp::FlowTable;
 use crate::ratelimit::LogLimiter;
-use crate::shell::Engine;
-use crate::shell::udp::{DRAIN_BUDGET, Drained, Flow};
 use rdnet_wire::frame::IPV4_HEADER;
 
 /// Most concurrent echo flows.
 pub const MAX_FLOWS: usize = 1024;
 /// A flow without requests or replies for this long ends.
 pub const IDLE: Duration = Duration::from_secs(30);
-/// A socket whose reads fail this many times in a row is given up.
-const MAX_ERRORS_IN_A_ROW: u32 = 8;
 /// Echo requests waiting for the system's ICMP API (Windows), in total and
 /// per guest address.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -132,36 +135,75 @@ impl InFlight {
 }
 
 /// Guest source, destination as the guest sees it, guest identifier.
-type FlowKey = (Ipv4Addr, Ipv4Addr, u16);
+pub type FlowKey = (Ipv4Addr, Ipv4Addr, u16);
+/// What the shell knows a flow's socket by. Never reused.
+pub type FlowId = u64;
 
-pub struct IcmpNat {
-    table: FlowTable<FlowKey, Flow>,
-    next_id: u64,
+/// What to do with a guest's ICMP packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Not an echo request, or refused, or too many waiting: nothing.
+    Drop,
+    /// Send `icmp` (an ICMP message) on flow `id`'s socket, then report
+    /// with [`IcmpCore::sent`].
+    Send { id: FlowId, icmp: Vec<u8> },
+    /// Open a socket to `target` for the new flow `id`, preferring `known`
+    /// (the kind that worked before), report with [`IcmpCore::opened`] or
+    /// [`IcmpCore::open_failed`], then send `icmp` on it.
+    Open { id: FlowId, target: IpAddr, known: Option<Mode>, icmp: Vec<u8> },
+    /// Windows: ask the system's ICMP API to ping `target` with `data`, and
+    /// report with [`IcmpCore::api_done`] (passing `echo` back).
+    Api { target: Ipv4Addr, data: Vec<u8>, echo: ApiEcho },
+}
+
+/// A request waiting for the system's ICMP API: whom to answer, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiEcho {
+    pub guest: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ident: u16,
+    pub seq_no: u16,
+}
+
+/// What became of a request given to the system's ICMP API.
+#[derive(Debug)]
+pub enum ApiOutcome {
+    /// The host got a reply carrying `data`.
+    Reply(Vec<u8>),
+    /// No reply (timed out, unreachable): the system's status code.
+    NoReply(u32),
+    /// The API call failed.
+    Failed(io::Error),
+}
+
+pub struct IcmpCore {
+    table: FlowTable<FlowKey, FlowId>,
+    /// Every flow's key and socket kind, by id.
+    flows: FastMap<FlowId, (FlowKey, Mode)>,
+    next_id: FlowId,
     /// Learnt on first use: which socket kind the host allows.
     mode: Option<Mode>,
     logs: LogLimiter,
     stats: IcmpNatStats,
-    scratch: Vec<u8>,
     /// Requests waiting for the ICMP API (Windows).
-    #[cfg_attr(not(windows), allow(dead_code))]
     in_flight: InFlight,
 }
 
-impl Default for IcmpNat {
+impl Default for IcmpCore {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl IcmpNat {
+impl IcmpCore {
     pub fn new() -> Self {
-        IcmpNat {
+        IcmpCore {
             table: FlowTable::new(MAX_FLOWS, IDLE),
+            flows: FastMap::default(),
             next_id: 0,
             mode: None,
             logs: LogLimiter::default(),
             stats: IcmpNatStats::default(),
-            scratch: Vec::new(),
             in_flight: InFlight::default(),
         }
     }
@@ -184,147 +226,165 @@ impl IcmpNat {
         self.mode
     }
 
-    /// Handles an ICMP packet from a guest to a non-gateway address.
-    pub fn handle(engine: &Rc<Engine>, _src_mac: EthernetAddress, header: &Ipv4Repr, packet: &[u8], now: Instant) {
-        let mut nat = engine.icmp.borrow_mut();
+    /// An ICMP packet (IPv4, from `src` to `dst` as its header says) from a
+    /// guest to a non-gateway address at `now`. `use_api`: pings go to the
+    /// system's ICMP API (Windows), not to sockets.
+    pub fn guest_packet(
+        &mut self,
+        now: Instant,
+        policy: &NatPolicy,
+        (src, dst): (Ipv4Addr, Ipv4Addr),
+        packet: &[u8],
+        use_api: bool,
+    ) -> Request {
         let Some((ident, seq_no, data)) = parse_echo_request(packet) else {
-            nat.stats.ignored += 1;
-            return;
+            self.stats.ignored += 1;
+            return Request::Drop;
         };
-        nat.stats.requests += 1;
-        if cfg!(windows) {
-            nat.echo_through_api(engine, header, ident, seq_no, data, now);
-            return;
+        self.stats.requests += 1;
+        if use_api {
+            return self.through_api(now, policy, ApiEcho { guest: src, dst, ident, seq_no }, data);
         }
-        let key = (header.src_addr, header.dst_addr, ident);
-        let socket = match nat.table.get(&key, now) {
-            Some(flow) => flow.socket.clone(),
-            None => match nat.open(engine, key, now) {
-                Some(s) => s,
-                None => return,
-            },
-        };
         // A ping socket rewrites the identifier and checksum; a raw one
         // sends exactly this.
         let request = Icmpv4Repr::EchoRequest { ident, seq_no, data };
-        let mut buf = vec![0u8; request.buffer_len()];
-        request.emit(&mut Icmpv4Packet::new_unchecked(&mut buf[..]), &ChecksumCapabilities::default());
-        // Straight to the kernel (tokio's `try_send` waits for the reactor
-        // to see a new socket writable first).
-        if let Err(e) = socket2::SockRef::from(&*socket).send(&buf) {
-            nat.stats.send_errors += 1;
-            crate::limited_warn!(nat.logs, now, "icmp-send", src = %header.src_addr, dst = %header.dst_addr, error = %e, "dropping ping: host send failed");
+        let mut icmp = vec![0u8; request.buffer_len()];
+        request.emit(&mut Icmpv4Packet::new_unchecked(&mut icmp[..]), &ChecksumCapabilities::default());
+        let key = (src, dst, ident);
+        if let Some(&mut id) = self.table.get(&key, now) {
+            return Request::Send { id, icmp };
+        }
+        match policy.translate(dst) {
+            Ok(target) => {
+                self.next_id += 1;
+                Request::Open { id: self.next_id, target, known: self.mode, icmp }
+            }
+            Err(why) => {
+                self.stats.refused += 1;
+                crate::limited_warn!(self.logs, now, "icmp-refused", %src, %dst, reason = %why, "dropping ping");
+                Request::Drop
+            }
         }
     }
 
-    /// Windows: the request goes to `IcmpSendEcho2` on a worker thread; its
-    /// reply, if any, comes back to the guest.
-    #[cfg(windows)]
-    fn echo_through_api(
-        &mut self,
-        engine: &Rc<Engine>,
-        header: &Ipv4Repr,
-        ident: u16,
-        seq_no: u16,
-        data: &[u8],
-        now: Instant,
-    ) {
-        use crate::sys::EchoOutcome;
-        let (guest, dst) = (header.src_addr, header.dst_addr);
-        let target = match engine.nat.translate(dst) {
+    fn through_api(&mut self, now: Instant, policy: &NatPolicy, echo: ApiEcho, data: &[u8]) -> Request {
+        let ApiEcho { guest, dst, .. } = echo;
+        let target = match policy.translate(dst) {
             Ok(IpAddr::V4(ip)) => ip,
             Ok(IpAddr::V6(_)) => {
                 self.stats.refused += 1;
-                return;
+                return Request::Drop;
             }
             Err(why) => {
                 self.stats.refused += 1;
                 crate::limited_warn!(self.logs, now, "icmp-refused", src = %guest, %dst, reason = %why, "dropping ping");
-                return;
+                return Request::Drop;
             }
         };
         if !self.in_flight.try_start(guest) {
             self.stats.busy += 1;
             crate::limited_warn!(self.logs, now, "icmp-busy", src = %guest, %dst,
                 "dropping ping: too many waiting for the host's ICMP API");
-            return;
+            return Request::Drop;
         }
         if self.mode != Some(Mode::Api) {
             tracing::info!("ICMP echo NAT uses the system's ICMP API (IcmpSendEcho2)");
             self.mode = Some(Mode::Api);
         }
-        let payload = data.to_vec();
-        let engine = engine.clone();
-        tokio::task::spawn_local(async move {
-            let outcome =
-                tokio::task::spawn_blocking(move || crate::sys::icmp_echo(target, &payload, ECHO_TIMEOUT)).await;
-            let mut nat = engine.icmp.borrow_mut();
-            nat.in_flight.finish(guest);
-            match outcome {
-                Ok(Ok(EchoOutcome::Reply { data, .. })) => {
-                    nat.stats.replies += 1;
-                    drop(nat);
-                    engine.send_ipv4_to_guest(&echo_reply_packet(dst, guest, ident, seq_no, &data));
-                }
-                Ok(Ok(EchoOutcome::NoReply(status))) => {
-                    nat.stats.no_reply += 1;
-                    tracing::debug!(src = %guest, %dst, %target, status, "no echo reply");
-                }
-                Ok(Err(e)) => {
-                    nat.stats.send_errors += 1;
-                    crate::limited_warn!(nat.logs, Instant::now(), "icmp-send", src = %guest, %dst, error = %e,
-                        "dropping ping: IcmpSendEcho2 failed");
-                }
-                Err(e) => {
-                    nat.stats.send_errors += 1;
-                    tracing::warn!(error = %e, "ICMP echo worker failed");
-                }
-            }
-        });
+        Request::Api { target, data: data.to_vec(), echo }
     }
 
-    #[cfg(not(windows))]
-    fn echo_through_api(&mut self, _: &Rc<Engine>, _: &Ipv4Repr, _: u16, _: u16, _: &[u8], _: Instant) {}
+    /// The system's ICMP API answered a [`Request::Api`]: the echo reply
+    /// packet for the guest, if the host got one.
+    pub fn api_done(&mut self, now: Instant, echo: ApiEcho, outcome: ApiOutcome) -> Option<Vec<u8>> {
+        let ApiEcho { guest, dst, ident, seq_no } = echo;
+        self.in_flight.finish(guest);
+        match outcome {
+            ApiOutcome::Reply(data) => {
+                self.stats.replies += 1;
+                Some(echo_reply_packet(dst, guest, ident, seq_no, &data))
+            }
+            ApiOutcome::NoReply(status) => {
+                self.stats.no_reply += 1;
+                tracing::debug!(src = %guest, %dst, status, "no echo reply");
+                None
+            }
+            ApiOutcome::Failed(e) => {
+                self.stats.send_errors += 1;
+                crate::limited_warn!(self.logs, now, "icmp-send", src = %guest, %dst, error = %e,
+                    "dropping ping: IcmpSendEcho2 failed");
+                None
+            }
+        }
+    }
 
-    fn open(&mut self, engine: &Rc<Engine>, key: FlowKey, now: Instant) -> Option<Rc<UdpSocket>> {
-        let (src, dst, ident) = key;
-        let target = match engine.nat.translate(dst) {
-            Ok(ip) => ip,
-            Err(why) => {
-                self.stats.refused += 1;
-                crate::limited_warn!(self.logs, now, "icmp-refused", %src, %dst, reason = %why, "dropping ping");
-                return None;
-            }
-        };
-        let (socket, mode) = match open_icmp(target, self.mode) {
-            Ok(found) => found,
-            Err(e) => {
-                self.stats.open_errors += 1;
-                crate::limited_warn!(self.logs, now, "icmp-open", %src, %dst, %target, error = %e, "cannot open a host ICMP socket (ping_group_range, or not root)");
-                return None;
-            }
-        };
+    /// The shell opened a socket of kind `mode` for flow `id` (`key` is the
+    /// guest's source, destination and identifier). Returns the flows that
+    /// had to go to make room (close them).
+    pub fn opened(&mut self, now: Instant, key: FlowKey, id: FlowId, mode: Mode) -> Vec<FlowId> {
         if self.mode != Some(mode) {
             tracing::info!("ICMP echo NAT uses {} sockets", if mode == Mode::Ping { "ping" } else { "raw" });
             self.mode = Some(mode);
         }
-        let socket = Rc::new(socket);
-        self.next_id += 1;
-        let id = self.next_id;
-        let task = tokio::task::spawn_local(reply_task(engine.clone(), key, id, socket.clone(), mode));
-        // Flows that had to make room end here (dropping aborts their tasks).
-        drop(self.table.insert(key, Flow { id, socket: socket.clone(), task: Some(task) }, now));
+        let gone: Vec<FlowId> = self.table.insert(key, id, now).into_iter().map(|(_, old)| old).collect();
+        for old in &gone {
+            self.flows.remove(old);
+        }
+        self.flows.insert(id, (key, mode));
         self.stats.flows_opened += 1;
-        tracing::debug!(%src, %dst, %target, ident, "ICMP echo flow opened");
-        Some(socket)
+        let (src, dst, ident) = key;
+        tracing::debug!(%src, %dst, ident, "ICMP echo flow opened");
+        gone
     }
 
-    fn close_if(&mut self, key: &FlowKey, id: u64) {
-        if self.table.peek(key).is_some_and(|f| f.id == id)
-            && let Some(mut flow) = self.table.remove(key)
-        {
-            flow.task = None;
+    /// The shell could not open a socket for `key`.
+    pub fn open_failed(&mut self, now: Instant, key: FlowKey, target: IpAddr, error: &io::Error) {
+        let (src, dst, _) = key;
+        self.stats.open_errors += 1;
+        crate::limited_warn!(self.logs, now, "icmp-open", %src, %dst, %target, error = %error, "cannot open a host ICMP socket (ping_group_range, or not root)");
+    }
+
+    /// How sending a request on flow `id` went.
+    pub fn sent(&mut self, now: Instant, id: FlowId, result: io::Result<()>) {
+        if let Err(e) = result {
+            self.stats.send_errors += 1;
+            if let Some(&((src, dst, _), _)) = self.flows.get(&id) {
+                crate::limited_warn!(self.logs, now, "icmp-send", %src, %dst, error = %e, "dropping ping: host send failed");
+            }
         }
+    }
+
+    /// What flow `id`'s socket read at `now`: the echo reply packet for the
+    /// guest, or `None` (not a reply of this flow's, or the flow is gone).
+    pub fn host_datagram(&mut self, now: Instant, id: FlowId, bytes: &[u8]) -> Option<Vec<u8>> {
+        let &(key, mode) = self.flows.get(&id)?;
+        let (guest, dst, ident) = key;
+        let (seq_no, data) = parse_host_reply(mode, bytes, ident)?;
+        self.table.touch(&key, now);
+        self.stats.replies += 1;
+        Some(echo_reply_packet(dst, guest, ident, seq_no, data))
+    }
+
+    /// Flow `id`'s socket failed for good: the flow ends (the shell closes
+    /// the socket). False if there was no such flow.
+    pub fn host_failed(&mut self, id: FlowId) -> bool {
+        let Some((key, _)) = self.flows.remove(&id) else { return false };
+        self.table.remove(&key);
+        true
+    }
+
+    /// When the next flow goes idle, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.table.next_deadline()
+    }
+
+    /// The flows idle at `now`: they end (the shell closes their sockets).
+    pub fn expire(&mut self, now: Instant) -> Vec<FlowId> {
+        let gone: Vec<FlowId> = self.table.expire(now).into_iter().map(|(_, id)| id).collect();
+        for id in &gone {
+            self.flows.remove(id);
+        }
+        gone
     }
 }
 
@@ -385,104 +445,145 @@ pub fn echo_reply_packet(from: Ipv4Addr, to: Ipv4Addr, ident: u16, seq_no: u16, 
     buf
 }
 
-/// Opens an ICMP socket connected to `target`: a ping socket, or where
-/// those are not permitted a raw one. `known`: the kind that worked before.
-fn open_icmp(target: IpAddr, known: Option<Mode>) -> io::Result<(UdpSocket, Mode)> {
-    let IpAddr::V4(_) = target else {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "ICMPv6 echo is not translated"));
-    };
-    let (socket, mode) = match known {
-        Some(Mode::Raw) => (Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?, Mode::Raw),
-        _ => match Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)) {
-            Ok(s) => (s, Mode::Ping),
-            // Not permitted (any more): raw sockets, if we are root.
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                (Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?, Mode::Raw)
-            }
-            Err(e) => return Err(e),
-        },
-    };
-    socket.connect(&SocketAddr::new(target, 0).into())?;
-    socket.set_nonblocking(true)?;
-    // Both kinds are datagram-like: tokio's UDP socket type does the polling.
-    let std_socket: std::net::UdpSocket = socket.into();
-    Ok((UdpSocket::from_std(std_socket)?, mode))
-}
-
-async fn reply_task(engine: Rc<Engine>, key: FlowKey, id: u64, socket: Rc<UdpSocket>, mode: Mode) {
-    let (guest, dst, ident) = key;
-    loop {
-        let deadline = {
-            let nat = engine.icmp.borrow();
-            match nat.table.deadline(&key) {
-                Some(d) if nat.table.peek(&key).is_some_and(|f| f.id == id) => d,
-                _ => return,
-            }
-        };
-        tokio::select! {
-            ready = socket.ready(Interest::READABLE | Interest::ERROR) => {
-                let Ok(ready) = ready else { break };
-                let mut buf = std::mem::take(&mut engine.icmp.borrow_mut().scratch);
-                buf.resize(65536, 0);
-                let mut errors = 0;
-                let mut budget = DRAIN_BUDGET;
-                let drained = loop {
-                    if budget == 0 {
-                        break Drained::Budget;
-                    }
-                    budget -= 1;
-                    match socket.try_recv(&mut buf) {
-                        Ok(n) => {
-                            let Some((seq_no, data)) = parse_host_reply(mode, &buf[..n], ident) else { continue };
-                            let packet = echo_reply_packet(dst, guest, ident, seq_no, data);
-                            {
-                                let mut nat = engine.icmp.borrow_mut();
-                                nat.table.touch(&key, Instant::now());
-                                nat.stats.replies += 1;
-                            }
-                            engine.send_ipv4_to_guest(&packet);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Drained::Empty,
-                        // Reading consumes an error (an ICMP error for our
-                        // request: the guest's ping times out, as it would);
-                        // only a socket that keeps failing is given up.
-                        Err(e) => {
-                            errors += 1;
-                            tracing::debug!(%guest, %dst, error = %e, "ping error");
-                            if errors > MAX_ERRORS_IN_A_ROW {
-                                break Drained::Failed;
-                            }
-                        }
-                    }
-                };
-                engine.icmp.borrow_mut().scratch = buf;
-                match drained {
-                    Drained::Empty => {}
-                    // Replies flooding in (a raw socket sees every echo
-                    // reply to this host): let the engine's other tasks run.
-                    Drained::Budget => tokio::task::yield_now().await,
-                    Drained::Failed => break,
-                }
-                if ready.is_error() {
-                    let _ = socket.take_error();
-                    let _ = socket.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-                }
-            }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                let mut nat = engine.icmp.borrow_mut();
-                if nat.table.deadline(&key).is_some_and(|d| d <= Instant::now()) {
-                    nat.close_if(&key, id);
-                    return;
-                }
-            }
-        }
-    }
-    engine.icmp.borrow_mut().close_if(&key, id);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::NetConfig;
+
+    const GUEST: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 2);
+    const ALIAS: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 254);
+
+    fn policy() -> NatPolicy {
+        NatPolicy::new(&NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap(), false)
+    }
+
+    /// An IPv4 echo request from `src` to `dst`.
+    fn request(src: Ipv4Addr, dst: Ipv4Addr, ident: u16, seq_no: u16, data: &[u8]) -> Vec<u8> {
+        let req = Icmpv4Repr::EchoRequest { ident, seq_no, data };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Icmp,
+            payload_len: req.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut pkt = vec![0u8; IPV4_HEADER + req.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut pkt[..]), &caps);
+        req.emit(&mut Icmpv4Packet::new_unchecked(&mut pkt[IPV4_HEADER..]), &caps);
+        pkt
+    }
+
+    /// The echo reply a ping socket would read: ICMP only, the kernel's identifier.
+    fn ping_socket_reply(seq_no: u16, data: &[u8]) -> Vec<u8> {
+        echo_reply_packet(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 999, seq_no, data)[IPV4_HEADER..].to_vec()
+    }
+
+    #[test]
+    fn core_opens_a_flow_sends_on_it_and_restores_the_guests_identifier() {
+        let t = Instant::now();
+        let mut core = IcmpCore::new();
+        let req = request(GUEST, ALIAS, 7, 1, b"ping");
+        let Request::Open { id, target, known, icmp } = core.guest_packet(t, &policy(), (GUEST, ALIAS), &req, false)
+        else {
+            panic!("expected a new flow")
+        };
+        assert_eq!((target, known), (IpAddr::V4(Ipv4Addr::LOCALHOST), None));
+        assert_eq!(&icmp[..], &req[IPV4_HEADER..], "the request as the guest sent it");
+        assert!(core.opened(t, (GUEST, ALIAS, 7), id, Mode::Ping).is_empty());
+        core.sent(t, id, Ok(()));
+        // The next request of the same ping goes on the same flow.
+        let req2 = request(GUEST, ALIAS, 7, 2, b"ping");
+        assert_eq!(
+            core.guest_packet(t, &policy(), (GUEST, ALIAS), &req2, false),
+            Request::Send { id, icmp: req2[IPV4_HEADER..].to_vec() }
+        );
+        // A reply comes back from the address pinged, with the guest's identifier.
+        let reply = core.host_datagram(t, id, &ping_socket_reply(2, b"ping")).unwrap();
+        assert_eq!(reply, echo_reply_packet(ALIAS, GUEST, 7, 2, b"ping"));
+        // Anything else the socket reads is not passed on.
+        assert_eq!(core.host_datagram(t, id, b"junk"), None);
+        assert_eq!(core.host_datagram(t, id + 1, &ping_socket_reply(2, b"x")), None);
+        let s = core.stats();
+        assert_eq!((s.requests, s.replies, s.flows_opened), (2, 1, 1));
+        // A new request learns the kind that worked.
+        let Request::Open { known, .. } =
+            core.guest_packet(t, &policy(), (GUEST, ALIAS), &request(GUEST, ALIAS, 8, 1, b""), false)
+        else {
+            panic!()
+        };
+        assert_eq!(known, Some(Mode::Ping));
+    }
+
+    #[test]
+    fn core_drops_what_it_must_and_bounds_its_flows() {
+        let t = Instant::now();
+        let mut core = IcmpCore::new();
+        // Not an echo request; a refused destination.
+        let mut not_echo = request(GUEST, ALIAS, 1, 1, b"");
+        not_echo[IPV4_HEADER] = 13;
+        assert_eq!(core.guest_packet(t, &policy(), (GUEST, ALIAS), &not_echo, false), Request::Drop);
+        let bcast = Ipv4Addr::BROADCAST;
+        assert_eq!(
+            core.guest_packet(t, &policy(), (GUEST, bcast), &request(GUEST, bcast, 1, 1, b""), false),
+            Request::Drop
+        );
+        assert_eq!((core.stats().ignored, core.stats().refused), (1, 1));
+        // At most MAX_FLOWS: the least recently used goes.
+        let mut ids = Vec::new();
+        for ident in 0..=MAX_FLOWS as u16 {
+            let at = t + Duration::from_millis(u64::from(ident));
+            let req = request(GUEST, ALIAS, ident, 1, b"");
+            let Request::Open { id, .. } = core.guest_packet(at, &policy(), (GUEST, ALIAS), &req, false) else {
+                panic!()
+            };
+            let gone = core.opened(at, (GUEST, ALIAS, ident), id, Mode::Raw);
+            if usize::from(ident) < MAX_FLOWS {
+                assert!(gone.is_empty());
+            } else {
+                assert_eq!(gone, vec![ids[0]]);
+            }
+            ids.push(id);
+        }
+        assert_eq!(core.len(), MAX_FLOWS);
+        // A raw socket sees every reply: only this flow's identifier counts.
+        let raw = echo_reply_packet(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 5, 1, b"");
+        assert!(core.host_datagram(t, ids[5], &raw).is_some());
+        assert!(core.host_datagram(t, ids[6], &raw).is_none());
+        // Idle flows end when the timer says; a failed socket ends its flow.
+        assert!(core.host_failed(ids[7]));
+        assert!(!core.host_failed(ids[7]));
+        let last = t + Duration::from_millis(MAX_FLOWS as u64);
+        assert_eq!(core.next_deadline(), Some(t + Duration::from_millis(1) + IDLE));
+        assert_eq!(core.expire(last + IDLE).len(), MAX_FLOWS - 1);
+        assert!(core.is_empty() && core.next_deadline().is_none());
+    }
+
+    #[test]
+    fn core_bounds_requests_waiting_for_the_icmp_api() {
+        let t = Instant::now();
+        let mut core = IcmpCore::new();
+        let mut waiting = Vec::new();
+        for seq in 0..MAX_IN_FLIGHT_PER_GUEST as u16 {
+            let req = request(GUEST, ALIAS, 1, seq, b"x");
+            let Request::Api { target, data, echo } = core.guest_packet(t, &policy(), (GUEST, ALIAS), &req, true)
+            else {
+                panic!()
+            };
+            assert_eq!((target, &data[..]), (Ipv4Addr::LOCALHOST, &b"x"[..]));
+            waiting.push(echo);
+        }
+        let one_more = request(GUEST, ALIAS, 1, 99, b"x");
+        assert_eq!(core.guest_packet(t, &policy(), (GUEST, ALIAS), &one_more, true), Request::Drop);
+        assert_eq!((core.stats().busy, core.len(), core.mode()), (1, MAX_IN_FLIGHT_PER_GUEST, Some(Mode::Api)));
+        let reply = core.api_done(t, waiting[3], ApiOutcome::Reply(b"x".to_vec()));
+        assert_eq!(reply, Some(echo_reply_packet(ALIAS, GUEST, 1, 3, b"x")));
+        assert_eq!(core.api_done(t, waiting[4], ApiOutcome::NoReply(11010)), None);
+        assert!(core.api_done(t, waiting[5], ApiOutcome::Failed(io::Error::other("x"))).is_none());
+        let s = core.stats();
+        assert_eq!((s.replies, s.no_reply, s.send_errors, core.len()), (1, 1, 1, MAX_IN_FLIGHT_PER_GUEST - 3));
+        assert!(matches!(core.guest_packet(t, &policy(), (GUEST, ALIAS), &one_more, true), Request::Api { .. }));
+    }
 
     #[test]
     fn in_flight_requests_are_bounded_per_guest_and_in_total() {

@@ -13,6 +13,7 @@
 //! entries leave with its port.
 
 pub mod capture;
+pub mod icmp;
 pub mod udp;
 
 use std::cell::RefCell;
@@ -26,16 +27,16 @@ use rdnet_link::{Decoder, FrameError, FrameReader, Framing, LinkError, LinkStrea
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
-use smoltcp::wire::{EthernetAddress, IpProtocol, Ipv4Repr};
+use smoltcp::wire::{IpProtocol, Ipv4Repr};
 
 use crate::gateway::dns::DnsServer;
 use crate::gateway::{FrameSink, Network, Upcall};
 use crate::nat::NatPolicy;
-use crate::nat::icmp::IcmpNat;
 use crate::nat::tcp::TcpNat;
 use crate::ratelimit::LogLimiter;
 use crate::shell::capture::Capture;
 use crate::switch::PortId;
+use icmp::IcmpNat;
 use udp::UdpNat;
 
 /// Settings of the I/O shell (the network's own live in `NetConfig`).
@@ -262,7 +263,7 @@ impl Engine {
             net.handle_frame(port, frame, now, &mut *ports)
         };
         match upcall {
-            Upcall::Ipv4 { src_mac, header, packet } => self.route_ipv4(port, src_mac, &header, packet, now),
+            Upcall::Ipv4 { header, packet, .. } => self.route_ipv4(port, &header, packet, now),
             Upcall::Ipv6 { header, packet, .. } => self.route_ipv6(&header, packet, now),
             Upcall::None => {}
         }
@@ -354,14 +355,7 @@ impl Engine {
     }
 
     /// IPv4 the gateway must route: its own services or the NAT.
-    fn route_ipv4(
-        self: &Rc<Self>,
-        port: PortId,
-        src_mac: EthernetAddress,
-        header: &Ipv4Repr,
-        packet: &[u8],
-        now: Instant,
-    ) {
+    fn route_ipv4(self: &Rc<Self>, port: PortId, header: &Ipv4Repr, packet: &[u8], now: Instant) {
         let gateway = self.net.borrow().cfg.gateway_ip;
         match header.next_header {
             IpProtocol::Udp => {
@@ -380,7 +374,7 @@ impl Engine {
                 }
                 UdpNat::send(self, src.into(), dst.into(), payload, now);
             }
-            IpProtocol::Icmp => IcmpNat::handle(self, src_mac, header, packet, now),
+            IpProtocol::Icmp => IcmpNat::handle(self, header, packet, now),
             IpProtocol::Tcp => {
                 let large = self.net.borrow().takes_large_frames(port);
                 crate::nat::tcp::handle_guest_packet(self, port, header, packet, large)

@@ -51,8 +51,6 @@ pub(crate) const MAX_ERRORS_IN_A_ROW: u32 = 8;
 /// aborted when the flow is dropped. Shared with the ICMP NAT, whose ping
 /// sockets are datagram sockets too.
 pub(crate) struct Flow {
-    /// Tells a reply task whether the table entry is still its own.
-    pub(crate) id: u64,
     pub(crate) socket: Rc<UdpSocket>,
     pub(crate) task: Option<JoinHandle<()>>,
 }
@@ -114,7 +112,7 @@ impl UdpNat {
                     for old in nat.core.opened(now, (src, dst), id) {
                         nat.flows.remove(&old);
                     }
-                    nat.flows.insert(id, Flow { id, socket, task: Some(task) });
+                    nat.flows.insert(id, Flow { socket, task: Some(task) });
                     if nat.timer.as_ref().is_none_or(JoinHandle::is_finished) {
                         nat.timer = Some(tokio::task::spawn_local(idle_timer(engine.clone())));
                     }
