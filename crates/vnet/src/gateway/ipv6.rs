@@ -476,17 +476,8 @@ impl Network {
     /// destination address, if known.
     pub fn send_ipv6_to_guest(&mut self, packet: &[u8], now: Instant, out: &mut impl FrameSink) -> bool {
         let Ok(ip) = Ipv6Packet::new_checked(packet) else { return false };
-        let Some(mac) = self.ipv6.neighbor(&ip.dst_addr()) else {
-            self.stats.drops.unknown_unicast += 1;
-            return false;
-        };
-        let mut buf = std::mem::take(&mut self.scratch);
-        frame::ethernet(&mut buf, self.cfg.gateway_mac, mac, EthernetProtocol::Ipv6, packet.len(), |b| {
-            b.copy_from_slice(packet)
-        });
-        self.deliver(&buf, now, out);
-        self.scratch = buf;
-        true
+        let mac = self.ipv6.neighbor(&ip.dst_addr());
+        self.send_packet_to(mac, EthernetProtocol::Ipv6, packet, now, out)
     }
 
     /// Why the IPv6 source of a frame from `src_mac` is not that guest's to
