@@ -269,9 +269,9 @@ impl Engine {
         }
     }
 
-    /// IPv6 the gateway must route: its DNS server and the UDP NAT; what
-    /// the host cannot take (no route, and for now TCP and echo, which the
-    /// NAT does not carry over IPv6 yet) is answered with ICMPv6 "no route"
+    /// IPv6 the gateway must route: its DNS server, the UDP NAT and the
+    /// echo NAT; what the host cannot take (no route, and for now TCP, which
+    /// the NAT does not carry over IPv6 yet) is answered with ICMPv6 "no route"
     /// at once, so the guest's connect fails fast and happy eyeballs falls
     /// back to IPv4.
     fn route_ipv6(self: &Rc<Self>, header: &smoltcp::wire::Ipv6Repr, packet: &[u8], now: Instant) {
@@ -298,6 +298,11 @@ impl Engine {
             if UdpNat::send(self, src, dst, udp.payload(), now) {
                 return;
             }
+        }
+        if header.next_header == IpProtocol::Icmpv6
+            && IcmpNat::handle(self, (header.src_addr.into(), header.dst_addr.into()), packet, now)
+        {
+            return;
         }
         let mut net = self.net.borrow_mut();
         let mut ports = self.ports.borrow_mut();
@@ -374,7 +379,9 @@ impl Engine {
                 }
                 UdpNat::send(self, src.into(), dst.into(), payload, now);
             }
-            IpProtocol::Icmp => IcmpNat::handle(self, header, packet, now),
+            IpProtocol::Icmp => {
+                IcmpNat::handle(self, (header.src_addr.into(), header.dst_addr.into()), packet, now);
+            }
             IpProtocol::Tcp => {
                 let large = self.net.borrow().takes_large_frames(port);
                 crate::nat::tcp::handle_guest_packet(self, port, header, packet, large)
