@@ -82,6 +82,14 @@ pub async fn dial(ep: &Endpoint) -> io::Result<SysStream> {
             Ok(SysStream::HvSock(BridgeStream::spawn(sock, "hvsock")?))
         }
         Endpoint::Npipe(name) => dial_pipe(name).await.map(SysStream::PipeClient),
+        Endpoint::Winsock(addr) => {
+            let addr = inet_addr(*addr);
+            let sock =
+                tokio::task::spawn_blocking(move || connect_blocking(ws::AF_INET, ws::IPPROTO_TCP, &addr, tune_tcp))
+                    .await
+                    .map_err(io::Error::other)??;
+            Ok(SysStream::HvSock(BridgeStream::spawn(sock, "winsock")?))
+        }
         other => Err(unsupported(other)),
     }
 }
@@ -90,9 +98,15 @@ pub async fn listen(ep: &Endpoint) -> io::Result<SysListener> {
     match ep {
         Endpoint::HvSock { vm, port } => {
             let addr = hv_addr(vm, *port)?;
-            Ok(SysListener::HvSock(listen_sock(ws::AF_HYPERV, hv::HV_PROTOCOL_RAW as i32, &addr, "hvsock")?))
+            Ok(SysListener::HvSock(listen_on(Sock::new(ws::AF_HYPERV, hv::HV_PROTOCOL_RAW as i32)?, &addr, "hvsock")?))
         }
         Endpoint::Npipe(name) => listen_pipe(name).map(SysListener::Pipe),
+        Endpoint::Winsock(addr) => {
+            let s = Sock::new(ws::AF_INET, ws::IPPROTO_TCP)?;
+            // Accepted sockets inherit these.
+            tune_tcp(&s)?;
+            Ok(SysListener::HvSock(listen_on(s, &inet_addr(*addr), "winsock")?))
+        }
         other => Err(unsupported(other)),
     }
 }
@@ -148,6 +162,24 @@ fn hv_addr(vm: &str, port: u32) -> io::Result<hv::SOCKADDR_HV> {
         VmId: sys_guid(vm),
         ServiceId: sys_guid(hvsock::service_id(port)),
     })
+}
+
+/// `winsock://`'s address.
+fn inet_addr(addr: std::net::SocketAddrV4) -> ws::SOCKADDR_IN {
+    let mut a = ws::SOCKADDR_IN { sin_family: ws::AF_INET, sin_port: addr.port().to_be(), ..Default::default() };
+    a.sin_addr.S_un.S_addr = u32::from(*addr.ip()).to_be();
+    a
+}
+
+/// What `tcp://` links get (no Nagle delay, large buffers), so that
+/// `winsock://` differs from `tcp://` only in how the socket is driven.
+fn tune_tcp(s: &Sock) -> io::Result<()> {
+    s.set_opt_u32(ws::IPPROTO_TCP, ws::TCP_NODELAY, 1)?;
+    let size = crate::endpoint::LINK_SOCKET_BUFFER as u32;
+    // Best effort, as for tcp://: a smaller buffer only costs speed.
+    let _ = s.set_opt_u32(ws::SOL_SOCKET, ws::SO_SNDBUF, size);
+    let _ = s.set_opt_u32(ws::SOL_SOCKET, ws::SO_RCVBUF, size);
+    Ok(())
 }
 
 /// A socket address type this module can bind, connect and describe.
@@ -339,8 +371,7 @@ impl SockListener {
     }
 }
 
-fn listen_sock<A: SockAddr>(family: u16, protocol: i32, addr: &A, name: &str) -> io::Result<SockListener> {
-    let s = Sock::new(family, protocol)?;
+fn listen_on<A: SockAddr>(s: Sock, addr: &A, name: &str) -> io::Result<SockListener> {
     s.bind(addr).map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", addr.describe())))?;
     s.listen()?;
     s.set_nonblocking(true)?;
@@ -682,9 +713,7 @@ mod tests {
     }
 
     fn loopback(port: u16) -> ws::SOCKADDR_IN {
-        let mut a = ws::SOCKADDR_IN { sin_family: ws::AF_INET, sin_port: port.to_be(), ..Default::default() };
-        a.sin_addr.S_un.S_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-        a
+        inet_addr(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port))
     }
 
     /// A Winsock socket made by this module, connected to a std listener.
@@ -744,6 +773,34 @@ mod tests {
             }
         }
         assert!(closed, "the listening socket outlived its listener");
+    }
+
+    /// `winsock://` through the crate's own `listen` and `dial`: the Hyper-V
+    /// socket code end to end, with an AF_INET address.
+    #[tokio::test]
+    async fn winsock_endpoints_listen_and_dial() {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let ep: Endpoint = format!("winsock://127.0.0.1:{port}").parse().unwrap();
+        let l = crate::listen(&ep).await.unwrap();
+        for round in 0..3u8 {
+            let (client, server) = tokio::join!(crate::dial(&ep), l.accept());
+            let (mut client, (mut server, peer)) = (client.unwrap(), server.unwrap());
+            assert!(peer.starts_with("tcp://127.0.0.1:"), "{peer}");
+            let data: Vec<u8> = (0..300_000u32).map(|i| (i * 13 + u32::from(round)) as u8).collect();
+            let echo = async {
+                let mut got = vec![0u8; data.len()];
+                server.read_exact(&mut got).await.unwrap();
+                server.write_all(&got).await.unwrap();
+                server.shutdown().await.unwrap();
+            };
+            let talk = async {
+                client.write_all(&data).await.unwrap();
+                let mut back = Vec::new();
+                client.read_to_end(&mut back).await.unwrap();
+                assert!(back == data, "round {round}: the echo differs");
+            };
+            tokio::join!(echo, talk);
+        }
     }
 
     #[tokio::test]
