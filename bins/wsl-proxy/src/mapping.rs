@@ -275,12 +275,23 @@ fn parse_port(s: &str) -> Option<u16> {
 }
 
 /// A string from the body as it may appear in a log line: quoted, escaped,
-/// and cut after [`QUOTED`] characters.
+/// and cut once the escaped text reaches [`QUOTED`] characters. The bound
+/// is on the escaped form because one control character escapes to up to
+/// ten (`\u{10ffff}`), and it is the log line that must stay short.
 fn quote(s: &str) -> String {
-    match s.char_indices().nth(QUOTED) {
-        Some((end, _)) => format!("{:?}… ({} bytes)", &s[..end], s.len()),
-        None => format!("{s:?}"),
+    let mut out = String::from("\"");
+    for (at, c) in s.char_indices() {
+        let escaped = c.escape_debug();
+        if out.len() - 1 + escaped.len() > QUOTED {
+            out.push('"');
+            out.push_str(&format!("… ({} bytes)", s.len()));
+            debug_assert!(at < s.len());
+            return out;
+        }
+        out.extend(escaped);
     }
+    out.push('"');
+    out
 }
 
 /// Where a message ends in a growing buffer, the way Go's `json.Decoder`
@@ -469,6 +480,11 @@ mod tests {
         let r = ok(&format!(r#"{{"ports":{{"80/\n{}":[{{"HostPort":"80"}}]}}}}"#, "é".repeat(100)));
         let line = r.skipped[0].to_string();
         assert!(line.contains("\\n") && !line.contains('\n'), "{line}");
+        // Found by the fuzzer: characters that escape long ("\u{7f}") must
+        // not multiply the quoted length.
+        let r = ok(&format!(r#"{{"ports":{{"6{}443/tc~":[{{"HostPort":"80"}}]}}}}"#, "\u{7f}".repeat(200)));
+        let line = r.skipped[0].to_string();
+        assert!(line.chars().count() < 250 && line.contains("(208 bytes)"), "{line}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod checksum;
 pub mod dhcp;
 pub mod mac;
+pub mod ndp_dns;
 pub mod offload;
 pub mod ratelimit;
 pub mod vnet_hdr;
