@@ -668,7 +668,7 @@ mod tests {
     /// `listen` and `dial` (192 streams, each moving a little data both
     /// ways), leave the process's thread count where it was, give or take
     /// what other tests running in parallel start. The bridge this replaced
-    /// took two threads per stream: 384 here.
+    /// took two threads per Hyper-V socket stream: 256 here.
     #[tokio::test]
     async fn connections_take_no_threads() {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
