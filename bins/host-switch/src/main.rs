@@ -245,8 +245,8 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
         Ok::<(), Box<dyn std::error::Error>>(())
     });
     // Dropping the tasks closes every listener; blocking work still
-    // running (an ICMP echo waiting for its reply, a Hyper-V socket's
-    // bridge thread) gets a bounded time, so the shutdown is bounded.
+    // running (an ICMP echo waiting for its reply, a DNS query in the
+    // system resolver) gets a bounded time, so the shutdown is bounded.
     drop(local);
     rt.shutdown_timeout(SHUTDOWN_GRACE);
     result

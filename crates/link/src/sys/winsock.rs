@@ -6,9 +6,10 @@
 //! reads: mio keeps one overlapped `IOCTL_AFD_POLL` per socket on the
 //! runtime's completion port, and when it reports readiness the socket is
 //! read or written with plain non-blocking `recv`/`send`, straight into or out
-//! of the caller's buffer. AFD, the kernel side of Winsock, serves every
-//! socket whose provider is mswsock, AF_HYPERV sockets included, so nothing
-//! in that path is TCP-specific. The only door tokio opens to an outside
+//! of the caller's buffer. AFD, the kernel side of Winsock, polls sockets of
+//! any family behind the mswsock provider, not only TCP, and nothing else in
+//! that path is TCP-specific; AF_HYPERV sockets are expected to be such
+//! sockets (see the end of this comment for what is verified). The only door tokio opens to an outside
 //! socket is `TcpStream::from_std`, so a socket made here goes through it as
 //! a `std::net::TcpStream` — to the standard library any owned socket, whose
 //! reads, writes, half-close and SO_ERROR are the family-neutral `recv`,
@@ -27,11 +28,14 @@
 //! socket at once; a stream's data already accepted by `send` is still
 //! delivered (a graceful close), as for any socket.
 //!
-//! Microsoft's OpenVMM drives its AF_HYPERV sockets the same way (AFD
-//! polling, non-blocking connect and accept). What runs where: under Wine
-//! (CI) these functions run with AF_INET addresses (`winsock://` and the
-//! tests below), Wine having no AF_HYPERV; the Hyper-V addresses themselves
-//! only on real Windows.
+//! What runs where: under Wine (CI) these functions run with AF_INET
+//! addresses (`winsock://` and the tests in `windows.rs`), Wine having no
+//! AF_HYPERV; the Hyper-V addresses themselves only on real Windows, where
+//! it is still to be checked that AFD polling serves AF_HYPERV sockets on
+//! the Windows builds Rancher Desktop supports (a 2016-era note,
+//! ocaml-hvsock's, says the first Hyper-V socket kernels did not support
+//! `select`). If registering fails, dial and listen return that error; a
+//! dial is bounded by its limit whatever the poller does.
 
 use std::io;
 use std::marker::PhantomData;
