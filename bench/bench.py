@@ -331,8 +331,9 @@ class TcpLinkWorld:
 
 def windows_rows(mtu):
     """The Windows build under Wine against the Linux build, both serving
-    the guest over TCP loopback: the baseline for thread-free I/O on
-    Windows (overlapped I/O instead of bridge threads)."""
+    the guest over TCP loopback; the Windows build twice, once on tokio's
+    TCP (`tcp://`) and once on the Hyper-V socket code (`winsock://`), so
+    the latter's cost shows against the former in the same run."""
     wine = find_wine()
     missing = [what for what, ok in (
         ("wine", wine),
