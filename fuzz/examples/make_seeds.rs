@@ -15,8 +15,8 @@ use rdnet_vnet::{NetConfig, Network, PortId};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet,
-    Icmpv4Repr, IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    UdpPacket, UdpRepr,
+    Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address,
+    Ipv6Packet, Ipv6Repr, NdiscRepr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]);
@@ -24,6 +24,63 @@ const GW_MAC: EthernetAddress = EthernetAddress([0x5a, 0x94, 0xef, 0xe4, 0x0c, 0
 const GUEST: Ipv4Address = Ipv4Address::new(192, 168, 127, 2);
 const GW: Ipv4Address = Ipv4Address::new(192, 168, 127, 1);
 const HOST: Ipv4Address = Ipv4Address::new(192, 168, 127, 254);
+
+const GUEST6: Ipv6Address = Ipv6Address::new(0xfd5a, 0x94ef, 0xe40c, 0, 0x5894, 0xefff, 0xfee4, 0x0cee);
+const LL: Ipv6Address = Ipv6Address::new(0xfe80, 0, 0, 0, 0x5894, 0xefff, 0xfee4, 0x0cee);
+const GW6: Ipv6Address = Ipv6Address::new(0xfd5a, 0x94ef, 0xe40c, 0, 0, 0, 0, 1);
+const ALL_ROUTERS: Ipv6Address = Ipv6Address::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
+const ALL_DHCP: Ipv6Address = Ipv6Address::new(0xff02, 0, 0, 0, 0, 0, 1, 2);
+const SOLICITED: Ipv6Address = Ipv6Address::new(0xff02, 0, 0, 0, 0, 1, 0xffe4, 0x0cee);
+
+fn multicast_mac(ip: Ipv6Address) -> EthernetAddress {
+    let o = ip.octets();
+    EthernetAddress([0x33, 0x33, o[12], o[13], o[14], o[15]])
+}
+
+fn ipv6(
+    src: Ipv6Address,
+    dst: Ipv6Address,
+    mac: EthernetAddress,
+    proto: IpProtocol,
+    hop: u8,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
+    let ip = Ipv6Repr { src_addr: src, dst_addr: dst, next_header: proto, payload_len: len, hop_limit: hop };
+    eth(mac, EthernetProtocol::Ipv6, 40 + len, |b| {
+        ip.emit(&mut Ipv6Packet::new_unchecked(&mut *b));
+        fill(&mut b[40..]);
+    })
+}
+
+fn icmp6(src: Ipv6Address, dst: Ipv6Address, mac: EthernetAddress, hop: u8, r: &Icmpv6Repr) -> Vec<u8> {
+    ipv6(src, dst, mac, IpProtocol::Icmpv6, hop, r.buffer_len(), |b| {
+        r.emit(&src, &dst, &mut Icmpv6Packet::new_unchecked(b), &ChecksumCapabilities::default())
+    })
+}
+
+fn udp6(src: Ipv6Address, dst: Ipv6Address, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mac = if dst.is_multicast() { multicast_mac(dst) } else { GW_MAC };
+    let repr = UdpRepr { src_port: sport, dst_port: dport };
+    ipv6(src, dst, mac, IpProtocol::Udp, 64, 8 + payload.len(), |b| {
+        repr.emit(
+            &mut UdpPacket::new_unchecked(b),
+            &IpAddress::Ipv6(src),
+            &IpAddress::Ipv6(dst),
+            payload.len(),
+            |p| p.copy_from_slice(payload),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+fn dhcp6_information_request() -> Vec<u8> {
+    use dhcproto::Encodable;
+    use dhcproto::v6::{DhcpOption, Message, MessageType};
+    let mut m = Message::new_with_id(MessageType::InformationRequest, [1, 2, 3]);
+    m.opts_mut().insert(DhcpOption::ClientId(vec![0, 3, 0, 1, 0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]));
+    m.to_vec().unwrap()
+}
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
@@ -182,6 +239,55 @@ fn main() {
         ("tcp-syn", vec![tcp(HOST, 80, TcpControl::Syn, &[])]),
         ("tcp-api", vec![tcp(GW, 80, TcpControl::Syn, &[]), tcp(GW, 80, TcpControl::Psh, b"GET / HTTP/1.1\r\n\r\n")]),
         ("dhcp", dhcp_sent.clone()),
+        (
+            "ipv6-router-solicit",
+            vec![icmp6(
+                LL,
+                ALL_ROUTERS,
+                multicast_mac(ALL_ROUTERS),
+                255,
+                &Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { lladdr: Some(GUEST_MAC.into()) }),
+            )],
+        ),
+        (
+            "ipv6-neighbor-solicit",
+            vec![icmp6(
+                LL,
+                GW6,
+                GW_MAC,
+                255,
+                &Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr: GW6, lladdr: Some(GUEST_MAC.into()) }),
+            )],
+        ),
+        (
+            "ipv6-dad",
+            vec![icmp6(
+                Ipv6Address::UNSPECIFIED,
+                SOLICITED,
+                multicast_mac(SOLICITED),
+                255,
+                &Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr: GUEST6, lladdr: None }),
+            )],
+        ),
+        (
+            "ipv6-ping-gateway",
+            vec![icmp6(GUEST6, GW6, GW_MAC, 64, &Icmpv6Repr::EchoRequest { ident: 1, seq_no: 1, data: b"ping" })],
+        ),
+        (
+            "ipv6-ping-away",
+            vec![icmp6(
+                GUEST6,
+                Ipv6Address::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+                GW_MAC,
+                64,
+                &Icmpv6Repr::EchoRequest { ident: 1, seq_no: 1, data: b"ping" },
+            )],
+        ),
+        ("ipv6-dhcp-information-request", vec![udp6(LL, ALL_DHCP, 546, 547, &dhcp6_information_request())]),
+        (
+            "ipv6-dns",
+            vec![udp6(GUEST6, GW6, 5353, 53, &dns_query("host.rancher-desktop.internal.", RecordType::AAAA, false))],
+        ),
     ];
     for (name, fs) in frames {
         write("network_frames", name, &framed(0x05, &fs));

@@ -7,8 +7,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use libfuzzer_sys::fuzz_target;
-use rdnet_vnet::dns::message::{self, Decision};
-use rdnet_vnet::dns::zone::{Pattern, Record, Zone, ZoneTable};
+use rdnet_vnet::gateway::dns::message::{self, Decision};
+use rdnet_vnet::gateway::dns::zone::{Pattern, Record, Zone, ZoneTable};
 
 fuzz_target!(|data: &[u8]| {
     let mut zones = ZoneTable::new(Zone::defaults(Ipv4Addr::new(192, 168, 127, 1), Ipv4Addr::new(192, 168, 127, 254)));

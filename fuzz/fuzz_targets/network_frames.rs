@@ -1,8 +1,10 @@
 //! The switch and the gateway (`Network::handle_frame`) fed arbitrary
-//! frames from two VM ports: ARP, ICMP, DHCP, and the IPv4 upcall for
-//! UDP/TCP. Input: one control byte, then u16-LE framed frames. Control bit
-//! 0 asks for the IPv4 header and ICMP/UDP/TCP checksums to be made valid
-//! first, so the fuzzer gets past checksum checks. The NAT behind the
+//! frames from two VM ports: ARP, ICMP, DHCP, the IPv4 upcall for UDP/TCP,
+//! and IPv6 (neighbour discovery, router solicitations, DHCPv6, echo, the
+//! "no route" answer, the periodic advertisement). Input: one control byte,
+//! then u16-LE framed frames. Control bit 0 asks for the IPv4 header and
+//! ICMP/ICMPv6/UDP/TCP checksums to be made valid first, so the fuzzer gets
+//! past checksum checks. The NAT behind the
 //! upcall is not driven here: it would open host sockets to fuzzer-chosen
 //! addresses (TESTING.md: traffic only to loopback).
 #![no_main]
@@ -13,11 +15,16 @@ use libfuzzer_sys::fuzz_target;
 use rdnet_link::codec::{Decoder, Framing};
 use rdnet_vnet::{NetConfig, Network, PortId, Upcall};
 use smoltcp::wire::{
-    EthernetFrame, EthernetProtocol, Icmpv4Packet, IpAddress, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
+    EthernetFrame, EthernetProtocol, Icmpv4Packet, Icmpv6Packet, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet,
+    TcpPacket, UdpPacket,
 };
 
 fn fix_checksums(frame: &mut [u8]) {
     let Ok(mut eth) = EthernetFrame::new_checked(frame) else { return };
+    if eth.ethertype() == EthernetProtocol::Ipv6 {
+        fix_checksums6(eth.payload_mut());
+        return;
+    }
     if eth.ethertype() != EthernetProtocol::Ipv4 {
         return;
     }
@@ -49,9 +56,32 @@ fn fix_checksums(frame: &mut [u8]) {
     }
 }
 
+fn fix_checksums6(packet: &mut [u8]) {
+    let Ok(mut ip) = Ipv6Packet::new_checked(packet) else { return };
+    let (src, dst, proto) = (ip.src_addr(), ip.dst_addr(), ip.next_header());
+    let len = usize::from(ip.payload_len());
+    let Some(payload) = ip.payload_mut().get_mut(..len) else { return };
+    match proto {
+        IpProtocol::Icmpv6 => {
+            if let Ok(mut p) = Icmpv6Packet::new_checked(payload) {
+                p.fill_checksum(&src, &dst);
+            }
+        }
+        IpProtocol::Udp => {
+            if let Ok(mut p) = UdpPacket::new_checked(payload) {
+                p.fill_checksum(&IpAddress::Ipv6(src), &IpAddress::Ipv6(dst));
+            }
+        }
+        _ => {}
+    }
+}
+
 fuzz_target!(|input: &[u8]| {
     let Some((&ctl, mut data)) = input.split_first() else { return };
-    let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
+    let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500)
+        .unwrap()
+        .with_ipv6(Some("fd5a:94ef:e40c::/64".parse().unwrap()))
+        .unwrap();
     let mut net = Network::new(cfg);
     let ports: [PortId; 2] = [net.add_port(), net.add_port()];
     let decoder = Decoder::new(Framing::U16Le, 65535);
@@ -73,7 +103,14 @@ fuzz_target!(|input: &[u8]| {
             Upcall::Ipv4 { header, packet, .. } => {
                 assert!(packet.len() >= header.payload_len);
             }
+            Upcall::Ipv6 { header, packet, .. } => {
+                assert_eq!(packet.len(), 40 + header.payload_len);
+                // What the shell answers for IPv6 it cannot route.
+                let (header, packet) = (header, packet.to_vec());
+                net.unreachable6(&header, &packet, now, &mut out);
+            }
         }
+        net.poll_ipv6(now, &mut out);
         for (p, f) in out.drain(..) {
             assert!(ports.contains(&p));
             assert!(f.len() >= 14, "a frame shorter than an Ethernet header went out");

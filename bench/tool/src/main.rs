@@ -1,5 +1,7 @@
-//! Load generators for `bench/run`: request/response rate, connection rate,
-//! and many held connections. Every loop is bounded by time or count.
+//! Load generators for `bench/run`: request/response rate and many held
+//! connections. Every loop is bounded by time or count. The connection-rate
+//! and latency rows use `bench/load.c` instead: a client that must run at
+//! the kernel path's speed for its veth baseline to mean anything.
 #![deny(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -31,15 +33,6 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// Connect, 1 byte each way, close; prints connections per second.
-    Crr {
-        #[arg(long)]
-        connect: SocketAddr,
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        #[arg(long, default_value_t = 4)]
-        parallel: usize,
-    },
     /// Opens `count` connections, checks an echo on each, holds them for
     /// `hold` seconds (so RSS can be read), then closes; prints how many
     /// echoed correctly.
@@ -58,9 +51,6 @@ fn main() {
     match cli.cmd {
         Cmd::Server { listen } => server(listen),
         Cmd::Rr { connect, seconds } => println!("{:.0}", rr(connect, Duration::from_secs(seconds))),
-        Cmd::Crr { connect, seconds, parallel } => {
-            println!("{:.0}", crr(connect, Duration::from_secs(seconds), parallel))
-        }
         Cmd::Hold { connect, count, hold } => println!("{}", hold_many(connect, count, Duration::from_secs(hold))),
     }
 }
@@ -105,31 +95,6 @@ fn rr(addr: SocketAddr, dur: Duration) -> f64 {
         }
     }
     n as f64 / start.elapsed().as_secs_f64()
-}
-
-fn crr(addr: SocketAddr, dur: Duration, parallel: usize) -> f64 {
-    let done = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let threads: Vec<_> = (0..parallel)
-        .map(|_| {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let mut b = [0u8; 1];
-                while start.elapsed() < dur {
-                    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else { continue };
-                    let _ = s.set_nodelay(true);
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                    if s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn hold_many(addr: SocketAddr, count: usize, hold: Duration) -> usize {

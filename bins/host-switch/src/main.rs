@@ -29,6 +29,10 @@ struct Opts {
     /// The virtual network (gateway = first address, VM = second, host alias = last).
     #[arg(long, default_value = "192.168.127.0/24")]
     subnet: Ipv4Net,
+    /// The virtual network's IPv6 /64 (gateway = ::1, host alias = ::fe,
+    /// guests by SLAAC); empty (`--subnet6=`) keeps it IPv4-only.
+    #[arg(long, default_value = rdnet_vnet::config::DEFAULT_SUBNET6)]
+    subnet6: String,
     /// Static forward HostIP:Port=GuestIP:Port (optional udp: prefix); repeatable.
     #[arg(long = "port-forward")]
     port_forward: Vec<StaticForward>,
@@ -74,7 +78,7 @@ struct Opts {
     #[arg(long)]
     capture: Option<String>,
     /// The capture stops once its file would grow beyond this many bytes.
-    #[arg(long = "capture-max-bytes", default_value_t = rdnet_vnet::capture::DEFAULT_MAX_BYTES)]
+    #[arg(long = "capture-max-bytes", default_value_t = rdnet_vnet::shell::capture::DEFAULT_MAX_BYTES)]
     capture_max_bytes: u64,
     /// The guest's handshake endpoint (vsock://CID:6669, unix:///path,
     /// hybridvsock:///VMM.sock:6669 for a guest behind a hybrid-vsock VMM): find
@@ -140,7 +144,13 @@ fn net_config(opts: &Opts) -> Result<NetConfig, String> {
             "too small: it needs room for a gateway, a device and a host address (at most /29)",
         ),
         ConfigError::BadMtu(m) => invalid("mtu", &m, &out_of_range(MIN_MTU, MAX_MTU)),
+        ConfigError::BadSubnet6(p) => invalid("subnet6", &p, "must be a /64"),
     })?;
+    let prefix6 = match opts.subnet6.trim() {
+        "" => None,
+        text => Some(text.parse::<ipnet::Ipv6Net>().map_err(|e| invalid("subnet6", &text, &e.to_string()))?),
+    };
+    let cfg = cfg.with_ipv6(prefix6).map_err(|e| invalid("subnet6", &opts.subnet6, &e.to_string()))?;
     Ok(cfg)
 }
 
@@ -157,6 +167,7 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
     };
     tracing::info!(
         subnet = %cfg.subnet, gateway = %cfg.gateway_ip, host = %cfg.host_ip, mtu = cfg.mtu,
+        subnet6 = %cfg.ipv6.as_ref().map_or("off".to_string(), |v6| v6.prefix.to_string()),
         forwards = opts.port_forward.len(), "starting host-switch"
     );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -182,7 +193,7 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
             // Whole frames, also those above the MTU that VMs which
             // negotiated offload exchange (rdnet_wire::offload).
             let snaplen = engine.max_frame().max(rdnet_wire::offload::MAX_LARGE_FRAME) as u32;
-            match rdnet_vnet::capture::Capture::create(&path, snaplen, opts.capture_max_bytes) {
+            match rdnet_vnet::shell::capture::Capture::create(&path, snaplen, opts.capture_max_bytes) {
                 Ok(c) => {
                     tracing::info!(path = %path.display(), max_bytes = opts.capture_max_bytes, "capturing frames");
                     engine.start_capture(c);

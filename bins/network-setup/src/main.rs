@@ -64,6 +64,11 @@ pub struct Opts {
     /// The virtual network (passed on to vm-switch; must match host-switch).
     #[arg(long, default_value = "192.168.127.0/24")]
     pub subnet: String,
+    /// The virtual network's IPv6 /64 (passed on to vm-switch as
+    /// -subnet6 when given; empty turns IPv6 off on the tap). Not given:
+    /// vm-switch's default.
+    #[arg(long)]
+    pub subnet6: Option<String>,
     /// MAC address of the tap interface (passed on to vm-switch).
     #[arg(long = "tap-mac-address", default_value = "5a:94:ef:e4:0c:ee")]
     pub tap_mac_address: String,
@@ -150,6 +155,7 @@ pub struct Config {
     pub trace_packets: bool,
     pub tap_interface: String,
     pub subnet: String,
+    pub subnet6: Option<String>,
     pub tap_mac_address: String,
     pub dhcp_script: String,
     pub vm_switch_path: PathBuf,
@@ -207,6 +213,12 @@ impl Config {
         if subnet.prefix_len() > 29 {
             return Err(invalid("subnet", &o.subnet, "too small (at most /29)"));
         }
+        if let Some(text) = o.subnet6.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+            let prefix: ipnet::Ipv6Net = text.parse().map_err(|e| invalid("subnet6", text, e))?;
+            if prefix.prefix_len() != 64 {
+                return Err(invalid("subnet6", text, "must be a /64"));
+            }
+        }
         for (flag, name) in [
             ("tap-interface", &o.tap_interface),
             ("veth-host-name", &o.veth_host_name),
@@ -238,6 +250,7 @@ impl Config {
             trace_packets: o.trace_packets,
             tap_interface: o.tap_interface.clone(),
             subnet: o.subnet.clone(),
+            subnet6: o.subnet6.clone(),
             tap_mac_address: o.tap_mac_address.clone(),
             dhcp_script: o.dhcp_script.clone(),
             vm_switch_path,
@@ -280,6 +293,10 @@ impl Config {
         }
         if let Some(path) = &self.vm_switch_resolv_conf {
             args.extend(["--resolv-conf".into(), path.into()]);
+        }
+        if let Some(prefix) = &self.subnet6 {
+            // One argument, so an empty value stays a value.
+            args.push(format!("-subnet6={prefix}").into());
         }
         args
     }
@@ -464,6 +481,7 @@ mod tests {
             "-dhcp-script=/bin/true",
             "--vm-switch-resolv-conf=/tmp/r.conf",
             "-trace-packets=false",
+            "-subnet6=",
         ])
         .unwrap();
         let args = Config::from_opts(&o, false).unwrap().vm_switch_args();
@@ -480,9 +498,14 @@ mod tests {
                 "-dhcp-script",
                 "/bin/true",
                 "--resolv-conf",
-                "/tmp/r.conf"
+                "/tmp/r.conf",
+                "-subnet6="
             ]
         );
+        for bad in ["fd00::/48", "nonsense"] {
+            let o = parse(&["-vm-switch-path=/bin/sh", "-unshare-arg=/sbin/init", &format!("-subnet6={bad}")]).unwrap();
+            assert!(Config::from_opts(&o, false).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -32,6 +32,12 @@ pub struct Opts {
     /// The virtual network (must match host-switch).
     #[arg(long, default_value = "192.168.127.0/24")]
     pub subnet: String,
+    /// The virtual network's IPv6 prefix (a /64; must match host-switch):
+    /// the tap takes its address, route and MTU from the gateway's router
+    /// advertisements, and their DNS servers go to resolv.conf beside the
+    /// IPv4 ones. Empty turns IPv6 off on the tap.
+    #[arg(long, default_value = "fd5a:94ef:e40c::/64")]
+    pub subnet6: String,
     /// Log file, opened for append.
     #[arg(long, default_value = "/var/log/vm-switch.log")]
     pub logfile: PathBuf,

@@ -39,19 +39,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rdnet_cli::{LogOptions, error_chain, init_logging, out_of_range};
-use rdnet_guest::configure::{apply_lease, remove_lease, write_resolv_conf};
+use rdnet_guest::configure::{apply_lease, remove_lease, set_ipv6, write_resolv_conf};
 use rdnet_guest::dhcp_client::{ClientConfig, DhcpClient, Output};
 use rdnet_guest::dhcp_script::ScriptEvent;
-use rdnet_guest::frame::{Mac, MacDisplay, parse_mac};
-use rdnet_guest::link_rules::{FromLink, FromTap, from_link, from_tap};
+use rdnet_guest::link_rules::{FromLink, FromTap, from_link, from_tap, is_router_advert, router_advert_dns};
 use rdnet_guest::netlink::{Netlink, NetlinkError};
 use rdnet_guest::tap::{Tap, TapError};
 use rdnet_guest::trace::PacketSummary;
 use rdnet_link::http_connect::{self, RefuseHttpAnswer};
 use rdnet_link::{Decoder, Endpoint, EndpointError, FrameReader, FrameWriter, Framing, LinkError, LinkStream, dial};
+use rdnet_wire::ndp_dns::RaDns;
 use rdnet_wire::offload::{self, Hello, Role};
+use rdnet_wire::{Mac, MacDisplay, parse_mac};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
@@ -61,6 +62,8 @@ use crate::script::Script;
 use crate::signals::{Event as SignalEvent, Signals};
 
 /// Bytes queued for the link before a flush even if the tap has more.
+/// A deadline that never comes (a year), for settings with nothing to expire.
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 const BATCH_BYTES: usize = 256 * 1024;
 const REDIAL_MIN: Duration = Duration::from_millis(100);
 const REDIAL_MAX: Duration = Duration::from_secs(2);
@@ -147,6 +150,8 @@ pub struct Config {
     tap: String,
     mac: Mac,
     subnet: Ipv4Net,
+    /// `None`: IPv6 off on the tap.
+    subnet6: Option<Ipv6Net>,
     endpoint: Endpoint,
     redial: bool,
     /// Open each dialled link with gvproxy's `POST /connect`.
@@ -181,6 +186,23 @@ impl Config {
         if subnet.prefix_len() > 29 {
             return Err(bad("subnet", &o.subnet, "too small: the prefix must be /29 or shorter"));
         }
+        let subnet6 = if o.subnet6.is_empty() {
+            None
+        } else {
+            let net: Ipv6Net = o.subnet6.parse().map_err(|e: ipnet::AddrParseError| {
+                bad("subnet6", &o.subnet6, format!("{e} (expected an IPv6 prefix such as fd5a:94ef:e40c::/64)"))
+            })?;
+            // Addresses come from router advertisements (SLAAC), which
+            // need a /64.
+            if net.prefix_len() != 64 {
+                return Err(bad(
+                    "subnet6",
+                    &o.subnet6,
+                    "must be a /64 (addresses come by SLAAC); empty turns IPv6 off",
+                ));
+            }
+            Some(net.trunc())
+        };
         if !(MIN_MTU..=MAX_MTU).contains(&o.mtu) {
             return Err(bad("mtu", o.mtu, out_of_range(MIN_MTU, MAX_MTU)));
         }
@@ -208,6 +230,7 @@ impl Config {
             tap: o.tap_interface.clone(),
             mac,
             subnet: subnet.trunc(),
+            subnet6,
             endpoint,
             redial,
             http_connect: redial && o.connect_http,
@@ -296,14 +319,24 @@ async fn switch(cfg: Config) -> Result<ExitCode, Error> {
     // A GSO packet (its Ethernet header included) must fit one u16-framed
     // frame; the kernel cuts anything larger in software before the tap.
     nl.set_gso_max_size(&cfg.tap, rdnet_wire::offload::MAX_LARGE_FRAME as u32).await?;
+    // IPv6 is configured by the gateway's router advertisements, unless
+    // addressing is left to another program (-dhcp=false); turning it off
+    // (-subnet6=) holds either way. Before the link is up, so its first
+    // address is already made the way set here.
+    if (cfg.dhcp || cfg.subnet6.is_none())
+        && let Err(e) = set_ipv6(&cfg.tap, cfg.subnet6.is_some())
+    {
+        warn!("cannot set up IPv6 on {}: {e}", cfg.tap);
+    }
     nl.set_up(&cfg.tap).await?;
     nl.set_up("lo").await?;
     info!(
-        "tap {} up (mac {}, mtu {}), subnet {}, link {}, dhcp {}",
+        "tap {} up (mac {}, mtu {}), subnet {}, subnet6 {}, link {}, dhcp {}",
         cfg.tap,
         MacDisplay(cfg.mac),
         cfg.mtu,
         cfg.subnet,
+        cfg.subnet6.map_or_else(|| "off".to_string(), |n| n.to_string()),
         cfg.endpoint,
         if cfg.dhcp { "on" } else { "off" }
     );
@@ -522,7 +555,18 @@ where
                             continue;
                         }
                         FromLink::Ignore => continue,
-                        FromLink::ToTap => tap.write(frame).await,
+                        FromLink::ToTap => {
+                            // The kernel takes the RA's prefix, route and
+                            // MTU; its DNS options are for resolv.conf,
+                            // which the DHCP task writes.
+                            if let Some(tx) = &to_client
+                                && cfg.subnet6.is_some()
+                                && is_router_advert(frame)
+                            {
+                                let _ = tx.try_send(frame.to_vec());
+                            }
+                            tap.write(frame).await
+                        }
                         FromLink::ToTapWithHeader(hdr) => tap.write_with_header(&hdr, frame).await,
                         FromLink::Drop(why) => {
                             if let Some(n) = undeliverable.allow() {
@@ -565,6 +609,7 @@ fn spawn_dhcp(cfg: &Config, nl: Netlink) -> DhcpLink {
         tap_mtu: cfg.tap_mtu.clone(),
         subnet: cfg.subnet,
         current: None,
+        ra: None,
         script: cfg.script.clone().map(Script::new),
     };
     tokio::spawn(task.run(rx, tx, link_up.clone()));
@@ -585,6 +630,9 @@ struct DhcpTask {
     current: Option<rdnet_guest::Lease>,
     /// `-dhcp-script`: it, not vm-switch, applies the leases.
     script: Option<Script>,
+    /// The DNS settings of the gateway's last router advertisement, and
+    /// when its servers and its search list expire.
+    ra: Option<(RaDns, Instant, Instant)>,
 }
 
 /// Whether a renewal changed nothing that is applied or logged.
@@ -632,14 +680,25 @@ impl DhcpTask {
                     None => pending().await,
                 }
             };
+            let ra_expiry = self.ra.as_ref().map(|(_, servers, search)| (*servers).min(*search));
+            let ra_timer = async {
+                match ra_expiry {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => pending().await,
+                }
+            };
             tokio::select! {
                 frame = rx.recv() => match frame {
-                    Some(f) => {
-                        self.client.handle_frame(Instant::now(), &f);
-                    }
+                    Some(f) => match router_advert_dns(&f) {
+                        Some(dns) => self.router_advert(dns, Instant::now()),
+                        None => {
+                            self.client.handle_frame(Instant::now(), &f);
+                        }
+                    },
                     None => return,
                 },
                 _ = timer => self.client.handle_timeout(Instant::now()),
+                _ = ra_timer => self.ra_expired(Instant::now()),
                 _ = link_up.notified() => self.client.link_restored(Instant::now()),
             }
         }
@@ -684,7 +743,7 @@ impl DhcpTask {
             Ok(_) => {}
             Err(e) => warn!("applying the lease to {} failed: {}", self.ifname, error_chain(&e)),
         }
-        self.write_dns(&lease);
+        self.write_dns();
     }
 
     async fn lease_ended(&mut self, lease: rdnet_guest::Lease) {
@@ -700,8 +759,60 @@ impl DhcpTask {
         }
     }
 
-    fn write_dns(&self, lease: &rdnet_guest::Lease) {
-        match write_resolv_conf(Path::new(&self.resolv_conf), lease) {
+    /// The gateway's router advertisement: its DNS servers and search list
+    /// go to resolv.conf beside the lease's (a lifetime of 0 withdraws them).
+    fn router_advert(&mut self, dns: RaDns, now: Instant) {
+        // Nothing to expire when an option is absent (or empty): otherwise
+        // its lifetime of 0 would fire the timer at once, on every RA.
+        let expiry = |secs: u32, empty: bool| now + if empty { NEVER } else { Duration::from_secs(u64::from(secs)) };
+        let servers_until = expiry(dns.servers_lifetime, dns.servers.is_empty());
+        let search_until = expiry(dns.search_lifetime, dns.search.is_empty());
+        let unchanged =
+            self.ra.as_ref().is_some_and(|(old, _, _)| old.servers == dns.servers && old.search == dns.search);
+        if !unchanged {
+            info!(
+                "router advertisement: DNS {} search {}",
+                dns.servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+                dns.search.join(" ")
+            );
+        }
+        self.ra = Some((dns, servers_until, search_until));
+        if !unchanged {
+            self.write_dns();
+        }
+    }
+
+    /// Drops the router advertisement's DNS settings whose lifetime ran out.
+    fn ra_expired(&mut self, now: Instant) {
+        let Some((dns, servers_until, search_until)) = self.ra.as_mut() else { return };
+        let mut changed = false;
+        if now >= *servers_until {
+            changed |= !dns.servers.is_empty();
+            dns.servers.clear();
+            *servers_until = now + NEVER;
+        }
+        if now >= *search_until {
+            changed |= !dns.search.is_empty();
+            dns.search.clear();
+            *search_until = now + NEVER;
+        }
+        if dns.servers.is_empty() && dns.search.is_empty() {
+            self.ra = None;
+        }
+        if changed {
+            info!("the router advertisement's DNS settings expired");
+            self.write_dns();
+        }
+    }
+
+    /// Writes resolv.conf from the lease and the router advertisement
+    /// (unless a -dhcp-script owns it).
+    fn write_dns(&self) {
+        if self.script.is_some() {
+            return;
+        }
+        let ra = self.ra.as_ref().map(|(dns, _, _)| dns);
+        match write_resolv_conf(Path::new(&self.resolv_conf), self.current.as_ref(), ra) {
             Ok(true) => debug!("wrote {}", self.resolv_conf.display()),
             Ok(false) => {}
             Err(e) => warn!("{}", error_chain(&e)),
@@ -758,6 +869,16 @@ mod tests {
         assert_eq!(c.endpoint, Endpoint::Fd(3));
         assert!(!c.redial);
         assert_eq!(c.max_frame(), 1514);
+    }
+
+    #[test]
+    fn subnet6_is_a_64_or_empty() {
+        let c = Config::from_opts(&opts(&[])).unwrap();
+        assert_eq!(c.subnet6, Some("fd5a:94ef:e40c::/64".parse().unwrap()));
+        assert_eq!(Config::from_opts(&opts(&["-subnet6="])).unwrap().subnet6, None);
+        let e = Config::from_opts(&opts(&["-subnet6", "fd00::/48"])).unwrap_err().to_string();
+        assert!(e.contains("must be a /64"), "{e}");
+        assert!(Config::from_opts(&opts(&["-subnet6", "192.168.0.0/24"])).is_err());
     }
 
     #[test]

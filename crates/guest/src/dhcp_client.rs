@@ -37,8 +37,9 @@ use std::time::{Duration, Instant};
 use dhcproto::Encodable;
 use dhcproto::v4::{DhcpOption, DhcpOptions, Message, MessageType, Opcode, OptionCode};
 
-use crate::frame::{
-    BROADCAST_MAC, DHCP_CLIENT_PORT, DHCP_SERVER_PORT, Mac, build_udp_frame, is_unicast, parse_udp_frame,
+use rdnet_wire::Mac;
+use rdnet_wire::frame::{
+    BROADCAST_MAC, DHCP_CLIENT_PORT, DHCP_SERVER_PORT, build_udp_frame, is_unicast, parse_udp as parse_udp_frame,
 };
 
 /// First retransmission delay of DISCOVER and REQUEST.

@@ -1,15 +1,15 @@
 //! The guest side of the virtual network (Linux): the tap device, netlink
 //! configuration, network namespaces, and vm-switch's own DHCP client.
 //!
-//! The pure parts ([`frame`], [`dhcp_client`], [`dhcp_script`], [`resolv`],
-//! [`trace`]) build on every platform and are unit-tested without
-//! privileges; the rest is Linux-only.
+//! The pure parts ([`dhcp_client`], [`dhcp_script`], [`link_rules`],
+//! [`resolv`], [`trace`]) build on every platform and are unit-tested
+//! without privileges; the rest is Linux-only. Frames are built and parsed
+//! by `rdnet_wire::frame`, shared with the gateway.
 //! `unsafe` code lives only in the `sys` module.
 #![deny(unsafe_code)]
 
 pub mod dhcp_client;
 pub mod dhcp_script;
-pub mod frame;
 pub mod link_rules;
 pub mod resolv;
 pub mod trace;
@@ -27,4 +27,4 @@ mod sys;
 pub mod tap;
 
 pub use dhcp_client::{ClientConfig, DhcpClient, Lease, Nak, Output, State};
-pub use frame::{Mac, parse_mac};
+pub use rdnet_wire::{Mac, parse_mac};

@@ -16,9 +16,11 @@
 //! larger one only as a TCP GSO packet with its virtio-net header
 //! ([`header_to_tap`]), anything else above the MTU is dropped.
 
+use rdnet_wire::ndp_dns::{ROUTER_ADVERT, RaDns, parse_ra_dns};
 use rdnet_wire::offload::{self, Role};
 
-use crate::frame::{Mac, is_dhcp_client_frame};
+use rdnet_wire::Mac;
+use rdnet_wire::frame::is_dhcp_client_frame;
 use rdnet_wire::vnet_hdr::{GSO_NONE, VnetHdr, complete_from_tap, header_to_tap};
 
 /// What to do with a frame read from the tap.
@@ -102,6 +104,29 @@ pub fn from_link(
         Some(hdr) => FromLink::ToTapWithHeader(hdr),
         None => FromLink::Drop("above the MTU and not TCP"),
     }
+}
+
+/// Whether `frame` looks like an IPv6 router advertisement (a cheap test
+/// for the packet path; [`router_advert_dns`] reads it).
+pub fn is_router_advert(frame: &[u8]) -> bool {
+    frame.len() > 54 && frame[12..14] == [0x86, 0xdd] && frame[20] == 58 && frame[54] == ROUTER_ADVERT
+}
+
+/// The DNS settings of an IPv6 router advertisement from the link, if
+/// `frame` is one (RFC 4861's hop limit 255, so it came from the link
+/// itself). The guest kernel takes the prefix, route and MTU from the same
+/// frame on the tap; the DNS options (RFC 8106) are vm-switch's to write.
+pub fn router_advert_dns(frame: &[u8]) -> Option<RaDns> {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv6Packet};
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv6 {
+        return None;
+    }
+    let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Icmpv6 || ip.hop_limit() != 255 {
+        return None;
+    }
+    parse_ra_dns(ip.payload())
 }
 
 /// Whether `frame` is IPv4 TCP addressed to the MAC `to`.
@@ -213,9 +238,41 @@ mod tests {
         );
     }
 
+    /// An RA from the gateway's link-local address with `options`.
+    fn ra_frame(hop_limit: u8, options: &[u8]) -> Vec<u8> {
+        let mut icmp = vec![134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(options);
+        let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+        f.extend_from_slice(&GW);
+        f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[58, hop_limit]);
+        f.extend_from_slice(&"fe80::5894:efff:fee4:cdd".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        f.extend_from_slice(&"ff02::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        f.extend_from_slice(&icmp);
+        f
+    }
+
+    #[test]
+    fn router_advertisements_give_their_dns_options() {
+        let server: std::net::Ipv6Addr = "fd5a:94ef:e40c::1".parse().unwrap();
+        let mut opts = rdnet_wire::ndp_dns::rdnss_option(1800, &[server]).unwrap();
+        opts.extend(rdnet_wire::ndp_dns::dnssl_option(1800, &["corp.example".into()]).unwrap());
+        assert!(is_router_advert(&ra_frame(255, &opts)));
+        let dns = router_advert_dns(&ra_frame(255, &opts)).expect("an RA");
+        assert_eq!(dns.servers, [server]);
+        assert_eq!(dns.search, ["corp.example"]);
+        // Not from the link itself (routed: hop limit below 255), or not an RA.
+        assert_eq!(router_advert_dns(&ra_frame(64, &opts)), None);
+        assert_eq!(router_advert_dns(&tcp_frame(MAC, 100)), None);
+        let mut rs = ra_frame(255, &opts);
+        rs[54] = 133;
+        assert_eq!(router_advert_dns(&rs), None);
+    }
+
     #[test]
     fn dhcp_replies_go_to_the_client_only_when_it_runs() {
-        let mut reply = crate::frame::build_udp_frame(
+        let mut reply = rdnet_wire::frame::build_udp_frame(
             GW,
             MAC,
             "192.168.127.1:67".parse().unwrap(),

@@ -22,8 +22,8 @@ use rtnetlink::packet_route::address::AddressMessage;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::{AddressMessageBuilder, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::frame::Mac;
 use crate::netns::NetNs;
+use rdnet_wire::Mac;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {

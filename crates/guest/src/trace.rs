@@ -17,7 +17,7 @@ use smoltcp::wire::{
 
 use dhcproto::v4::MessageType;
 
-use crate::frame::{Mac, MacDisplay};
+use rdnet_wire::{Mac, MacDisplay};
 
 /// Extension headers followed before giving up on an IPv6 packet's payload.
 const MAX_IPV6_EXTENSIONS: usize = 8;
@@ -281,7 +281,7 @@ fn well_known_udp(sport: u16, dport: u16) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::build_udp_frame;
+    use rdnet_wire::frame::build_udp_frame;
     use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::{
         ArpRepr, EthernetAddress, EthernetRepr, Icmpv4Repr, Icmpv6Repr, IpAddress, Ipv4Repr, Ipv6Repr, TcpControl,

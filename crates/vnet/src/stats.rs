@@ -14,6 +14,11 @@ pub struct Stats {
     pub dhcp_replies: u64,
     pub arp_replies: u64,
     pub icmp_replies: u64,
+    /// IPv6: neighbour advertisements for the gateway's addresses, router
+    /// advertisements (solicited and periodic), and "no route" errors.
+    pub ndp_replies: u64,
+    pub router_adverts: u64,
+    pub icmp_unreachable: u64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]

@@ -81,12 +81,11 @@ pub struct CommitError {
 /// slices for a flow's receive and transmit buffers.
 ///
 /// The slices claim `'static` because smoltcp's `SocketSet<'static>` needs
-/// it; they are only valid while the region lives. The owner must drop
-/// whatever holds them (the flow's socket set) before the region: `FlowState`
-/// declares its socket set before its memory, so fields drop in that order.
-/// A byte may be written only after [`LazyRegion::commit`] covered it since
-/// the last [`LazyRegion::release`] (a release makes the region read as
-/// zeros again and gives its memory back).
+/// it, though they are only valid while the region lives: that is why
+/// [`LazyRegion::split`] is `unsafe`, and its caller's contract is written
+/// there. A byte may be written only after [`LazyRegion::commit`] covered
+/// it since the last [`LazyRegion::release`] (a release makes the region
+/// read as zeros again and gives its memory back).
 pub struct LazyRegion {
     ptr: NonNull<u8>,
     /// What the caller asked for.
@@ -114,15 +113,26 @@ impl LazyRegion {
 
     /// Splits the region at `at` into two disjoint slices. Only once: a
     /// second call returns `None`, so no two live `&mut` can alias.
-    pub fn split(&mut self, at: usize) -> Option<(&'static mut [u8], &'static mut [u8])> {
+    ///
+    /// # Safety
+    ///
+    /// The `'static` is a lie the caller must make true: the slices, and
+    /// everything they are handed to, must be dropped or never used again
+    /// before this region is dropped (the memory is unmapped then). The
+    /// TCP NAT keeps both in one `FlowState`, whose `Drop` empties the
+    /// socket set before its fields (the region among them) drop.
+    /// Writing a byte that [`LazyRegion::commit`] did not cover is not
+    /// undefined behaviour but a fault (Linux debug builds) or a counted
+    /// repair ([`fault_commits`], Windows).
+    pub unsafe fn split(&mut self, at: usize) -> Option<(&'static mut [u8], &'static mut [u8])> {
         if self.handed_out || at > self.len {
             return None;
         }
         self.handed_out = true;
         // SAFETY: the region is `len` bytes of address space owned by `self`
         // (reserved, and readable as zeros once committed); the two slices
-        // are disjoint and handed out once. Their `'static` lifetime and the
-        // commit-before-write rule are the documented contract of this type.
+        // are disjoint and handed out once. That they do not outlive `self`
+        // is the caller's part (see # Safety).
         unsafe {
             let a = std::slice::from_raw_parts_mut(self.ptr.as_ptr(), at);
             let b = std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), self.len - at);
@@ -509,15 +519,17 @@ mod tests {
 
     #[test]
     fn split_once_zeroed_and_writable_once_committed() {
+        // SAFETY (every `split` in these tests): the slices are used only
+        // while `r`, declared before them, is alive.
         let mut r = LazyRegion::new(1 << 20).unwrap();
-        let (a, b) = r.split(4096).unwrap();
+        let (a, b) = unsafe { r.split(4096) }.unwrap();
         assert_eq!(a.len(), 4096);
         assert_eq!(b.len(), (1 << 20) - 4096);
         r.commit(0, 1 << 20).unwrap();
         assert!(a.iter().all(|x| *x == 0) && b.iter().all(|x| *x == 0));
         a[0] = 1;
         b[b.len() - 1] = 2;
-        assert!(r.split(10).is_none());
+        assert!(unsafe { r.split(10) }.is_none());
         assert!(LazyRegion::new(0).is_none());
     }
 
@@ -538,7 +550,7 @@ mod tests {
         // A span around committed chunks commits the gaps (one call).
         r.commit(0, 6 * CHUNK).unwrap();
         assert_eq!(r.committed(), 7 * CHUNK);
-        let (a, _) = r.split(8 * CHUNK + 100).unwrap();
+        let (a, _) = unsafe { r.split(8 * CHUNK + 100) }.unwrap();
         a[..6 * CHUNK].fill(9);
         a[8 * CHUNK + 99] = 9;
         r.release();
@@ -563,7 +575,7 @@ mod tests {
             v.iter().filter(|b| **b & 1 != 0).count()
         }
         let mut r = LazyRegion::new(1 << 20).unwrap();
-        let (a, _) = r.split(1 << 19).unwrap();
+        let (a, _) = unsafe { r.split(1 << 19) }.unwrap();
         r.commit(0, 1 << 19).unwrap();
         a.fill(7);
         assert!(resident(&r) >= 128);
@@ -582,7 +594,7 @@ mod tests {
     #[test]
     fn the_fault_handler_commits_an_unforeseen_write() {
         let mut r = LazyRegion::new(4 * CHUNK).unwrap();
-        let (a, b) = r.split(2 * CHUNK).unwrap();
+        let (a, b) = unsafe { r.split(2 * CHUNK) }.unwrap();
         r.commit(0, CHUNK).unwrap();
         a[0] = 1;
         let before = fault_commits_on_this_thread();
@@ -619,7 +631,7 @@ mod tests {
     fn an_uncommitted_write_faults_in_debug_builds() {
         if std::env::var_os("RDNET_SYS_FAULT_CHILD").is_some() {
             let mut r = LazyRegion::new(4 * CHUNK).unwrap();
-            let (a, _) = r.split(2 * CHUNK).unwrap();
+            let (a, _) = unsafe { r.split(2 * CHUNK) }.unwrap();
             r.commit(0, CHUNK).unwrap();
             a[CHUNK - 1] = 1;
             a[CHUNK] = 1; // not committed: SIGSEGV

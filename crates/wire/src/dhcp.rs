@@ -46,6 +46,30 @@ pub fn decode_filtered(payload: &[u8], keep: impl Fn(u8, u8) -> bool) -> Option<
     Message::from_bytes(&clean).ok()
 }
 
+/// DHCPv6's [`decode_filtered`]: a message type, a transaction ID, then
+/// options as (u16 code, u16 length, data); only options for which
+/// `keep(code, len)` holds reach dhcproto, whose v6 decoder subtracts from
+/// option lengths without checking them. `None` when the framing is broken.
+pub fn decode6_filtered(payload: &[u8], keep: impl Fn(u16, u16) -> bool) -> Option<dhcproto::v6::Message> {
+    use dhcproto::Decodable;
+    let header = payload.get(..4)?;
+    let mut clean = Vec::with_capacity(payload.len());
+    clean.extend_from_slice(header);
+    let mut rest = &payload[4..];
+    while !rest.is_empty() {
+        let head = rest.get(..4)?;
+        let code = u16::from_be_bytes([head[0], head[1]]);
+        let len = u16::from_be_bytes([head[2], head[3]]);
+        let data = rest.get(4..4 + usize::from(len))?;
+        rest = &rest[4 + usize::from(len)..];
+        if keep(code, len) {
+            clean.extend_from_slice(head);
+            clean.extend_from_slice(data);
+        }
+    }
+    dhcproto::v6::Message::from_bytes(&clean).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +116,39 @@ mod tests {
                 p.extend((0..len).map(|i| (seed >> (i % 56)) as u8));
             }
             let _ = decode_filtered(&p, keep_basic);
+        }
+    }
+
+    #[test]
+    fn dhcpv6_options_are_filtered_before_dhcproto_sees_them() {
+        // Found by the fuzzer: a VendorClass option shorter than its 4-byte
+        // number makes dhcproto subtract past zero.
+        let mut m = vec![11, 1, 2, 3];
+        m.extend_from_slice(&[0, 16, 0, 2, 9, 9]); // VendorClass, length 2
+        m.extend_from_slice(&[0, 1, 0, 4, 0, 3, 0, 1]); // ClientId
+        let keep_client_id = |code: u16, len: u16| code == 1 && (1..=130).contains(&len);
+        let d = decode6_filtered(&m, keep_client_id).unwrap();
+        assert_eq!(d.msg_type(), dhcproto::v6::MessageType::InformationRequest);
+        assert_eq!(d.xid(), [1, 2, 3]);
+        assert_eq!(
+            d.opts().get(dhcproto::v6::OptionCode::ClientId),
+            Some(&dhcproto::v6::DhcpOption::ClientId(vec![0, 3, 0, 1]))
+        );
+        // Broken framing: an option running past the end, a short header.
+        assert!(decode6_filtered(&[11, 1, 2, 3, 0, 1, 0, 9, 1], keep_client_id).is_none());
+        assert!(decode6_filtered(&[11, 1], keep_client_id).is_none());
+        let mut seed = 11u64;
+        for _ in 0..20_000 {
+            let mut p = vec![11, 0, 0, 1];
+            for _ in 0..(seed % 6) {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let code = ((seed >> 33) % 70) as u16;
+                let len = ((seed >> 45) % 12) as u16;
+                p.extend_from_slice(&code.to_be_bytes());
+                p.extend_from_slice(&len.to_be_bytes());
+                p.extend((0..len).map(|i| (seed >> (i % 56)) as u8));
+            }
+            let _ = decode6_filtered(&p, |code, len| code == 1 && (1..=130).contains(&len));
         }
     }
 }

@@ -84,13 +84,14 @@ while True:
     c.close()
 "#;
 
-/// On the host: send 32 MiB, half-close, read the guest's digest line and
+/// On the host (at 127.0.0.1, or the address in argv[2]): send 32 MiB, half-close, read the guest's digest line and
 /// its 32 MiB; print "ok" when both directions arrived intact.
 const HOST_CLIENT: &str = r#"
 import socket, sys, hashlib
 port = int(sys.argv[1]); size = 32 * 1024 * 1024
+host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
 up = hashlib.sha256(b"up").digest() * 4096
-c = socket.create_connection(("127.0.0.1", port), timeout=60)
+c = socket.create_connection((host, port), timeout=60)
 h = hashlib.sha256(); left = size
 while left:
     chunk = up[:min(left, len(up))]; c.sendall(chunk); h.update(chunk); left -= len(chunk)
@@ -130,6 +131,36 @@ except ConnectionRefusedError:
         &[&port.to_string()],
     );
     out == "refused"
+}
+
+#[test]
+fn ipv6_host_sides_forward_to_the_guests_ipv4_address() {
+    if !privileged() {
+        return;
+    }
+    let api_dir = TempDir::new("api");
+    let (world, sock) = world(&api_dir, &["-port-forward", &format!("[::1]:17101=192.168.127.2:{GUEST_PORT}")]);
+    let guest = &world.guest(0).ns;
+    let _sink = spawn_python(&world, guest, GUEST_SINK, &[&GUEST_PORT.to_string()]);
+    assert!(wait_until(Duration::from_secs(10), || tcp_ready_in(guest, GUEST_PORT)), "guest server did not start");
+    let expose = format!(r#"{{"local":"[::1]:17100","remote":"192.168.127.2:{GUEST_PORT}"}}"#);
+    assert_eq!(api(&world, &sock, "POST", "/services/forwarder/expose", Some(&expose)), (200, String::new()));
+    // Written as Go writes an IPv6 host and port.
+    let (code, body) = api(&world, &sock, "GET", "/services/forwarder/all", None);
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            200,
+            "[{\"local\":\"[::1]:17100\",\"remote\":\"192.168.127.2:9001\",\"protocol\":\"tcp\"},\
+             {\"local\":\"[::1]:17101\",\"remote\":\"192.168.127.2:9001\",\"protocol\":\"tcp\"}]\n"
+        )
+    );
+    for port in [17100u16, 17101] {
+        let out = run_python(&world, &world.host, HOST_CLIENT, &[&port.to_string(), "::1"]);
+        assert_eq!(out, "ok", "32 MiB each way through [::1]:{port}\n{}", world.logs());
+    }
+    // Only ::1 listens: the IPv4 loopback does not.
+    assert!(refused(&world, &world.host, 17100));
 }
 
 #[test]
@@ -340,9 +371,24 @@ fn leases_cam_stats_and_dns_zones() {
     }
     let api_dir = TempDir::new("api");
     let (world, sock) = world(&api_dir, &[]);
-    let (code, body) = api(&world, &sock, "GET", "/services/dhcp/leases", None);
-    assert_eq!(code, 200);
-    assert_eq!(body, "{\"192.168.127.1\":\"5a:94:ef:e4:0c:dd\",\"192.168.127.2\":\"5a:94:ef:e4:0c:ee\"}\n");
+    // IPv4 leases, then IPv6 addresses: the gateway's, and the guest's once
+    // its kernel has used them (SLAAC takes a DAD round).
+    let expected = concat!(
+        "{\"192.168.127.1\":\"5a:94:ef:e4:0c:dd\",\"192.168.127.2\":\"5a:94:ef:e4:0c:ee\",",
+        "\"fd5a:94ef:e40c:0:5894:efff:fee4:cee\":\"5a:94:ef:e4:0c:ee\",\"fd5a:94ef:e40c::1\":\"5a:94:ef:e4:0c:dd\",",
+        "\"fe80::5894:efff:fee4:cdd\":\"5a:94:ef:e4:0c:dd\",\"fe80::5894:efff:fee4:cee\":\"5a:94:ef:e4:0c:ee\"}\n"
+    );
+    let mut body = String::new();
+    let listed = wait_until(Duration::from_secs(15), || {
+        let (code, b) = api(&world, &sock, "GET", "/services/dhcp/leases", None);
+        body = b;
+        if body != expected {
+            // Make the guest use its global address.
+            world.guest(0).ns.exec("ping", &["-6", "-c", "1", "-W", "1", "fd5a:94ef:e40c::1"]);
+        }
+        code == 200 && body == expected
+    });
+    assert!(listed, "{body}\n{}", world.logs());
     let (code, body) = api(&world, &sock, "GET", "/cam", None);
     assert_eq!(code, 200);
     assert!(body.starts_with("{\"5a:94:ef:e4:0c:ee\":") && body.ends_with("}\n"), "{body}");

@@ -267,3 +267,57 @@ print(base, peak, rss())
     assert!(peak - base >= 8 * 1024, "the transfers committed too little to tell: {out}");
     assert!(after - base <= (peak - base) / 4, "idle flows kept their buffers: {out}");
 }
+
+/// Issue 15's cause of the falling connection rate: SYN-ACKs without TCP
+/// timestamps keep a guest from reusing its own TIME-WAIT ports. With
+/// them, a guest that closed first connects again from the same port (the
+/// same 4-tuple) at once, and host-switch gives it a new flow.
+#[test]
+fn syn_acks_carry_timestamps_so_a_guest_reuses_its_time_wait_port() {
+    if !privileged() {
+        return;
+    }
+    let world = world();
+    let _server = world.host_server(
+        18084,
+        r#"
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+def echo_once(c):
+    c.sendall(c.recv(1))
+    while c.recv(100): pass
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=echo_once, args=(c,), daemon=True).start()
+"#,
+        &[],
+    );
+    let out = world.guest_python(
+        0,
+        30,
+        r#"
+import errno, socket, time
+TCPI_OPT_TIMESTAMPS = 1
+def once():
+    c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    c.bind(("0.0.0.0", 41234)); c.settimeout(10)
+    try:
+        c.connect(("192.168.127.254", 18084))
+    except OSError as e:
+        return "connect: " + errno.errorcode.get(e.errno, str(e.errno))
+    ts = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)[5] & TCPI_OPT_TIMESTAMPS
+    c.sendall(b"x"); assert c.recv(1) == b"x"
+    # The guest closes first, so it is the side left in TIME-WAIT.
+    c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+    return "ts" if ts else "no-ts"
+results = [once()]
+time.sleep(0.2)
+results.append(once())
+print(" ".join(results))
+"#,
+        &[],
+    );
+    assert_eq!(out, "ts ts", "{}", world.logs());
+}

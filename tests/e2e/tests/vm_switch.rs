@@ -850,3 +850,136 @@ fn the_command_line_is_checked_before_anything_is_touched() {
     assert!(logged.contains("no such open descriptor"), "{logged}");
     assert!(link_line(&ns, "eth0").is_none());
 }
+
+/// The gateway's router advertisement for fd5a:94ef:e40c::/64 (SLAAC),
+/// MTU 1500, with RDNSS fd5a:94ef:e40c::1 and DNSSL corp.example, from
+/// fe80::5894:efff:fee4:cdd to all nodes, ICMPv6 checksum filled in.
+fn router_advert() -> Vec<u8> {
+    let src: std::net::Ipv6Addr = "fe80::5894:efff:fee4:cdd".parse().unwrap();
+    let dst: std::net::Ipv6Addr = "ff02::1".parse().unwrap();
+    let prefix: std::net::Ipv6Addr = "fd5a:94ef:e40c::".parse().unwrap();
+    let dns: std::net::Ipv6Addr = "fd5a:94ef:e40c::1".parse().unwrap();
+    // Type 134, code 0, checksum, hop limit 64, flags 0, router lifetime 1800.
+    let mut icmp = vec![134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    // Prefix information: /64, on-link and autonomous, valid/preferred 3600.
+    icmp.extend_from_slice(&[3, 4, 64, 0xc0]);
+    icmp.extend_from_slice(&3600u32.to_be_bytes());
+    icmp.extend_from_slice(&3600u32.to_be_bytes());
+    icmp.extend_from_slice(&[0; 4]);
+    icmp.extend_from_slice(&prefix.octets());
+    // MTU.
+    icmp.extend_from_slice(&[5, 1, 0, 0]);
+    icmp.extend_from_slice(&1500u32.to_be_bytes());
+    // RDNSS (RFC 8106): one server, lifetime 1800.
+    icmp.extend_from_slice(&[25, 3, 0, 0]);
+    icmp.extend_from_slice(&1800u32.to_be_bytes());
+    icmp.extend_from_slice(&dns.octets());
+    // DNSSL: corp.example, padded to 8 bytes.
+    let mut names = vec![4];
+    names.extend_from_slice(b"corp");
+    names.push(7);
+    names.extend_from_slice(b"example");
+    names.push(0);
+    let len = (8 + names.len()).div_ceil(8) * 8;
+    icmp.extend_from_slice(&[31, (len / 8) as u8, 0, 0]);
+    icmp.extend_from_slice(&1800u32.to_be_bytes());
+    icmp.extend_from_slice(&names);
+    icmp.resize(icmp.len() + len - 8 - names.len(), 0);
+    // Checksum over the IPv6 pseudo-header and the message.
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&icmp);
+    let c = ip_checksum(&pseudo);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    f.extend_from_slice(&GW_MAC);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// IPv6 from the gateway's router advertisement: the tap gets its SLAAC
+/// address (EUI-64 of its MAC) and the default route, and resolv.conf the
+/// RA's DNS server and search list beside the lease's.
+#[test]
+fn ipv6_comes_from_the_gateways_router_advertisement() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("vmsw6");
+    let ns = Netns::new("v6");
+    let sock = dir.join("link.sock");
+    let resolv = dir.join("resolv.conf");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let url = format!("unix://{}", sock.display());
+    // The test plays a raw-framed host.
+    let args = [
+        "--connect",
+        &url,
+        "-connect-http=false",
+        "-logfile",
+        "/dev/stdout",
+        "--resolv-conf",
+        resolv.to_str().unwrap(),
+    ];
+    let vm = ns.spawn(&dir, bin("vm-switch"), &args);
+    let mut conn = accept(&listener, Duration::from_secs(10));
+    let (_, xid) = expect_dhcp(&mut conn, DISCOVER, Duration::from_secs(5));
+    write_frame(&mut conn, &dhcp_reply(OFFER, xid));
+    let _ = expect_dhcp(&mut conn, REQUEST, Duration::from_secs(5));
+    write_frame(&mut conn, &dhcp_reply(ACK, xid));
+    write_frame(&mut conn, &router_advert());
+    let addr = "fd5a:94ef:e40c:0:5894:efff:fee4:cee/64";
+    let slaac = wait_until(Duration::from_secs(10), || ns.stdout("ip", &["-6", "addr", "show", "eth0"]).contains(addr));
+    assert!(slaac, "no SLAAC address {addr}:\n{}\n{}", ns.stdout("ip", &["-6", "addr"]), vm.logs());
+    let routes = ns.stdout("ip", &["-6", "route", "show", "default"]);
+    assert!(routes.contains("via fe80::5894:efff:fee4:cdd dev eth0"), "{routes}");
+    let written = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&resolv).is_ok_and(|t| t.contains("nameserver fd5a:94ef:e40c::1"))
+    });
+    let text = std::fs::read_to_string(&resolv).unwrap_or_default();
+    assert!(written, "{text}\n{}", vm.logs());
+    // The lease's server first, then the RA's; both search lists.
+    let v4 = text.find("nameserver 192.168.127.1").expect("the lease's server");
+    assert!(v4 < text.find("nameserver fd5a:94ef:e40c::1").unwrap_or(0), "{text}");
+    assert!(text.contains("search rd.test corp.example"), "{text}");
+    drop(conn);
+}
+
+/// `-subnet6=` turns IPv6 off on the tap.
+#[test]
+fn subnet6_empty_turns_ipv6_off() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("vmsw6off");
+    let ns = Netns::new("v6o");
+    let sock = dir.join("link.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let url = format!("unix://{}", sock.display());
+    let resolv = dir.join("resolv.conf");
+    let args = [
+        "--connect",
+        &url,
+        "-connect-http=false",
+        "-subnet6=",
+        "-logfile",
+        "/dev/stdout",
+        "--resolv-conf",
+        resolv.to_str().unwrap(),
+    ];
+    let vm = ns.spawn(&dir, bin("vm-switch"), &args);
+    let _conn = accept(&listener, Duration::from_secs(10));
+    assert!(wait_until(Duration::from_secs(5), || link_line(&ns, "eth0").is_some()), "{}", vm.logs());
+    let off = wait_until(Duration::from_secs(5), || {
+        ns.stdout("cat", &["/proc/sys/net/ipv6/conf/eth0/disable_ipv6"]).trim() == "1"
+    });
+    assert!(off, "IPv6 still on: {}", vm.logs());
+}

@@ -41,8 +41,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::dns::Zone;
-use crate::engine::Engine;
+use crate::gateway::dns::Zone;
+use crate::shell::Engine;
 use gojson::Field;
 
 /// The gateway port of the inside API.
@@ -352,7 +352,7 @@ fn expose(engine: &Rc<Engine>, peer: &Peer, body: &[u8]) -> Response<Body> {
     let [local, remote, protocol] = <[String; 3]>::try_from(fields).unwrap_or_default();
     let protocol = if protocol.is_empty() { "tcp".to_string() } else { protocol };
     let remote = if protocol != "unix" && protocol != "npipe" {
-        match crate::forwarder::fill_remote_host(&remote, &peer.remote_addr()) {
+        match crate::forward::fill_remote_host(&remote, &peer.remote_addr()) {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         }
@@ -418,6 +418,16 @@ fn leases(engine: &Engine) -> BTreeMap<String, String> {
     for (ip, mac) in net.dhcp.active_leases(Instant::now()) {
         map.insert(ip.to_string(), mac_text(&mac));
     }
+    // IPv6 has no leases (SLAAC): the gateway's addresses and the guest
+    // addresses it has seen in use, in the same map.
+    if let Some(v6) = &net.cfg.ipv6 {
+        for ip in [v6.gateway, v6.link_local] {
+            map.insert(ip.to_string(), mac_text(&net.cfg.gateway_mac));
+        }
+    }
+    for (ip, mac) in net.ipv6.neighbors() {
+        map.insert(ip.to_string(), mac_text(&mac));
+    }
     map
 }
 
@@ -465,17 +475,19 @@ struct StatsView {
     vm_connections: usize,
     flows: Flows,
     dhcp_leases: usize,
-    dns: crate::dns::DnsStats,
-    udp_nat: crate::udp_nat::UdpNatStats,
-    icmp_nat: crate::icmp_nat::IcmpNatStats,
-    forwarder: crate::forwarder::ForwardStats,
+    /// Guest IPv6 addresses the gateway knows (bounded per MAC and in all).
+    ipv6_neighbors: usize,
+    dns: crate::gateway::dns::DnsStats,
+    udp_nat: crate::nat::udp::UdpNatStats,
+    icmp_nat: crate::nat::icmp::IcmpNatStats,
+    forwarder: crate::forward::ForwardStats,
     memory: MemoryView,
 }
 
 fn stats(engine: &Engine) -> StatsView {
-    let (net_stats, leases) = {
+    let (net_stats, leases, ipv6_neighbors) = {
         let net = engine.net.borrow();
-        (net.stats.clone(), net.dhcp.active_leases(Instant::now()).len())
+        (net.stats.clone(), net.dhcp.active_leases(Instant::now()).len(), net.ipv6.len())
     };
     let tcp = engine.tcp.borrow();
     StatsView {
@@ -496,6 +508,7 @@ fn stats(engine: &Engine) -> StatsView {
             tcp_memory_refused: tcp.memory_refused,
         },
         dhcp_leases: leases,
+        ipv6_neighbors,
         dns: engine.dns.stats(),
         udp_nat: engine.udp.borrow().stats(),
         icmp_nat: engine.icmp.borrow().stats(),

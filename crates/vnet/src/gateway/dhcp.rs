@@ -25,7 +25,7 @@ use dhcproto::{Encodable, Name};
 use smoltcp::wire::EthernetAddress;
 
 use crate::config::NetConfig;
-use crate::dns::hostconf::HostDnsConfig;
+use crate::gateway::dns::hostconf::HostDnsConfig;
 
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
@@ -192,13 +192,29 @@ impl DhcpServer {
         }
     }
 
-    /// Handles one datagram that arrived on port 67.
-    pub fn handle(&mut self, payload: &[u8], now: Instant) -> Result<Option<Reply>, DhcpError> {
+    /// The search list as it is now (the host's, when it follows it), for
+    /// the IPv6 side's advertisements.
+    pub fn current_search(&mut self) -> Vec<String> {
+        self.refresh_search();
+        self.search_domains()
+    }
+
+    #[cfg(test)]
+    pub fn set_search_for_tests(&mut self, domains: Vec<String>) {
+        self.search = names(&domains);
+    }
+
+    fn refresh_search(&mut self) {
         if let Some(host) = &mut self.host_dns
             && host.has_changed().unwrap_or(false)
         {
             self.search = names(&host.borrow_and_update().search);
         }
+    }
+
+    /// Handles one datagram that arrived on port 67.
+    pub fn handle(&mut self, payload: &[u8], now: Instant) -> Result<Option<Reply>, DhcpError> {
+        self.refresh_search();
         // Only the options read below pass to dhcproto (see rdnet_wire::dhcp).
         let req =
             rdnet_wire::dhcp::decode_filtered(payload, |code, len| matches!((code, len), (53, 1) | (50, 4) | (54, 4)))
@@ -321,6 +337,41 @@ pub fn client_message(mac: EthernetAddress, kind: MessageType, xid: u32, opts: V
         m.opts_mut().insert(o);
     }
     m.to_vec().unwrap_or_default()
+}
+
+/// The gateway's side of DHCP: a message for the server's port, answered
+/// through the switch like every frame the gateway sends.
+impl super::Network {
+    pub(super) fn handle_dhcp(&mut self, data: &[u8], now: Instant, out: &mut impl super::FrameSink) {
+        let reply = match self.dhcp.handle(data, now) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                self.stats.drops.dhcp_invalid += 1;
+                crate::limited_warn!(self.logs, now, "dhcp-invalid", error = %e, "ignoring DHCP message");
+                return;
+            }
+        };
+        if reply.payload.is_empty() {
+            return;
+        }
+        if !reply.dst_ip.is_broadcast() && !reply.dst_ip.is_unspecified() {
+            self.remember(reply.dst_ip, reply.dst_mac);
+        }
+        tracing::debug!(ip = %reply.dst_ip, mac = %rdnet_wire::MacDisplay(reply.dst_mac.0), "DHCP {:?}", reply.kind);
+        let mut buf = std::mem::take(&mut self.scratch);
+        rdnet_wire::frame::udp(
+            &mut buf,
+            self.cfg.gateway_mac,
+            reply.dst_mac,
+            std::net::SocketAddrV4::new(self.cfg.gateway_ip, SERVER_PORT),
+            std::net::SocketAddrV4::new(reply.dst_ip, CLIENT_PORT),
+            &reply.payload,
+        );
+        self.stats.dhcp_replies += 1;
+        self.deliver(&buf, now, out);
+        self.scratch = buf;
+    }
 }
 
 #[cfg(test)]

@@ -37,6 +37,10 @@
 //! `listen tcp 127.0.0.1:80: bind: address already in use`, …), since the
 //! API returns them verbatim.
 
+pub mod spec;
+
+pub use spec::{Protocol, StaticForward};
+
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
@@ -53,8 +57,8 @@ use smoltcp::wire::EthernetAddress;
 use tokio::io::ReadBuf;
 use tokio::task::JoinHandle;
 
-use crate::engine::Engine;
-use crate::udp_nat::FlowTable;
+use crate::nat::udp::FlowTable;
+use crate::shell::Engine;
 
 /// A UDP flow with no datagram either way for this long is forgotten.
 pub const UDP_IDLE: Duration = Duration::from_secs(90);
@@ -380,9 +384,9 @@ async fn accept_loop(engine: Rc<Engine>, fwd: Rc<StreamForward>, target: SocketA
         .await;
         let result = match accepted {
             None => return,
-            Some(Ok(Stream::Tcp(s))) => crate::tcp::connect_to_guest(&engine, target, s),
+            Some(Ok(Stream::Tcp(s))) => crate::nat::tcp::connect_to_guest(&engine, target, s),
             #[cfg(unix)]
-            Some(Ok(Stream::Unix(s))) => crate::tcp::connect_to_guest(&engine, target, s),
+            Some(Ok(Stream::Unix(s))) => crate::nat::tcp::connect_to_guest(&engine, target, s),
             Some(Err(e)) => {
                 crate::limited_warn!(engine.logs.borrow_mut(), Instant::now(), "forward-accept",
                     error = %e, "port forward: accept failed");
@@ -481,9 +485,9 @@ fn udp_to_guest(engine: &Rc<Engine>, fwd: &Rc<UdpForward>, client: SocketAddr, p
         let net = engine.net.borrow();
         (net.cfg.gateway_ip, net.cfg.gateway_mac)
     };
-    let mut frame = Vec::with_capacity(crate::frame::ETH_HEADER + 28 + payload.len());
+    let mut frame = Vec::with_capacity(rdnet_wire::frame::ETH_HEADER + 28 + payload.len());
     // The destination MAC is filled in by the send (from the neighbor table).
-    crate::frame::udp(
+    rdnet_wire::frame::udp(
         &mut frame,
         gateway_mac,
         EthernetAddress([0; 6]),

@@ -120,6 +120,11 @@ pub struct ZoneTable {
     patterns: usize,
     /// Increases with every merge: newer records sort first.
     generation: u64,
+    /// The gateway's own IPv4 addresses and their IPv6 twins: a name that
+    /// resolves to one also has the other, so `host.rancher-desktop.internal`
+    /// answers AAAA when the network has IPv6 (records hold one address
+    /// each, as gvproxy's JSON does).
+    twins: Vec<(Ipv4Addr, std::net::Ipv6Addr)>,
 }
 
 /// A record's place in its zone's order: newer merges first, then the
@@ -331,6 +336,16 @@ impl ZoneTable {
 
     /// Looks `qname` (fully qualified, any case, with or without the final
     /// dot) up.
+    /// Gives each of `pairs`' IPv4 addresses its IPv6 twin in answers.
+    pub fn set_ipv6_twins(&mut self, pairs: Vec<(Ipv4Addr, std::net::Ipv6Addr)>) {
+        self.twins = pairs;
+    }
+
+    fn with_twins(&self, ip: Option<IpAddr>) -> Vec<IpAddr> {
+        let twin = self.twins.iter().find(|(v4, _)| ip == Some(IpAddr::V4(*v4))).map(|(_, v6)| IpAddr::V6(*v6));
+        ip.into_iter().chain(twin).collect()
+    }
+
     pub fn lookup(&self, qname: &str) -> Lookup {
         let q = qname.trim_end_matches('.').to_ascii_lowercase();
         let q = format!("{q}.");
@@ -343,8 +358,8 @@ impl ZoneTable {
                 continue;
             }
             return match (z.hit(relative), z.default_ip) {
-                (Some(r), _) => Lookup::Found(r.ip.into_iter().collect()),
-                (None, Some(ip)) => Lookup::Found(vec![ip]),
+                (Some(r), _) => Lookup::Found(self.with_twins(r.ip)),
+                (None, Some(ip)) => Lookup::Found(self.with_twins(Some(ip))),
                 (None, None) => Lookup::NxDomain,
             };
         }
@@ -457,6 +472,13 @@ mod tests {
     fn default_zones_answer() {
         let z = zones();
         assert_eq!(z.lookup("gateway.rancher-desktop.internal."), Lookup::Found(vec![v4(192, 168, 127, 1)]));
+        // With IPv6, the gateway's names have their IPv6 twins too; other
+        // names do not.
+        let mut z6 = zones();
+        let gw6: std::net::Ipv6Addr = "fd5a:94ef:e40c::1".parse().unwrap();
+        z6.set_ipv6_twins(vec![(Ipv4Addr::new(192, 168, 127, 1), gw6)]);
+        assert_eq!(z6.lookup("gateway.docker.internal."), Lookup::Found(vec![v4(192, 168, 127, 1), IpAddr::V6(gw6)]));
+        assert_eq!(z6.lookup("host.docker.internal."), Lookup::Found(vec![v4(192, 168, 127, 254)]));
         assert_eq!(z.lookup("HOST.Docker.Internal"), Lookup::Found(vec![v4(192, 168, 127, 254)]));
         assert_eq!(z.lookup("nope.docker.internal."), Lookup::NxDomain);
         assert_eq!(z.lookup("docker.internal."), Lookup::Found(vec![]));

@@ -36,7 +36,7 @@ pub mod zone;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -50,8 +50,8 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::config::NetConfig;
-use crate::engine::Engine;
 use crate::ratelimit::LogLimiter;
+use crate::shell::Engine;
 use hostconf::HostDnsConfig;
 pub use message::Decision;
 use system::{Path, Resolved, SystemResolver};
@@ -146,10 +146,17 @@ impl DnsServer {
 
     fn with(cfg: &NetConfig, resolution: Resolution) -> Self {
         DnsServer {
-            zones: RefCell::new(ZoneTable::new(Zone::defaults(cfg.gateway_ip, cfg.host_ip))),
+            zones: RefCell::new({
+                let mut zones = ZoneTable::new(Zone::defaults(cfg.gateway_ip, cfg.host_ip));
+                if let Some(v6) = &cfg.ipv6 {
+                    zones.set_ipv6_twins(vec![(cfg.gateway_ip, v6.gateway), (cfg.host_ip, v6.host)]);
+                }
+                zones
+            }),
             resolution,
             health: RefCell::new(Health::default()),
-            link_udp_max: (cfg.mtu as usize).saturating_sub(crate::frame::IPV4_HEADER + crate::frame::UDP_HEADER),
+            link_udp_max: (cfg.mtu as usize)
+                .saturating_sub(rdnet_wire::frame::IPV4_HEADER + rdnet_wire::frame::UDP_HEADER),
             stats: Cell::new(DnsStats::default()),
             in_flight: Cell::new(0),
             tcp_connections: Cell::new(0),
@@ -210,16 +217,16 @@ impl DnsServer {
 
     /// Answers one query that arrived over UDP at `server` from `client`:
     /// local answers at once, forwarded ones from a local task.
-    pub fn serve_udp(self: Rc<Self>, engine: &Rc<Engine>, client: SocketAddrV4, server: SocketAddrV4, query: &[u8]) {
+    pub fn serve_udp(self: Rc<Self>, engine: &Rc<Engine>, client: SocketAddr, server: SocketAddr, query: &[u8]) {
         self.count(|s| s.udp_queries += 1);
         match self.decide(query) {
             Decision::Drop => {}
             Decision::Reply(reply) => {
                 // A local answer is small, but the guest's limit still rules.
                 let limit = Message::from_vec(query)
-                    .map_or(message::CLASSIC_UDP, |q| message::udp_limit(&q, self.link_udp_max));
+                    .map_or(message::CLASSIC_UDP, |q| message::udp_limit(&q, self.link_udp_max(client)));
                 let reply = self.fit(reply, limit);
-                engine.send_udp_to_guest(server, client, &reply);
+                engine.send_udp_reply(server, client, &reply);
             }
             Decision::Forward(parsed) => {
                 if self.in_flight.get() >= MAX_IN_FLIGHT {
@@ -231,10 +238,10 @@ impl DnsServer {
                         limit = MAX_IN_FLIGHT,
                         "too many DNS queries in flight: answering SERVFAIL"
                     );
-                    engine.send_udp_to_guest(server, client, &message::servfail(&parsed));
+                    engine.send_udp_reply(server, client, &message::servfail(&parsed));
                     return;
                 }
-                let limit = message::udp_limit(&parsed, self.link_udp_max);
+                let limit = message::udp_limit(&parsed, self.link_udp_max(client));
                 let engine = engine.clone();
                 let query = query.to_vec();
                 // Counted now, not when the task first runs: a burst within
@@ -244,10 +251,16 @@ impl DnsServer {
                     let _guard = InFlight(&self.in_flight);
                     let reply = self.forward(&query, &parsed, false).await;
                     let reply = self.fit(reply, limit);
-                    engine.send_udp_to_guest(server, client, &reply);
+                    engine.send_udp_reply(server, client, &reply);
                 });
             }
         }
+    }
+
+    /// The largest DNS message one frame to `client` carries: IPv6's
+    /// header is 20 bytes longer than IPv4's.
+    fn link_udp_max(&self, client: SocketAddr) -> usize {
+        if client.is_ipv6() { self.link_udp_max.saturating_sub(20) } else { self.link_udp_max }
     }
 
     fn fit(&self, reply: Vec<u8>, limit: usize) -> Vec<u8> {

@@ -1,7 +1,12 @@
-//! Building the frames the gateway sends. Pure functions into a caller's
-//! buffer (so the hot path reuses one allocation), on `smoltcp::wire`.
+//! Ethernet/IPv4/UDP frames and the TCP header fields the gateway touches,
+//! for both ends of the link (the gateway in `rdnet-vnet`, the DHCP client
+//! and tracer in `rdnet-guest`): one copy of each helper.
+//!
+//! Builders write into a caller's buffer (so a hot path reuses one
+//! allocation); parsers take untrusted bytes, check lengths and checksums
+//! with `smoltcp::wire`'s checked accessors and return `None`, never panic.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -9,9 +14,17 @@ use smoltcp::wire::{
     UdpPacket, UdpRepr,
 };
 
+pub use crate::mac::Mac;
+
 pub const ETH_HEADER: usize = 14;
 pub const IPV4_HEADER: usize = 20;
 pub const UDP_HEADER: usize = 8;
+/// Largest UDP payload that still fits in a 65535-byte frame.
+pub const MAX_UDP_PAYLOAD: usize = u16::MAX as usize - ETH_HEADER - IPV4_HEADER - UDP_HEADER;
+
+pub const BROADCAST_MAC: Mac = [0xff; 6];
+pub const DHCP_CLIENT_PORT: u16 = 68;
+pub const DHCP_SERVER_PORT: u16 = 67;
 
 /// Writes an Ethernet header and `payload_len` bytes filled by `fill`.
 pub fn ethernet(
@@ -71,17 +84,6 @@ pub fn udp(
             &ChecksumCapabilities::default(),
         );
     });
-}
-
-/// Parses an Ethernet/IPv4/UDP frame; `None` for anything else or anything
-/// malformed (bad lengths, bad checksums).
-pub fn parse_udp(frame: &[u8]) -> Option<(EthernetAddress, SocketAddrV4, SocketAddrV4, &[u8])> {
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
-    }
-    let (src, dst, data) = parse_udp_ip(frame.get(ETH_HEADER..)?)?;
-    Some((eth.src_addr(), src, dst, data))
 }
 
 /// Parses an IPv4/UDP packet (no Ethernet header) into its endpoints and
@@ -159,10 +161,80 @@ fn rewrite_tcp_mss(packet: &mut [u8], f: impl FnOnce(u16) -> u16) {
     }
 }
 
+/// Builds an Ethernet II / IPv4 (TTL 64, no options) / UDP frame with both
+/// checksums filled in, in a new buffer. `None` if the payload cannot fit in
+/// one frame.
+pub fn build_udp_frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    if payload.len() > MAX_UDP_PAYLOAD {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(ETH_HEADER + IPV4_HEADER + UDP_HEADER + payload.len());
+    udp(&mut buf, EthernetAddress(src_mac), EthernetAddress(dst_mac), src, dst, payload);
+    Some(buf)
+}
+
+/// A parsed Ethernet/IPv4/UDP datagram, borrowing its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpFrame<'a> {
+    pub src_mac: Mac,
+    pub dst_mac: Mac,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub payload: &'a [u8],
+}
+
+/// Parses an Ethernet/IPv4/UDP frame, verifying the IPv4 header checksum and
+/// the UDP checksum (a zero UDP checksum means "none", as IPv4 allows).
+/// Other protocols and malformed frames give `None`; Ethernet padding is
+/// ignored.
+pub fn parse_udp(frame: &[u8]) -> Option<UdpFrame<'_>> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let (src, dst, payload) = parse_udp_ip(frame.get(ETH_HEADER..)?)?;
+    Some(UdpFrame { src_mac: eth.src_addr().0, dst_mac: eth.dst_addr().0, src, dst, payload })
+}
+
+/// A cheap classification (no checksums): is this an IPv4/UDP frame to port
+/// 68 addressed to `mac` or to the Ethernet broadcast address? That is what
+/// vm-switch hands to its DHCP client instead of the tap.
+pub fn is_dhcp_client_frame(frame: &[u8], mac: &Mac) -> bool {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return false;
+    };
+    let dst = eth.dst_addr().0;
+    if eth.ethertype() != EthernetProtocol::Ipv4 || (dst != *mac && dst != BROADCAST_MAC) {
+        return false;
+    }
+    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+        return false;
+    };
+    if ip.version() != 4 || ip.next_header() != IpProtocol::Udp || ip.frag_offset() != 0 {
+        return false;
+    }
+    UdpPacket::new_checked(ip.payload()).is_ok_and(|udp| udp.dst_port() == DHCP_CLIENT_PORT)
+}
+
+/// The source MAC of an Ethernet frame, if it has a header.
+pub fn src_mac(frame: &[u8]) -> Option<Mac> {
+    EthernetFrame::new_checked(frame).ok().map(|f| f.src_addr().0)
+}
+
+/// Returns whether `addr` can be a unicast host address.
+pub fn is_unicast(addr: Ipv4Addr) -> bool {
+    !(addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
 
     #[test]
     fn udp_round_trip() {
@@ -171,8 +243,8 @@ mod tests {
         let b = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 4000);
         let m1 = EthernetAddress([2, 0, 0, 0, 0, 1]);
         udp(&mut buf, m1, EthernetAddress::BROADCAST, a, b, b"hello");
-        let (mac, src, dst, data) = parse_udp(&buf).unwrap();
-        assert_eq!((mac, src, dst, data), (m1, a, b, &b"hello"[..]));
+        let p = parse_udp(&buf).unwrap();
+        assert_eq!((p.src_mac, p.dst_mac, p.src, p.dst, p.payload), (m1.0, BROADCAST_MAC, a, b, &b"hello"[..]));
         // A flipped payload bit breaks the UDP checksum.
         let last = buf.len() - 1;
         buf[last] ^= 1;
@@ -411,5 +483,88 @@ mod tests {
         let mut low = packet(536);
         clamp_tcp_mss(&mut low, 1460);
         assert_eq!(low, packet(536));
+    }
+
+    const MAC: Mac = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];
+
+    #[test]
+    fn build_then_parse_round_trip() {
+        let src = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
+        let dst = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
+        let frame = build_udp_frame(MAC, BROADCAST_MAC, src, dst, b"hello").unwrap();
+        assert_eq!(frame.len(), 14 + 20 + 8 + 5);
+        let p = parse_udp(&frame).unwrap();
+        assert_eq!((p.src_mac, p.dst_mac, p.src, p.dst, p.payload), (MAC, BROADCAST_MAC, src, dst, &b"hello"[..]));
+        assert!(!is_dhcp_client_frame(&frame, &MAC), "to port 67, not 68");
+
+        let from = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 1), 67);
+        let to = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2), 68);
+        let reply = build_udp_frame([2, 0, 0, 0, 0, 1], MAC, from, to, b"x").unwrap();
+        assert!(is_dhcp_client_frame(&reply, &MAC));
+        assert!(!is_dhcp_client_frame(&reply, &[2, 0, 0, 0, 0, 9]));
+        assert_eq!(src_mac(&reply), Some([2, 0, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn ethernet_padding_is_ignored() {
+        let src = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 67);
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 68);
+        let mut frame = build_udp_frame(MAC, MAC, src, dst, b"a").unwrap();
+        frame.resize(60, 0);
+        assert_eq!(parse_udp(&frame).unwrap().payload, b"a");
+    }
+
+    #[test]
+    fn corrupted_checksums_are_rejected() {
+        let src = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 67);
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 68);
+        let frame = build_udp_frame(MAC, MAC, src, dst, b"payload").unwrap();
+        let mut bad_ip = frame.clone();
+        bad_ip[14 + 10] ^= 0xff;
+        assert!(parse_udp(&bad_ip).is_none());
+        let mut bad_udp = frame.clone();
+        *bad_udp.last_mut().unwrap() ^= 0xff;
+        assert!(parse_udp(&bad_udp).is_none());
+        // A zero UDP checksum means "not computed".
+        let mut no_sum = frame.clone();
+        no_sum[14 + 20 + 6] = 0;
+        no_sum[14 + 20 + 7] = 0;
+        assert!(parse_udp(&no_sum).is_some());
+    }
+
+    #[test]
+    fn oversized_payload_is_refused() {
+        let a = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1);
+        assert!(build_udp_frame(MAC, MAC, a, a, &vec![0; MAX_UDP_PAYLOAD]).is_some());
+        assert!(build_udp_frame(MAC, MAC, a, a, &vec![0; MAX_UDP_PAYLOAD + 1]).is_none());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let src = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 67);
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 68);
+        let good = build_udp_frame(MAC, MAC, src, dst, &[7; 40]).unwrap();
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for len in 0..good.len() {
+            let _ = parse_udp(&good[..len]);
+            let _ = is_dhcp_client_frame(&good[..len], &MAC);
+            let _ = src_mac(&good[..len]);
+        }
+        for _ in 0..20_000 {
+            let mut f = good.clone();
+            for _ in 0..(next() % 6) {
+                let i = (next() as usize) % f.len();
+                f[i] = next() as u8;
+            }
+            f.truncate((next() as usize) % (good.len() + 1));
+            let _ = parse_udp(&f);
+            let _ = is_dhcp_client_frame(&f, &MAC);
+        }
     }
 }

@@ -12,6 +12,10 @@
 //! I/O error ends only that connection (with a logged reason); its MAC
 //! entries leave with its port.
 
+pub mod capture;
+pub mod icmp;
+pub mod udp;
+
 use std::cell::RefCell;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::rc::Rc;
@@ -23,17 +27,17 @@ use rdnet_link::{Decoder, FrameError, FrameReader, Framing, LinkError, LinkStrea
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
-use smoltcp::wire::{EthernetAddress, IpProtocol, Ipv4Repr};
+use smoltcp::wire::{IpProtocol, Ipv4Repr};
 
-use crate::capture::Capture;
-use crate::dns::DnsServer;
-use crate::icmp_nat::IcmpNat;
+use crate::gateway::dns::DnsServer;
+use crate::gateway::{FrameSink, Network, Upcall};
 use crate::nat::NatPolicy;
-use crate::network::{FrameSink, Network, Upcall};
+use crate::nat::tcp::TcpNat;
 use crate::ratelimit::LogLimiter;
+use crate::shell::capture::Capture;
 use crate::switch::PortId;
-use crate::tcp::TcpNat;
-use crate::udp_nat::UdpNat;
+use icmp::IcmpNat;
+use udp::UdpNat;
 
 /// Settings of the I/O shell (the network's own live in `NetConfig`).
 #[derive(Debug, Clone)]
@@ -161,7 +165,9 @@ pub struct Engine {
     /// Rate limits for logs a guest can trigger from the shell's modules.
     pub logs: RefCell<LogLimiter>,
     /// Port forwards from the host into the guests (and the API's table).
-    pub forwarder: crate::forwarder::Forwarder,
+    pub forwarder: crate::forward::Forwarder,
+    /// Whether the router advertisement timer runs.
+    ra_timer: std::cell::Cell<bool>,
 }
 
 impl Engine {
@@ -171,14 +177,14 @@ impl Engine {
         if config.follow_host_search {
             // The DNS server's view of the host's settings when it follows
             // them; otherwise one of DHCP's own.
-            let host = dns.host_config().unwrap_or_else(crate::dns::hostconf::watch);
+            let host = dns.host_config().unwrap_or_else(crate::gateway::dns::hostconf::watch);
             net.dhcp.follow_search(host);
         }
         let mut tcp =
             TcpNat::new(net.cfg.gateway_ip, net.cfg.subnet.prefix_len(), net.cfg.mtu.into(), config.max_tcp_flows);
         let dns_tcp = dns.clone();
         tcp.register_service(
-            crate::dns::DNS_PORT,
+            crate::gateway::dns::DNS_PORT,
             Rc::new(move |stream, _peer| {
                 tokio::task::spawn_local(dns_tcp.clone().serve_tcp(stream));
             }),
@@ -186,14 +192,15 @@ impl Engine {
         Rc::new(Engine {
             tcp: RefCell::new(tcp),
             logs: RefCell::new(LogLimiter::default()),
-            forwarder: crate::forwarder::Forwarder::default(),
+            forwarder: crate::forward::Forwarder::default(),
             ports: RefCell::new(Ports { map: Default::default(), capture: None, overflow_drops: 0 }),
-            udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout)),
+            udp: RefCell::new(UdpNat::new(config.max_udp_flows, config.udp_idle_timeout, usize::from(net.cfg.mtu))),
             icmp: RefCell::new(IcmpNat::new()),
             dns,
             nat,
             net: RefCell::new(net),
             config,
+            ra_timer: std::cell::Cell::new(false),
         })
     }
 
@@ -230,7 +237,7 @@ impl Engine {
         self.ports.borrow_mut().capture = Some(capture);
         let weak = Rc::downgrade(self);
         tokio::task::spawn_local(async move {
-            let mut tick = tokio::time::interval(crate::capture::HANDOFF_AFTER);
+            let mut tick = tokio::time::interval(crate::shell::capture::HANDOFF_AFTER);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -255,42 +262,122 @@ impl Engine {
             }
             net.handle_frame(port, frame, now, &mut *ports)
         };
-        if let Upcall::Ipv4 { src_mac, header, packet } = upcall {
-            self.route_ipv4(port, src_mac, &header, packet, now);
+        match upcall {
+            Upcall::Ipv4 { header, packet, .. } => self.route_ipv4(port, &header, packet, now),
+            Upcall::Ipv6 { header, packet, .. } => self.route_ipv6(&header, packet, now),
+            Upcall::None => {}
         }
     }
 
+    /// IPv6 the gateway must route: its DNS server and the UDP NAT; what
+    /// the host cannot take (no route, and for now TCP and echo, which the
+    /// NAT does not carry over IPv6 yet) is answered with ICMPv6 "no route"
+    /// at once, so the guest's connect fails fast and happy eyeballs falls
+    /// back to IPv4.
+    fn route_ipv6(self: &Rc<Self>, header: &smoltcp::wire::Ipv6Repr, packet: &[u8], now: Instant) {
+        let gateway6 = self.net.borrow().cfg.ipv6.as_ref().map(|v6| v6.gateway);
+        if header.next_header == IpProtocol::Udp {
+            let Some(udp) = packet
+                .get(40..)
+                .and_then(|body| smoltcp::wire::UdpPacket::new_checked(body).ok())
+                .filter(|udp| udp.verify_checksum(&header.src_addr.into(), &header.dst_addr.into()))
+            else {
+                self.net.borrow_mut().stats.drops.malformed += 1;
+                return;
+            };
+            let src = SocketAddr::from((header.src_addr, udp.src_port()));
+            let dst = SocketAddr::from((header.dst_addr, udp.dst_port()));
+            if Some(header.dst_addr) == gateway6 {
+                if udp.dst_port() == crate::gateway::dns::DNS_PORT {
+                    self.dns.clone().serve_udp(self, src, dst, udp.payload());
+                } else {
+                    self.net.borrow_mut().stats.drops.not_for_us += 1;
+                }
+                return;
+            }
+            if UdpNat::send(self, src, dst, udp.payload(), now) {
+                return;
+            }
+        }
+        let mut net = self.net.borrow_mut();
+        let mut ports = self.ports.borrow_mut();
+        net.unreachable6(header, packet, now, &mut *ports);
+    }
+
+    /// Sends a complete IP packet of either version to the guest owning its
+    /// destination (ICMP errors the NAT builds).
+    pub fn send_ip_to_guest(&self, packet: &[u8]) -> bool {
+        match packet.first().map(|b| b >> 4) {
+            Some(4) => self.send_ipv4_to_guest(packet),
+            Some(6) => {
+                let mut net = self.net.borrow_mut();
+                let mut ports = self.ports.borrow_mut();
+                net.send_ipv6_to_guest(packet, Instant::now(), &mut *ports)
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends a UDP datagram from the gateway to a guest, either family
+    /// (DNS answers).
+    pub fn send_udp_reply(&self, src: std::net::SocketAddr, dst: std::net::SocketAddr, payload: &[u8]) -> bool {
+        use std::net::SocketAddr::{V4, V6};
+        match (src, dst) {
+            (V4(src), V4(dst)) => self.send_udp_to_guest(src, dst, payload),
+            (V6(src), V6(dst)) => {
+                let mut net = self.net.borrow_mut();
+                let mut ports = self.ports.borrow_mut();
+                net.send_udp6_to_guest(src, dst, payload, Instant::now(), &mut *ports)
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends the periodic router advertisement from now on (once per
+    /// engine, from the first VM connection: it needs a `LocalSet`).
+    fn start_router_adverts(self: &Rc<Self>) {
+        if self.ra_timer.replace(true) || self.net.borrow().cfg.ipv6.is_none() {
+            return;
+        }
+        let weak = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            loop {
+                let next = {
+                    let Some(engine) = weak.upgrade() else { return };
+                    let mut net = engine.net.borrow_mut();
+                    let mut ports = engine.ports.borrow_mut();
+                    net.poll_ipv6(Instant::now(), &mut *ports)
+                };
+                let Some(next) = next else { return };
+                tokio::time::sleep_until(next.into()).await;
+            }
+        });
+    }
+
     /// IPv4 the gateway must route: its own services or the NAT.
-    fn route_ipv4(
-        self: &Rc<Self>,
-        port: PortId,
-        src_mac: EthernetAddress,
-        header: &Ipv4Repr,
-        packet: &[u8],
-        now: Instant,
-    ) {
+    fn route_ipv4(self: &Rc<Self>, port: PortId, header: &Ipv4Repr, packet: &[u8], now: Instant) {
         let gateway = self.net.borrow().cfg.gateway_ip;
         match header.next_header {
             IpProtocol::Udp => {
-                let Some((src, dst, payload)) = crate::frame::parse_udp_ip(packet) else {
+                let Some((src, dst, payload)) = rdnet_wire::frame::parse_udp_ip(packet) else {
                     self.net.borrow_mut().stats.drops.malformed += 1;
                     return;
                 };
                 if *dst.ip() == gateway {
-                    if dst.port() == crate::dns::DNS_PORT {
-                        self.dns.clone().serve_udp(self, src, dst, payload);
-                    } else if !crate::forwarder::udp_from_guest(self, src, dst, payload) {
+                    if dst.port() == crate::gateway::dns::DNS_PORT {
+                        self.dns.clone().serve_udp(self, src.into(), dst.into(), payload);
+                    } else if !crate::forward::udp_from_guest(self, src, dst, payload) {
                         // Not a reply to a UDP port forward either.
                         self.net.borrow_mut().stats.drops.not_for_us += 1;
                     }
                     return;
                 }
-                UdpNat::send(self, src, dst, payload, now);
+                UdpNat::send(self, src.into(), dst.into(), payload, now);
             }
-            IpProtocol::Icmp => IcmpNat::handle(self, src_mac, header, packet, now),
+            IpProtocol::Icmp => IcmpNat::handle(self, header, packet, now),
             IpProtocol::Tcp => {
                 let large = self.net.borrow().takes_large_frames(port);
-                crate::tcp::handle_guest_packet(self, header, packet, large)
+                crate::nat::tcp::handle_guest_packet(self, port, header, packet, large)
             }
             _ => self.net.borrow_mut().stats.drops.unsupported_protocol += 1,
         }
@@ -323,7 +410,7 @@ impl Engine {
         fill: F,
     ) -> Result<R, F> {
         let mut net = self.net.borrow_mut();
-        let frame_len = crate::frame::ETH_HEADER + len;
+        let frame_len = rdnet_wire::frame::ETH_HEADER + len;
         let Some((port, mac)) = net.port_for_guest(dst, frame_len) else { return Err(fill) };
         let gateway_mac = net.cfg.gateway_mac;
         let mut ports = self.ports.borrow_mut();
@@ -332,7 +419,7 @@ impl Engine {
         eth.set_dst_addr(mac);
         eth.set_src_addr(gateway_mac);
         eth.set_ethertype(smoltcp::wire::EthernetProtocol::Ipv4);
-        let r = fill(&mut buf[crate::frame::ETH_HEADER..]);
+        let r = fill(&mut buf[rdnet_wire::frame::ETH_HEADER..]);
         ports.commit(port, frame_len);
         net.stats.frames_out += 1;
         net.stats.bytes_out += frame_len as u64;
@@ -387,6 +474,7 @@ impl Engine {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
     {
         let port = self.net.borrow_mut().add_port();
+        self.start_router_adverts();
         let notify = Rc::new(Notify::new());
         self.ports.borrow_mut().map.insert(port, PortTx::new(self.config.framing, notify.clone()));
         tracing::info!(port, %peer, "VM connected ({how})");
@@ -493,6 +581,7 @@ impl Engine {
     pub async fn serve_datagram(self: Rc<Self>, link: rdnet_link::datagram::DatagramLink) {
         let link = Rc::new(link);
         let port = self.net.borrow_mut().add_port();
+        self.start_router_adverts();
         let notify = Rc::new(Notify::new());
         self.ports.borrow_mut().map.insert(port, PortTx::new(Framing::U32Be, notify.clone()));
         let peer: Rc<RefCell<Option<std::path::PathBuf>>> = Rc::default();

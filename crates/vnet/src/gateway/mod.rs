@@ -9,23 +9,35 @@
 //! as an [`Upcall`] for the NAT, DNS and API layers. Everything the gateway
 //! sends goes through the same switch delivery. No I/O and no clock: frames
 //! leave through a [`FrameSink`], and `now` is a parameter.
+//!
+//! Where each service lives: `arp.rs` (answers, probes, the neighbour
+//! table), `icmp.rs` (pings of the gateway), `dhcp.rs` (the DHCP server),
+//! `guard.rs` (which source addresses a guest may use), `dns/` (the DNS
+//! server, reached through the upcall like the NAT). The switch itself is
+//! `crate::switch`.
+
+mod arp;
+pub mod dhcp;
+pub mod dns;
+mod guard;
+mod icmp;
+pub mod ipv6;
+
+pub use arp::MAX_NEIGHBORS;
 
 use crate::FastMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, Icmpv4Packet, Icmpv4Repr,
-    IpProtocol, Ipv4Packet, Ipv4Repr,
-};
+use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Repr};
 
 use crate::config::NetConfig;
-use crate::dhcp_server::{self, DhcpServer};
-use crate::frame::{self, ETH_HEADER};
 use crate::ratelimit::LogLimiter;
 use crate::stats::Stats;
 use crate::switch::{Learn, PortId, Switch};
+use dhcp::DhcpServer;
+use rdnet_wire::frame::{self, ETH_HEADER};
 
 /// Where the network's outgoing frames go (one VM connection each).
 pub trait FrameSink {
@@ -49,10 +61,14 @@ pub enum Upcall<'a> {
         header: Ipv4Repr,
         packet: &'a [u8],
     },
+    /// An IPv6 packet (header first) sent to the gateway's MAC that is not
+    /// neighbour discovery, DHCPv6 or a ping of the gateway.
+    Ipv6 {
+        src_mac: EthernetAddress,
+        header: Ipv6Repr,
+        packet: &'a [u8],
+    },
 }
-
-/// Remembered guest addresses (IP → MAC), bounded.
-const MAX_NEIGHBORS: usize = 4096;
 
 pub struct Network {
     pub cfg: NetConfig,
@@ -61,6 +77,7 @@ pub struct Network {
     pub stats: Stats,
     neighbors: FastMap<Ipv4Addr, EthernetAddress>,
     arp_probes: FastMap<Ipv4Addr, Instant>,
+    pub ipv6: ipv6::Ipv6State,
     logs: LogLimiter,
     scratch: Vec<u8>,
 }
@@ -75,6 +92,7 @@ impl Network {
             stats: Stats::default(),
             neighbors: FastMap::default(),
             arp_probes: FastMap::default(),
+            ipv6: ipv6::Ipv6State::default(),
             logs: LogLimiter::default(),
             scratch: Vec::with_capacity(2048),
         }
@@ -86,11 +104,6 @@ impl Network {
 
     pub fn remove_port(&mut self, port: PortId) {
         self.switch.remove_port(port);
-    }
-
-    /// The guest MAC for an address in the subnet, if known.
-    pub fn neighbor(&self, ip: Ipv4Addr) -> Option<EthernetAddress> {
-        self.neighbors.get(&ip).copied()
     }
 
     /// Handles one frame received on `from`.
@@ -156,6 +169,9 @@ impl Network {
             EthernetProtocol::Ipv4 => {
                 self.handle_ipv4(src, dst == self.cfg.gateway_mac, &frame[ETH_HEADER..], now, out)
             }
+            EthernetProtocol::Ipv6 => {
+                self.handle_ipv6(src, dst == self.cfg.gateway_mac, &frame[ETH_HEADER..], now, out)
+            }
             _ => {
                 if dst == self.cfg.gateway_mac {
                     self.stats.drops.unsupported_protocol += 1;
@@ -195,47 +211,6 @@ impl Network {
         self.switch.takes_large_frames(port)
     }
 
-    fn handle_arp(&mut self, payload: &[u8], now: Instant, out: &mut impl FrameSink) {
-        let Ok(pkt) = ArpPacket::new_checked(payload) else {
-            self.stats.drops.malformed += 1;
-            return;
-        };
-        let Ok(ArpRepr::EthernetIpv4 {
-            operation,
-            source_hardware_addr,
-            source_protocol_addr,
-            target_protocol_addr,
-            ..
-        }) = ArpRepr::parse(&pkt)
-        else {
-            self.stats.drops.malformed += 1;
-            return;
-        };
-        self.remember(source_protocol_addr, source_hardware_addr);
-        if operation != ArpOperation::Request || !self.cfg.is_gateway_owned(target_protocol_addr) {
-            return;
-        }
-        let reply = ArpRepr::EthernetIpv4 {
-            operation: ArpOperation::Reply,
-            source_hardware_addr: self.cfg.gateway_mac,
-            source_protocol_addr: target_protocol_addr,
-            target_hardware_addr: source_hardware_addr,
-            target_protocol_addr: source_protocol_addr,
-        };
-        let mut buf = std::mem::take(&mut self.scratch);
-        frame::ethernet(
-            &mut buf,
-            self.cfg.gateway_mac,
-            source_hardware_addr,
-            EthernetProtocol::Arp,
-            reply.buffer_len(),
-            |b| reply.emit(&mut ArpPacket::new_unchecked(b)),
-        );
-        self.stats.arp_replies += 1;
-        self.deliver(&buf, now, out);
-        self.scratch = buf;
-    }
-
     fn handle_ipv4<'a>(
         &mut self,
         src_mac: EthernetAddress,
@@ -268,7 +243,7 @@ impl Network {
         if header.next_header == IpProtocol::Udp
             && (to_gateway || broadcast)
             && let Some((_, dst, data)) = frame::parse_udp_ip(packet)
-            && dst.port() == dhcp_server::SERVER_PORT
+            && dst.port() == dhcp::SERVER_PORT
         {
             self.handle_dhcp(data, now, out);
             return Upcall::None;
@@ -281,123 +256,6 @@ impl Network {
             return Upcall::None;
         }
         Upcall::Ipv4 { src_mac, header, packet }
-    }
-
-    fn answer_ping(
-        &mut self,
-        dst_mac: EthernetAddress,
-        req: &Ipv4Repr,
-        icmp: &[u8],
-        now: Instant,
-        out: &mut impl FrameSink,
-    ) {
-        let Ok(pkt) = Icmpv4Packet::new_checked(icmp) else {
-            self.stats.drops.malformed += 1;
-            return;
-        };
-        let Ok(Icmpv4Repr::EchoRequest { ident, seq_no, data }) =
-            Icmpv4Repr::parse(&pkt, &ChecksumCapabilities::default())
-        else {
-            return;
-        };
-        let reply = Icmpv4Repr::EchoReply { ident, seq_no, data };
-        let ip = Ipv4Repr {
-            src_addr: req.dst_addr,
-            dst_addr: req.src_addr,
-            next_header: IpProtocol::Icmp,
-            payload_len: reply.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut buf = std::mem::take(&mut self.scratch);
-        frame::ipv4(&mut buf, self.cfg.gateway_mac, dst_mac, &ip, |b| {
-            reply.emit(&mut Icmpv4Packet::new_unchecked(b), &ChecksumCapabilities::default())
-        });
-        self.stats.icmp_replies += 1;
-        self.deliver(&buf, now, out);
-        self.scratch = buf;
-    }
-
-    fn handle_dhcp(&mut self, data: &[u8], now: Instant, out: &mut impl FrameSink) {
-        let reply = match self.dhcp.handle(data, now) {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                self.stats.drops.dhcp_invalid += 1;
-                crate::limited_warn!(self.logs, now, "dhcp-invalid", error = %e, "ignoring DHCP message");
-                return;
-            }
-        };
-        if reply.payload.is_empty() {
-            return;
-        }
-        if !reply.dst_ip.is_broadcast() && !reply.dst_ip.is_unspecified() {
-            self.remember(reply.dst_ip, reply.dst_mac);
-        }
-        tracing::debug!(ip = %reply.dst_ip, mac = %rdnet_wire::MacDisplay(reply.dst_mac.0), "DHCP {:?}", reply.kind);
-        let mut buf = std::mem::take(&mut self.scratch);
-        frame::udp(
-            &mut buf,
-            self.cfg.gateway_mac,
-            reply.dst_mac,
-            SocketAddrV4::new(self.cfg.gateway_ip, dhcp_server::SERVER_PORT),
-            SocketAddrV4::new(reply.dst_ip, dhcp_server::CLIENT_PORT),
-            &reply.payload,
-        );
-        self.stats.dhcp_replies += 1;
-        self.deliver(&buf, now, out);
-        self.scratch = buf;
-    }
-
-    /// Why the source address of an IPv4 or ARP frame from `src_mac` is
-    /// not that guest's to use, if it is not: an address a guest has is
-    /// the one leased to its MAC, or (for addresses set by hand) the one it
-    /// was first seen using, for as long as that MAC stays connected.
-    /// `0.0.0.0` (DHCP, ARP probes for duplicate addresses) is anyone's.
-    fn spoofed_source(&self, src_mac: EthernetAddress, frame: &[u8], now: Instant) -> Option<&'static str> {
-        let eth = EthernetFrame::new_unchecked(frame);
-        let claimed = match eth.ethertype() {
-            EthernetProtocol::Ipv4 => {
-                // Not an IPv4 header at all: the malformed-frame path counts it.
-                let ip = Ipv4Packet::new_checked(eth.payload()).ok().filter(|ip| ip.version() == 4)?;
-                ip.src_addr()
-            }
-            EthernetProtocol::Arp => {
-                let arp = ArpPacket::new_checked(eth.payload()).ok()?;
-                if arp.source_hardware_addr() != src_mac.as_bytes() {
-                    return Some("an ARP sender MAC that is not the frame's");
-                }
-                Ipv4Addr::from(<[u8; 4]>::try_from(arp.source_protocol_addr()).ok()?)
-            }
-            _ => return None,
-        };
-        if claimed.is_unspecified() {
-            return None;
-        }
-        if !self.cfg.subnet.contains(&claimed)
-            || claimed == self.cfg.subnet.network()
-            || claimed == self.cfg.broadcast()
-        {
-            return Some("outside the subnet");
-        }
-        if self.cfg.is_gateway_owned(claimed) {
-            return Some("the gateway's address");
-        }
-        let attached = |mac: &EthernetAddress| self.switch.lookup(mac).is_some();
-        let owner = self.dhcp.mac_of(claimed, now).filter(attached).or_else(|| self.neighbor(claimed).filter(attached));
-        match owner {
-            Some(mac) if mac != src_mac => Some("another guest's address"),
-            _ => None,
-        }
-    }
-
-    fn remember(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
-        if !mac.is_unicast() || !self.cfg.subnet.contains(&ip) || self.cfg.is_gateway_owned(ip) {
-            return;
-        }
-        if self.neighbors.len() >= MAX_NEIGHBORS && !self.neighbors.contains_key(&ip) {
-            return;
-        }
-        self.neighbors.insert(ip, mac);
     }
 
     /// Sends a frame the gateway built: to its destination MAC's port, or to
@@ -476,42 +334,6 @@ impl Network {
         true
     }
 
-    /// Asks the guests who has `ip` (at most once a second per address), so
-    /// a connection the host opens to a guest that never spoke first finds
-    /// its MAC by the time its SYN is retransmitted.
-    pub fn arp_probe(&mut self, ip: Ipv4Addr, now: Instant, out: &mut impl FrameSink) {
-        if !self.cfg.subnet.contains(&ip) || self.cfg.is_gateway_owned(ip) {
-            return;
-        }
-        if let Some(last) = self.arp_probes.get(&ip)
-            && now.saturating_duration_since(*last) < std::time::Duration::from_secs(1)
-        {
-            return;
-        }
-        if self.arp_probes.len() >= MAX_NEIGHBORS {
-            self.arp_probes.retain(|_, t| now.saturating_duration_since(*t) < std::time::Duration::from_secs(1));
-        }
-        self.arp_probes.insert(ip, now);
-        let req = ArpRepr::EthernetIpv4 {
-            operation: ArpOperation::Request,
-            source_hardware_addr: self.cfg.gateway_mac,
-            source_protocol_addr: self.cfg.gateway_ip,
-            target_hardware_addr: EthernetAddress([0; 6]),
-            target_protocol_addr: ip,
-        };
-        let mut buf = std::mem::take(&mut self.scratch);
-        frame::ethernet(
-            &mut buf,
-            self.cfg.gateway_mac,
-            EthernetAddress::BROADCAST,
-            EthernetProtocol::Arp,
-            req.buffer_len(),
-            |b| req.emit(&mut ArpPacket::new_unchecked(b)),
-        );
-        self.deliver(&buf, now, out);
-        self.scratch = buf;
-    }
-
     fn flood(&mut self, except: Option<PortId>, frame: &[u8], out: &mut impl FrameSink) {
         // Ports are few; collecting avoids borrowing the switch while emitting.
         let ports: Vec<PortId> = self.switch.ports().filter(|p| Some(*p) != except).collect();
@@ -536,6 +358,7 @@ mod tests {
     use super::*;
     use crate::config::DEVICE_MAC;
     use dhcproto::v4::{DhcpOption, MessageType};
+    use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, Icmpv4Packet, Icmpv4Repr};
 
     const GUEST2: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x22]);
 
@@ -653,12 +476,8 @@ mod tests {
     fn dhcp_over_frames() {
         let mut n = net();
         let p = n.add_port();
-        let msg = dhcp_server::client_message(
-            GUEST2,
-            MessageType::Discover,
-            9,
-            vec![DhcpOption::ParameterRequestList(vec![])],
-        );
+        let msg =
+            dhcp::client_message(GUEST2, MessageType::Discover, 9, vec![DhcpOption::ParameterRequestList(vec![])]);
         let mut f = Vec::new();
         frame::udp(
             &mut f,
@@ -671,8 +490,9 @@ mod tests {
         let mut out = Vec::new();
         n.handle_frame(p, &f, Instant::now(), &mut out);
         assert_eq!(out.len(), 1);
-        let (mac, src, dst, _) = frame::parse_udp(&out[0].1).unwrap();
-        assert_eq!(mac, n.cfg.gateway_mac);
+        let reply = frame::parse_udp(&out[0].1).unwrap();
+        assert_eq!(reply.src_mac, n.cfg.gateway_mac.0);
+        let (src, dst) = (reply.src, reply.dst);
         assert_eq!(src, SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 1), 67));
         assert_eq!(dst, SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 3), 68));
         assert_eq!(n.stats.dhcp_replies, 1);
@@ -751,7 +571,7 @@ mod tests {
         assert_eq!(n.switch.lookup(&DEVICE_MAC), Some(p1));
         // DHCP from 0.0.0.0 is anyone's.
         out.clear();
-        let discover = crate::dhcp_server::client_message(GUEST2, dhcproto::v4::MessageType::Discover, 7, vec![]);
+        let discover = crate::gateway::dhcp::client_message(GUEST2, dhcproto::v4::MessageType::Discover, 7, vec![]);
         let mut f = Vec::new();
         frame::udp(
             &mut f,

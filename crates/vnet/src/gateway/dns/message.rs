@@ -194,7 +194,7 @@ pub fn rcode(bytes: &[u8]) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::zone::Zone;
+    use crate::gateway::dns::zone::Zone;
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     use hickory_proto::rr::rdata::TXT;

@@ -46,12 +46,23 @@
 //! as soon as its socket is closed or reaches TIME-WAIT: TIME-WAIT holds no
 //! host resources.
 //!
-//! *Bounds.* At most `max_flows` flows, and per guest address at most
-//! `max_half_open_per_guest` half-open ones (from the guest's SYN until it
+//! *Timestamps.* Our SYN-ACKs carry TCP timestamps when the guest's SYN
+//! does (RFC 7323), from one clock shared by every flow, so they only grow:
+//! a guest kernel may then reuse a port of its own in TIME-WAIT for a new
+//! connection at once (`tcp_tw_reuse` needs timestamps to tell the old
+//! connection's segments from the new one's). Without them, a guest that
+//! opens and closes connections fast runs out of ports and its connects
+//! wait (issue 15: 2 500 conn/s falling to 230).
+//!
+//! *Bounds.* At most `max_flows` flows, and per guest (the switch port its
+//! frames came in on, not the source address it claims: one VM may hold
+//! many addresses) at most `max_half_open_per_guest` half-open ones (from the guest's SYN until it
 //! completes the handshake); a SYN beyond either gets a RST. A half-open
 //! flow the guest does not complete within [`HALF_OPEN_TIMEOUT`] is reset,
 //! so a SYN flood from one guest holds bounded state and cannot starve
 //! another guest.
+
+pub mod memory;
 
 use crate::FastMap;
 use std::cell::RefCell;
@@ -74,10 +85,11 @@ use smoltcp::wire::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::engine::Engine;
-use crate::flow_memory::{FlowMemory, HostRead, PROBE};
-use crate::frame::{ETH_HEADER, IPV4_HEADER};
+use crate::nat::tcp::memory::{FlowMemory, HostRead, PROBE};
+use crate::shell::Engine;
+use crate::switch::PortId;
 use crate::sys::LazyRegion;
+use rdnet_wire::frame::{ETH_HEADER, IPV4_HEADER};
 
 /// How long a flow's buffers stay empty before their memory is given back
 /// (a 2 MiB buffer each way, committed as traffic touches it: thousands of
@@ -127,13 +139,22 @@ enum Phase {
 }
 
 struct FlowState {
-    // Drops before `memory`, whose region its socket's buffers borrow.
+    /// Its socket's buffers borrow `memory`'s region: see `Drop`.
     sockets: SocketSet<'static>,
     /// The guest's address: where every segment the socket sends goes.
     guest: Ipv4Addr,
     phase: Phase,
     waker: Option<Waker>,
     memory: Option<FlowMemory>,
+}
+
+impl Drop for FlowState {
+    /// The socket set goes first, whatever the order of the fields: its
+    /// socket's buffers are slices of `memory`'s region, which is unmapped
+    /// when `memory` drops (`LazyRegion::split`'s contract).
+    fn drop(&mut self) {
+        self.sockets = SocketSet::new(Vec::new());
+    }
 }
 
 pub struct Flow {
@@ -145,25 +166,34 @@ pub struct Flow {
     connect_deadline: std::cell::Cell<Option<tokio::time::Instant>>,
     /// Counted in the guest's half-open flows until established or gone.
     half_open: std::cell::Cell<bool>,
+    /// The switch port the guest's SYN came in on (the half-open bound's key).
+    port: PortId,
 }
 
 /// A gateway service reachable over TCP inside the virtual network (DNS on
 /// :53, the API on :80): gets one end of an in-memory stream per connection.
 pub type GatewayService = Rc<dyn Fn(tokio::io::DuplexStream, SocketAddrV4)>;
 
-pub struct TcpNat {
+/// What polling a flow needs besides the flow: smoltcp's interface and a
+/// frame buffer. Taken out of [`TcpNat`] for the poll (see `poll_flow`).
+struct Stack {
     iface: Interface,
+    tx_frame: Vec<u8>,
+}
+
+pub struct TcpNat {
+    /// `None` only while a flow is being polled.
+    stack: Option<Box<Stack>>,
     epoch: std::time::Instant,
     flows: FastMap<FlowKey, Rc<Flow>>,
-    /// Half-open flows per guest address, and their total.
-    half_open: FastMap<Ipv4Addr, usize>,
+    /// Half-open flows per guest (switch port), and their total.
+    half_open: FastMap<PortId, usize>,
     half_open_total: usize,
     pub max_flows: usize,
     pub max_half_open_per_guest: usize,
     mtu: usize,
     /// The configured MTU of the VM links.
     link_mtu: usize,
-    tx_frame: Vec<u8>,
     services: FastMap<u16, GatewayService>,
     pub refused_syns: u64,
     /// Flows refused or reset because their buffer memory could not be
@@ -273,7 +303,7 @@ impl TcpNat {
         });
         tx_frame.resize(ETH_HEADER + mtu, 0);
         TcpNat {
-            iface,
+            stack: Some(Box::new(Stack { iface, tx_frame })),
             epoch,
             flows: FastMap::default(),
             half_open: FastMap::default(),
@@ -282,7 +312,6 @@ impl TcpNat {
             max_half_open_per_guest: max_flows.clamp(1, 1024),
             mtu,
             link_mtu,
-            tx_frame,
             services: FastMap::default(),
             refused_syns: 0,
             memory_refused: 0,
@@ -359,13 +388,41 @@ impl TxToken for FlowRx<'_> {
     }
 }
 
+thread_local! {
+    /// The TCP timestamp clock (milliseconds of the NAT's clock), set before
+    /// each poll: smoltcp asks for timestamps through a plain `fn()`, which
+    /// can hold no state of its own, and a flow is only ever polled on the
+    /// thread that owns the NAT.
+    static TSVAL_MS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// smoltcp's timestamp source: the NAT's clock in milliseconds (wrapping,
+/// as RFC 7323 allows), the same for every flow, so never going back.
+fn tsval() -> u32 {
+    TSVAL_MS.with(std::cell::Cell::get)
+}
+
 /// Polls the shared interface with one flow's sockets, optionally feeding
 /// it one packet from the guest.
+///
+/// The stack is taken out of the table for the poll, so no borrow of the
+/// table is held while smoltcp's sends call back into the engine (which may
+/// reach the table again: a `RefCell` would panic). A poll entered from
+/// inside another (nothing does so today) finds no stack and does nothing;
+/// the flow's own task polls it again.
 fn poll_flow(engine: &Engine, state: &mut FlowState, rx: Option<&[u8]>) {
-    let mut nat = engine.tcp.borrow_mut();
-    let now = nat.now();
-    let TcpNat { iface, tx_frame, mtu, link_mtu, .. } = &mut *nat;
-    let mut dev = FlowDevice { rx, guest: state.guest, engine, tx_frame, mtu: *mtu, link_mtu: *link_mtu };
+    let (mut stack, now, mtu, link_mtu) = {
+        let mut nat = engine.tcp.borrow_mut();
+        let Some(stack) = nat.stack.take() else {
+            tracing::debug!("TCP poll re-entered; left to the flow's task");
+            return;
+        };
+        (stack, nat.now(), nat.mtu, nat.link_mtu)
+    };
+    // Truncation is the wrap RFC 7323 expects of a 32-bit timestamp clock.
+    TSVAL_MS.with(|t| t.set(now.total_millis() as u32));
+    let Stack { iface, tx_frame } = &mut *stack;
+    let mut dev = FlowDevice { rx, guest: state.guest, engine, tx_frame, mtu, link_mtu };
     if rx.is_some() {
         iface.poll(now, &mut dev, &mut state.sockets);
     } else {
@@ -374,23 +431,24 @@ fn poll_flow(engine: &Engine, state: &mut FlowState, rx: Option<&[u8]>) {
         // call left most of a 2 MiB buffer waiting for the next ACK).
         while iface.poll_egress(now, &mut dev, &mut state.sockets) != smoltcp::iface::PollResult::None {}
     }
+    engine.tcp.borrow_mut().stack = Some(stack);
 }
 
 /// Entry point for a TCP segment from the guest (an IPv4 packet).
 /// `large_frames`: the guest's port takes segments above its MTU, so its
 /// SYN's MSS is raised to [`LARGE_MSS`] before smoltcp sees it; any other
 /// guest's is capped at what its MTU allows.
-pub fn handle_guest_packet(engine: &Rc<Engine>, header: &Ipv4Repr, packet: &[u8], large_frames: bool) {
+pub fn handle_guest_packet(engine: &Rc<Engine>, port: PortId, header: &Ipv4Repr, packet: &[u8], large_frames: bool) {
     let rewritten;
-    let packet = if crate::frame::is_tcp_syn(packet) {
+    let packet = if rdnet_wire::frame::is_tcp_syn(packet) {
         let mut p = packet.to_vec();
         if large_frames {
-            crate::frame::set_tcp_mss(&mut p, LARGE_MSS);
+            rdnet_wire::frame::set_tcp_mss(&mut p, LARGE_MSS);
         } else {
             // smoltcp's MTU is the largest a link carries, so the MSS is
             // all that keeps its segments within this guest's MTU.
             let link_mtu = engine.tcp.borrow().link_mtu;
-            crate::frame::clamp_tcp_mss(&mut p, u16::try_from(link_mtu - IPV4_HEADER - 20).unwrap_or(u16::MAX));
+            rdnet_wire::frame::clamp_tcp_mss(&mut p, u16::try_from(link_mtu - IPV4_HEADER - 20).unwrap_or(u16::MAX));
         }
         rewritten = p;
         &rewritten[..]
@@ -437,10 +495,10 @@ pub fn handle_guest_packet(engine: &Rc<Engine>, header: &Ipv4Repr, packet: &[u8]
         send_rst(engine, &key, &seg);
         return;
     }
-    open_flow(engine, key, &seg, packet);
+    open_flow(engine, port, key, &seg, packet);
 }
 
-fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: &[u8]) {
+fn open_flow(engine: &Rc<Engine>, port: PortId, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: &[u8]) {
     let gateway = engine.net.borrow().cfg.gateway_ip;
     let target: Target = if *key.remote.ip() == gateway {
         match engine.tcp.borrow().services.get(&key.remote.port()) {
@@ -463,7 +521,7 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
     };
     {
         let mut nat = engine.tcp.borrow_mut();
-        let guest_half_open = nat.half_open.get(key.guest.ip()).copied().unwrap_or(0);
+        let guest_half_open = nat.half_open.get(&port).copied().unwrap_or(0);
         if nat.flows.len() >= nat.max_flows || guest_half_open >= nat.max_half_open_per_guest {
             nat.refused_syns += 1;
             drop(nat);
@@ -472,7 +530,7 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
             send_rst(engine, &key, seg);
             return;
         }
-        *nat.half_open.entry(*key.guest.ip()).or_default() += 1;
+        *nat.half_open.entry(port).or_default() += 1;
         nat.half_open_total += 1;
         let flow = Rc::new(Flow {
             key,
@@ -485,6 +543,7 @@ fn open_flow(engine: &Rc<Engine>, key: FlowKey, seg: &TcpPacket<&[u8]>, packet: 
             }),
             connect_deadline: std::cell::Cell::new(None),
             half_open: std::cell::Cell::new(true),
+            port,
         });
         nat.flows.insert(key, flow.clone());
         tokio::task::spawn_local(connect_and_run(engine.clone(), flow, target));
@@ -540,8 +599,9 @@ where
         return Err(GuestConnectError::NoMemory);
     };
     let local = IpListenEndpoint { addr: Some(IpAddress::Ipv4(gateway)), port: key.remote.port() };
+    let Some(stack) = nat.stack.as_mut() else { return Err(GuestConnectError::Unaddressable(guest)) };
     socket
-        .connect(nat.iface.context(), (IpAddress::Ipv4(*guest.ip()), guest.port()), local)
+        .connect(stack.iface.context(), (IpAddress::Ipv4(*guest.ip()), guest.port()), local)
         .map_err(|_| GuestConnectError::Unaddressable(guest))?;
     let mut sockets = SocketSet::new(Vec::with_capacity(1));
     let handle = sockets.add(socket);
@@ -556,6 +616,8 @@ where
         }),
         connect_deadline: std::cell::Cell::new(Some(tokio::time::Instant::now() + GUEST_CONNECT_TIMEOUT)),
         half_open: std::cell::Cell::new(false),
+        // Never counted as half-open: the port plays no part.
+        port: PortId::MAX,
     });
     nat.flows.insert(key, flow.clone());
     drop(nat);
@@ -565,15 +627,22 @@ where
 
 /// A tuned socket whose buffers live in a lazily committed region; `None`
 /// when the address space cannot be had. The memory must outlive the
-/// socket: keep both in the same `FlowState`, socket set first.
+/// socket: both go into one `FlowState` (see its `Drop`).
+#[allow(unsafe_code)]
 fn new_socket() -> Option<(tcp::Socket<'static>, FlowMemory)> {
     let mut region = LazyRegion::new(RX_BUFFER + TX_BUFFER)?;
-    let (rx, tx) = region.split(RX_BUFFER)?;
+    // SAFETY: the slices go only into the socket returned with the region's
+    // owner; every caller puts the socket into a `FlowState`'s socket set
+    // and the memory into the same `FlowState`, whose `Drop` drops the
+    // socket set first, and nothing takes either out again.
+    let (rx, tx) = unsafe { region.split(RX_BUFFER) }?;
     let memory = FlowMemory::new(region, RX_BUFFER)?;
     let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     socket.set_nagle_enabled(false);
     socket.set_ack_delay(None);
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
+    // Dropped again by smoltcp if the guest's SYN has no timestamp option.
+    socket.set_tsval_generator(Some(tsval));
     Some((socket, memory))
 }
 
@@ -713,11 +782,10 @@ fn rst_for_packet(engine: &Engine, key: &FlowKey, packet: &[u8]) {
 /// The flow left the half-open state (established, or gone).
 fn settle_half_open(nat: &mut TcpNat, flow: &Flow) {
     if flow.half_open.replace(false) {
-        let ip = *flow.key.guest.ip();
-        if let Some(n) = nat.half_open.get_mut(&ip) {
+        if let Some(n) = nat.half_open.get_mut(&flow.port) {
             *n -= 1;
             if *n == 0 {
-                nat.half_open.remove(&ip);
+                nat.half_open.remove(&flow.port);
             }
         }
         nat.half_open_total = nat.half_open_total.saturating_sub(1);
@@ -999,7 +1067,12 @@ where
         let delay = {
             let mut nat = engine.tcp.borrow_mut();
             let now = nat.now();
-            nat.iface.poll_delay(now, &state.sockets)
+            // No stack (inside another poll, which nothing does): check
+            // again soon rather than never.
+            match nat.stack.as_mut() {
+                Some(stack) => stack.iface.poll_delay(now, &state.sockets),
+                None => Some(smoltcp::time::Duration::from_millis(1)),
+            }
         };
         state.waker = Some(cx.waker().clone());
         drop(state);
