@@ -54,15 +54,16 @@
 //! opens and closes connections fast runs out of ports and its connects
 //! wait (issue 15: 2 500 conn/s falling to 230).
 //!
-//! *Bounds.* At most `max_flows` flows, and per guest (the switch port its
-//! frames came in on, not the source address it claims: one VM may hold
-//! many addresses) at most `max_half_open_per_guest` half-open ones (from the guest's SYN until it
-//! completes the handshake); a SYN beyond either gets a RST. A half-open
-//! flow the guest does not complete within [`HALF_OPEN_TIMEOUT`] is reset,
-//! so a SYN flood from one guest holds bounded state and cannot starve
-//! another guest.
+//! *Bounds.* `admission` decides which new flows are taken: at most
+//! `max_flows`, and per guest (switch port) a bounded number of half-open
+//! ones; a SYN beyond either gets a RST. A half-open flow the guest does
+//! not complete within [`HALF_OPEN_TIMEOUT`] is reset, so a SYN flood from
+//! one guest holds bounded state and cannot starve another guest.
 
+pub mod admission;
 pub mod memory;
+#[cfg(all(test, unix))]
+mod tests;
 
 use crate::FastMap;
 use std::cell::RefCell;
@@ -85,6 +86,7 @@ use smoltcp::wire::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::nat::tcp::admission::{Admission, Refused};
 use crate::nat::tcp::memory::{FlowMemory, HostRead, PROBE};
 use crate::shell::Engine;
 use crate::switch::PortId;
@@ -186,11 +188,8 @@ pub struct TcpNat {
     stack: Option<Box<Stack>>,
     epoch: std::time::Instant,
     flows: FastMap<FlowKey, Rc<Flow>>,
-    /// Half-open flows per guest (switch port), and their total.
-    half_open: FastMap<PortId, usize>,
-    half_open_total: usize,
-    pub max_flows: usize,
-    pub max_half_open_per_guest: usize,
+    /// The bounds on new flows (`--max-flows`, half-open per guest).
+    pub admission: Admission,
     mtu: usize,
     /// The configured MTU of the VM links.
     link_mtu: usize,
@@ -199,7 +198,6 @@ pub struct TcpNat {
     /// Flows refused or reset because their buffer memory could not be
     /// reserved or committed.
     pub memory_refused: u64,
-    next_port: u16,
 }
 
 /// The one-packet device a flow is polled with.
@@ -306,16 +304,12 @@ impl TcpNat {
             stack: Some(Box::new(Stack { iface, tx_frame })),
             epoch,
             flows: FastMap::default(),
-            half_open: FastMap::default(),
-            half_open_total: 0,
-            max_flows,
-            max_half_open_per_guest: max_flows.clamp(1, 1024),
+            admission: Admission::new(max_flows),
             mtu,
             link_mtu,
             services: FastMap::default(),
             refused_syns: 0,
             memory_refused: 0,
-            next_port: 0,
         }
     }
 
@@ -333,7 +327,7 @@ impl TcpNat {
 
     /// Flows whose handshake with the guest is not complete yet.
     pub fn connecting(&self) -> usize {
-        self.half_open_total
+        self.admission.half_open()
     }
 
     fn now(&self) -> SmolInstant {
@@ -476,6 +470,26 @@ pub fn handle_guest_packet(engine: &Rc<Engine>, port: PortId, header: &Ipv4Repr,
                     remove_flow(engine, &flow);
                 }
             }
+            Phase::Open { handle }
+                if seg.syn()
+                    && !seg.ack()
+                    && matches!(
+                        state.sockets.get::<tcp::Socket>(handle).state(),
+                        tcp::State::Closed | tcp::State::TimeWait
+                    ) =>
+            {
+                // The connection is over but its task has not run since: a
+                // guest reusing the 4-tuple at once (its port from
+                // TIME-WAIT, `tcp_tw_reuse`) gets a new flow, not a RST from
+                // the old socket. The old task sees it was replaced and ends.
+                let waker = state.waker.take();
+                drop(state);
+                remove_flow(engine, &flow);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                open_flow(engine, port, key, &seg, packet);
+            }
             Phase::Open { handle } => {
                 poll_guest_segment(engine, &flow, &mut state, handle, &seg, packet);
                 let waker = state.waker.take();
@@ -521,8 +535,8 @@ fn open_flow(engine: &Rc<Engine>, port: PortId, key: FlowKey, seg: &TcpPacket<&[
     };
     {
         let mut nat = engine.tcp.borrow_mut();
-        let guest_half_open = nat.half_open.get(&port).copied().unwrap_or(0);
-        if nat.flows.len() >= nat.max_flows || guest_half_open >= nat.max_half_open_per_guest {
+        let flows = nat.flows.len();
+        if nat.admission.admit_guest(port, flows).is_err() {
             nat.refused_syns += 1;
             drop(nat);
             crate::limited_warn!(engine.logs.borrow_mut(), std::time::Instant::now(), "tcp-limit",
@@ -530,8 +544,6 @@ fn open_flow(engine: &Rc<Engine>, port: PortId, key: FlowKey, seg: &TcpPacket<&[
             send_rst(engine, &key, seg);
             return;
         }
-        *nat.half_open.entry(port).or_default() += 1;
-        nat.half_open_total += 1;
         let flow = Rc::new(Flow {
             key,
             state: RefCell::new(FlowState {
@@ -580,20 +592,14 @@ where
 {
     let gateway = engine.net.borrow().cfg.gateway_ip;
     let mut nat = engine.tcp.borrow_mut();
-    if nat.flows.len() >= nat.max_flows {
-        return Err(GuestConnectError::TooManyFlows);
-    }
-    // Ephemeral ports from the gateway, skipping any still in use.
-    let mut key = None;
-    for _ in 0..16384 {
-        nat.next_port = if nat.next_port < 49152 || nat.next_port == u16::MAX { 49152 } else { nat.next_port + 1 };
-        let k = FlowKey { guest, remote: SocketAddrV4::new(gateway, nat.next_port) };
-        if !nat.flows.contains_key(&k) {
-            key = Some(k);
-            break;
-        }
-    }
-    let key = key.ok_or(GuestConnectError::NoPort)?;
+    let flows = nat.flows.len();
+    let TcpNat { admission, flows: table, .. } = &mut *nat;
+    let in_use = |p| table.contains_key(&FlowKey { guest, remote: SocketAddrV4::new(gateway, p) });
+    let port = admission.admit_to_guest(flows, in_use).map_err(|r| match r {
+        Refused::NoPort => GuestConnectError::NoPort,
+        Refused::TooManyFlows | Refused::TooManyHalfOpen => GuestConnectError::TooManyFlows,
+    })?;
+    let key = FlowKey { guest, remote: SocketAddrV4::new(gateway, port) };
     let Some((mut socket, memory)) = new_socket() else {
         nat.memory_refused += 1;
         return Err(GuestConnectError::NoMemory);
@@ -782,13 +788,7 @@ fn rst_for_packet(engine: &Engine, key: &FlowKey, packet: &[u8]) {
 /// The flow left the half-open state (established, or gone).
 fn settle_half_open(nat: &mut TcpNat, flow: &Flow) {
     if flow.half_open.replace(false) {
-        if let Some(n) = nat.half_open.get_mut(&flow.port) {
-            *n -= 1;
-            if *n == 0 {
-                nat.half_open.remove(&flow.port);
-            }
-        }
-        nat.half_open_total = nat.half_open_total.saturating_sub(1);
+        nat.admission.settle(flow.port);
     }
 }
 
@@ -895,7 +895,15 @@ where
         let mut state = flow.state.borrow_mut();
         let Phase::Open { handle } = state.phase else { return Poll::Ready(End::Closed) };
         if !still_registered_flow(engine, flow) {
-            return Poll::Ready(End::Reset);
+            // Replaced by a new connection on the same 4-tuple after this
+            // one was over (then it ends as it would have), or dropped.
+            let socket = state.sockets.get::<tcp::Socket>(handle);
+            let over = match socket.state() {
+                tcp::State::Closed => io.host_eof && io.host_write_shut && socket.recv_queue() == 0,
+                tcp::State::TimeWait => socket.recv_queue() == 0,
+                _ => false,
+            };
+            return Poll::Ready(if over { End::Closed } else { End::Reset });
         }
         let mut progressed = false;
         let mut reset = false;
@@ -991,8 +999,12 @@ where
                 }
             }
 
-            // Guest FIN and everything written: half-close the host side.
-            if !io.established && socket.state() == tcp::State::Established {
+            // The handshake is complete once the socket is past SYN-RECEIVED,
+            // not only in ESTABLISHED: a guest ACK and FIN handled in one
+            // go, or a host EOF read in this same poll, move it on to
+            // CLOSE-WAIT or FIN-WAIT before this check sees it (and the flow
+            // would stay counted as half-open, then be reset at its deadline).
+            if !io.established && handshake_done(socket.state()) {
                 io.established = true;
                 settle_half_open(&mut engine.tcp.borrow_mut(), flow);
             }
@@ -1001,6 +1013,7 @@ where
                 socket.abort();
                 reset = true;
             }
+            // Guest FIN and everything written: half-close the host side.
             if !reset
                 && io.established
                 && !io.host_write_shut
@@ -1112,6 +1125,11 @@ where
         }
         return Poll::Pending;
     }
+}
+
+/// Whether a socket in `state` has completed its handshake with the guest.
+fn handshake_done(state: tcp::State) -> bool {
+    !matches!(state, tcp::State::Closed | tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived)
 }
 
 fn still_registered_flow(engine: &Engine, flow: &Flow) -> bool {

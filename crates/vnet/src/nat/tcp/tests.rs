@@ -1,0 +1,286 @@
+//! The TCP NAT through a whole engine, without root: the test is the VM (a
+//! socketpair carrying u16-LE frames) and the host is this process's
+//! loopback. Real time, so only behaviour that does not wait on timers:
+//! connect-first, RST on refusal, TCP timestamps in the SYN-ACK, a new
+//! flow for a 4-tuple right after its close, half-close and resets both
+//! ways. The deterministic harness with
+//! a virtual clock needs the sans-I/O TCP core (issue 15).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::rc::Rc;
+use std::time::Duration;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl,
+    TcpPacket, TcpRepr, TcpSeqNumber, TcpTimestampRepr,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::shell::{Engine, EngineConfig};
+use crate::{NetConfig, Network};
+
+const GUEST_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x02]);
+const GUEST: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 2);
+const ALIAS: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 254);
+
+/// A TCP segment the NAT sent the guest.
+#[derive(Debug)]
+struct Segment {
+    src_port: u16,
+    dst_port: u16,
+    control: TcpControl,
+    ack: bool,
+    seq: TcpSeqNumber,
+    timestamp: Option<TcpTimestampRepr>,
+    payload: Vec<u8>,
+}
+
+struct Vm {
+    link: UnixStream,
+    gateway_mac: EthernetAddress,
+}
+
+impl Vm {
+    fn connect(engine: &Rc<Engine>) -> Vm {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let gateway_mac = engine.net.borrow().cfg.gateway_mac;
+        tokio::task::spawn_local(engine.clone().serve(rdnet_link::LinkStream::Unix(theirs), "test".into(), None));
+        Vm { link: ours, gateway_mac }
+    }
+
+    async fn send_tcp(&mut self, dst: SocketAddrV4, src_port: u16, control: TcpControl, seq: u32, ack: Option<u32>) {
+        self.send_data(dst, src_port, control, seq, ack, &[]).await;
+    }
+
+    async fn send_data(
+        &mut self,
+        dst: SocketAddrV4,
+        src_port: u16,
+        control: TcpControl,
+        seq: u32,
+        ack: Option<u32>,
+        payload: &[u8],
+    ) {
+        let tcp = TcpRepr {
+            src_port,
+            dst_port: dst.port(),
+            control,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: 64_000,
+            window_scale: if control == TcpControl::Syn { Some(7) } else { None },
+            max_seg_size: if control == TcpControl::Syn { Some(1460) } else { None },
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            // As Linux sends them: what lets it reuse its TIME-WAIT ports.
+            timestamp: Some(TcpTimestampRepr::new(1000 + seq, 0)),
+            payload,
+        };
+        let ip = Ipv4Repr {
+            src_addr: GUEST,
+            dst_addr: *dst.ip(),
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut frame = Vec::new();
+        rdnet_wire::frame::ipv4(&mut frame, GUEST_MAC, self.gateway_mac, &ip, |buf| {
+            tcp.emit(
+                &mut TcpPacket::new_unchecked(buf),
+                &IpAddress::Ipv4(GUEST),
+                &IpAddress::Ipv4(*dst.ip()),
+                &ChecksumCapabilities::default(),
+            )
+        });
+        let mut framed = (frame.len() as u16).to_le_bytes().to_vec();
+        framed.extend_from_slice(&frame);
+        self.link.write_all(&framed).await.unwrap();
+    }
+
+    /// The next TCP segment to the guest (other frames skipped), if one
+    /// comes within 5 s.
+    async fn recv_tcp(&mut self) -> Option<Segment> {
+        let next = async {
+            loop {
+                let mut len = [0u8; 2];
+                self.link.read_exact(&mut len).await.ok()?;
+                let mut frame = vec![0u8; usize::from(u16::from_le_bytes(len))];
+                self.link.read_exact(&mut frame).await.ok()?;
+                let Ok(eth) = EthernetFrame::new_checked(&frame[..]) else { continue };
+                if eth.ethertype() != EthernetProtocol::Ipv4 {
+                    continue;
+                }
+                let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else { continue };
+                if ip.next_header() != IpProtocol::Tcp || ip.dst_addr() != GUEST {
+                    continue;
+                }
+                let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+                assert!(tcp.verify_checksum(&IpAddress::Ipv4(ip.src_addr()), &IpAddress::Ipv4(GUEST)));
+                let repr = TcpRepr::parse(
+                    &tcp,
+                    &IpAddress::Ipv4(ip.src_addr()),
+                    &IpAddress::Ipv4(GUEST),
+                    &ChecksumCapabilities::default(),
+                )
+                .ok()?;
+                return Some(Segment {
+                    src_port: repr.src_port,
+                    dst_port: repr.dst_port,
+                    control: repr.control,
+                    ack: repr.ack_number.is_some(),
+                    seq: repr.seq_number,
+                    timestamp: repr.timestamp,
+                    payload: repr.payload.to_vec(),
+                });
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), next).await.ok().flatten()
+    }
+}
+
+fn run(test: impl AsyncFnOnce(Rc<Engine>)) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
+        let engine = Engine::new(Network::new(cfg), EngineConfig::default());
+        test(engine).await;
+    });
+}
+
+#[test]
+fn connect_first_then_a_syn_ack_with_timestamps_and_a_rst_for_a_closed_port() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut vm = Vm::connect(&engine);
+
+        vm.send_tcp(SocketAddrV4::new(ALIAS, port), 40_000, TcpControl::Syn, 100, None).await;
+        let syn_ack = vm.recv_tcp().await.expect("a SYN-ACK");
+        assert_eq!((syn_ack.control, syn_ack.ack), (TcpControl::Syn, true), "{syn_ack:?}");
+        assert_eq!((syn_ack.src_port, syn_ack.dst_port), (port, 40_000));
+        // Connect first: the host side was there before the guest heard back.
+        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        let Ok(Ok(_host)) = accepted else { panic!("no host connection behind the SYN-ACK") };
+        // Our SYN-ACK echoes the guest's timestamp, so its kernel may
+        // reuse the port from TIME-WAIT (issue 15's falling connection rate).
+        let ts = syn_ack.timestamp.expect("a timestamp option in the SYN-ACK");
+        assert_eq!(ts.tsecr, 1100);
+
+        // The guest completes the handshake; the flow is established.
+        vm.send_tcp(SocketAddrV4::new(ALIAS, port), 40_000, TcpControl::None, 101, Some(syn_ack.seq.0 as u32 + 1))
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!((engine.tcp.borrow().len(), engine.tcp.borrow().connecting()), (1, 0));
+
+        // A port nobody listens on: RST at once, and no flow kept.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        vm.send_tcp(SocketAddrV4::new(ALIAS, closed), 40_001, TcpControl::Syn, 500, None).await;
+        let rst = vm.recv_tcp().await.expect("a RST");
+        assert_eq!((rst.control, rst.src_port, rst.dst_port), (TcpControl::Rst, closed, 40_001), "{rst:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(engine.tcp.borrow().len(), 1);
+    });
+}
+
+#[test]
+fn a_guest_that_closed_first_gets_a_new_flow_for_the_same_4_tuple_at_once() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        let mut seq = 1000u32;
+        for round in 0..3 {
+            vm.send_tcp(dst, 40_100, TcpControl::Syn, seq, None).await;
+            let syn_ack = vm.recv_tcp().await.unwrap_or_else(|| panic!("no SYN-ACK in round {round}"));
+            assert_eq!((syn_ack.control, syn_ack.ack), (TcpControl::Syn, true), "round {round}: {syn_ack:?}");
+            let (mut host, _) = listener.accept().await.unwrap();
+            let ours = syn_ack.seq.0 as u32 + 1;
+            // Established, then the guest closes first (FIN), as a guest
+            // left in TIME-WAIT does.
+            vm.send_tcp(dst, 40_100, TcpControl::None, seq + 1, Some(ours)).await;
+            vm.send_tcp(dst, 40_100, TcpControl::Fin, seq + 1, Some(ours)).await;
+            // The host sees EOF and closes too; the NAT sends its FIN.
+            let mut buf = [0u8; 1];
+            assert_eq!(host.read(&mut buf).await.unwrap(), 0, "round {round}: no EOF on the host side");
+            drop(host);
+            // (After the ACK of the guest's FIN, maybe in a segment of its own.)
+            let mut fin = vm.recv_tcp().await.unwrap_or_else(|| panic!("nothing in round {round}"));
+            if fin.control == TcpControl::None {
+                fin = vm.recv_tcp().await.unwrap_or_else(|| panic!("no FIN in round {round}"));
+            }
+            assert_eq!(fin.control, TcpControl::Fin, "round {round}: {fin:?}");
+            vm.send_tcp(dst, 40_100, TcpControl::None, seq + 2, Some(fin.seq.0 as u32 + 1)).await;
+            // The guest reuses its port at once, with a higher sequence
+            // number, as Linux does from TIME-WAIT.
+            seq += 100_000;
+        }
+    });
+}
+
+/// Opens a flow from the guest's `port` to `dst`: returns the host's side
+/// and the next sequence numbers (the guest's, the NAT's).
+async fn establish(
+    vm: &mut Vm,
+    listener: &tokio::net::TcpListener,
+    dst: SocketAddrV4,
+    port: u16,
+) -> (tokio::net::TcpStream, u32, u32) {
+    vm.send_tcp(dst, port, TcpControl::Syn, 7000, None).await;
+    let syn_ack = vm.recv_tcp().await.expect("a SYN-ACK");
+    assert_eq!(syn_ack.control, TcpControl::Syn, "{syn_ack:?}");
+    let (host, _) = listener.accept().await.unwrap();
+    let theirs = syn_ack.seq.0 as u32 + 1;
+    vm.send_tcp(dst, port, TcpControl::None, 7001, Some(theirs)).await;
+    (host, 7001, theirs)
+}
+
+#[test]
+fn half_close_both_ways_delivers_everything_before_each_fin() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        let (mut host, seq, theirs) = establish(&mut vm, &listener, dst, 40_200).await;
+        // Guest → host, then the guest's FIN: the host reads it all, then EOF.
+        vm.send_data(dst, 40_200, TcpControl::Fin, seq, Some(theirs), b"hello").await;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), host.read_to_end(&mut got)).await.unwrap().unwrap();
+        assert_eq!(got, b"hello");
+        // The other way still works: host → guest, then the host's FIN.
+        host.write_all(b"world").await.unwrap();
+        host.shutdown().await.unwrap();
+        let mut data = Vec::new();
+        let mut fin = false;
+        while !fin {
+            let seg = vm.recv_tcp().await.expect("the host's data and FIN");
+            data.extend_from_slice(&seg.payload);
+            fin = seg.control == TcpControl::Fin;
+        }
+        assert_eq!(data, b"world");
+    });
+}
+
+#[test]
+fn resets_cross_both_ways() {
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = SocketAddrV4::new(ALIAS, listener.local_addr().unwrap().port());
+        let mut vm = Vm::connect(&engine);
+        // A guest RST aborts the host connection (a reset, not an EOF).
+        let (mut host, seq, theirs) = establish(&mut vm, &listener, dst, 40_300).await;
+        vm.send_tcp(dst, 40_300, TcpControl::Rst, seq, Some(theirs)).await;
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), host.read(&mut buf)).await.unwrap();
+        assert_eq!(read.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+        // A host reset reaches the guest as a RST.
+        let (host, _, _) = establish(&mut vm, &listener, dst, 40_301).await;
+        socket2::SockRef::from(&host).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(host);
+        let rst = vm.recv_tcp().await.expect("a RST");
+        assert_eq!((rst.control, rst.dst_port), (TcpControl::Rst, 40_301), "{rst:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(engine.tcp.borrow().len(), 0, "both flows are gone");
+    });
+}
