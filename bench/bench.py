@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 # The Windows build and what running it under Wine needs (scripts/wine-e2e prepare).
 WIN_REL = os.path.join(ROOT, "target", "x86_64-pc-windows-gnu", "release")
+# Another build of host-switch.exe to measure instead (a before/after).
+WIN_EXE = os.environ.get("RDNET_HOST_SWITCH_EXE") or os.path.join(WIN_REL, "host-switch.exe")
 WINE_DIR = os.environ.get("RDNET_WINE_DIR") or os.path.join(ROOT, "target", "wine")
 HOST_ALIAS = "192.168.127.254"
 GUEST_IP = "192.168.127.2"
@@ -411,11 +413,11 @@ class TcpLinkWorld:
     Wine with a private prefix, so its wineserver (which owns the sockets of
     every Wine process) starts inside the host namespace."""
 
-    def __init__(self, mtu, wine=None):
+    def __init__(self, mtu, wine=None, scheme="tcp"):
         self.h = ns_add("bwh")
         self.g = ns_add("bwg")
         port = 6656
-        tag = f"{'wine' if wine else 'linux'}-{mtu}"
+        tag = f"{'wine' if wine else 'linux'}-{scheme}-{mtu}"
         env = None
         if wine:
             prefix = os.path.join(tmpdir, f"prefix-{tag}")
@@ -431,9 +433,9 @@ class TcpLinkWorld:
             os.makedirs(bindir)
             exe = os.path.join(bindir, "host-switch.exe")
             try:
-                os.link(os.path.join(WIN_REL, "host-switch.exe"), exe)
+                os.link(WIN_EXE, exe)
             except OSError:
-                shutil.copy(os.path.join(WIN_REL, "host-switch.exe"), exe)
+                shutil.copy(WIN_EXE, exe)
             shutil.copy(os.path.join(WINE_DIR, "bcryptprimitives.dll"), bindir)
             try:
                 with open(os.path.join(prefix, "wineserver")) as f:
@@ -447,7 +449,7 @@ class TcpLinkWorld:
             args = [wine, exe]
         else:
             args = [os.path.join(REL, "host-switch")]
-        args += ["--listen", f"tcp://127.0.0.1:{port}", "--mtu", str(mtu)]
+        args += ["--listen", f"{scheme}://127.0.0.1:{port}", "--mtu", str(mtu)]
         self.hs = spawn(self.h, *args, log=f"host-switch-{tag}.log", env=env)
         if not wait_for(lambda: listening(self.h, port), 120):
             raise RuntimeError(f"host-switch ({tag}) did not listen")
@@ -466,22 +468,26 @@ class TcpLinkWorld:
 
 def windows_rows(mtu):
     """The Windows build under Wine against the Linux build, both serving
-    the guest over TCP loopback: the baseline for thread-free I/O on
-    Windows (overlapped I/O instead of bridge threads)."""
+    the guest over TCP loopback; the Windows build twice, once on tokio's
+    TCP (`tcp://`) and once on the Hyper-V socket code (`winsock://`), so
+    the latter's cost shows against the former in the same run."""
     wine = find_wine()
     missing = [what for what, ok in (
         ("wine", wine),
-        (f"{WIN_REL}/host-switch.exe (cargo build --release --target x86_64-pc-windows-gnu -p host-switch)",
-         os.path.exists(os.path.join(WIN_REL, "host-switch.exe"))),
+        (f"{WIN_EXE} (cargo build --release --target x86_64-pc-windows-gnu -p host-switch)",
+         os.path.exists(WIN_EXE)),
         (f"{WINE_DIR} (scripts/wine-e2e prepare)", os.path.exists(os.path.join(WINE_DIR, "prefix", ".rdnet-ready"))),
     ) if not ok]
     if missing:
         row(f"host-switch.exe under Wine, MTU {mtu}", None, "Gbit/s", None, "missing " + ", ".join(missing))
         return
     base = {}
-    for label, w in (("host-switch (Linux)", None), ("host-switch.exe under Wine", wine)):
+    # `winsock://` is TCP driven by the Hyper-V socket code (the path of
+    # hvsock:// links, which Wine cannot run), `tcp://` tokio's own TCP.
+    for label, w, scheme in (("host-switch (Linux)", None, "tcp"), ("host-switch.exe under Wine", wine, "tcp"),
+                             ("host-switch.exe under Wine, Hyper-V socket code (winsock://)", wine, "winsock")):
         try:
-            world = TcpLinkWorld(mtu, wine=w)
+            world = TcpLinkWorld(mtu, wine=w, scheme=scheme)
         except RuntimeError as e:
             row(f"{label} over TCP loopback, MTU {mtu}", None, "Gbit/s", None, str(e))
             return

@@ -9,8 +9,8 @@ use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
 use rdnet_vnet::api::gojson::{self, Field};
-use rdnet_vnet::gateway::dns::zone::{Zone, ZoneTable};
 use rdnet_vnet::forward as forwarder;
+use rdnet_vnet::gateway::dns::zone::{Zone, ZoneTable};
 
 const EXPOSE: &[Field] = &[
     Field { name: "local", go_type: "string" },

@@ -7,11 +7,12 @@
 //! only say what a shell should do, and the target plays the shell.
 //! Checked after every step: the flow bounds hold, the idle deadline is
 //! there exactly when flows are, replies go to the guest that sent, and
-//! nothing panics. The TCP core is not in here yet (issue 15).
+//! nothing panics. Guests use IPv4 or IPv6 by the input's choice. The TCP
+//! core is not in here yet (issue 15).
 #![no_main]
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
@@ -59,6 +60,39 @@ fn address(b: u8) -> Ipv4Addr {
     }
 }
 
+const PREFIX6: u128 = 0xfd5a_94ef_e40c_0000_0000_0000_0000_0000;
+
+/// The IPv6 twins: the host alias, the gateway, multicast, link-local,
+/// elsewhere, IPv4-mapped, and the network's own prefix.
+fn address6(b: u8) -> Ipv6Addr {
+    match b % 7 {
+        0 => Ipv6Addr::from(PREFIX6 | 0xfe),
+        1 => Ipv6Addr::from(PREFIX6 | 1),
+        2 => Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+        3 => Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, u16::from(b)),
+        4 => Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(b)),
+        5 => Ipv4Addr::new(10, 0, 0, b).to_ipv6_mapped(),
+        _ => Ipv6Addr::from(PREFIX6 | u128::from(b)),
+    }
+}
+
+/// A guest address and a destination, of one family chosen by `six`.
+fn pair(six: bool, guest: u8, dst: u8) -> (IpAddr, IpAddr) {
+    if six {
+        (Ipv6Addr::from(PREFIX6 | u128::from(2 + guest % 3)).into(), address6(dst).into())
+    } else {
+        (Ipv4Addr::new(192, 168, 127, 2 + guest % 3).into(), address(dst).into())
+    }
+}
+
+/// Whether `ip` is a guest's: in the IPv4 subnet or the IPv6 prefix.
+fn is_guest(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[..3] == [192, 168, 127],
+        IpAddr::V6(v6) => u128::from(v6) >> 64 == PREFIX6 >> 64,
+    }
+}
+
 fn send_result(b: u8) -> io::Result<()> {
     match b % 4 {
         0 | 1 => Ok(()),
@@ -68,7 +102,10 @@ fn send_result(b: u8) -> io::Result<()> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
+    let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500)
+        .unwrap()
+        .with_ipv6(Some("fd5a:94ef:e40c::/64".parse().unwrap()))
+        .unwrap();
     let policy = NatPolicy::new(&cfg, data.first().is_some_and(|b| b & 1 == 1));
     let mut input = Input(data.get(1..).unwrap_or_default());
     let mut now = Instant::now();
@@ -82,8 +119,10 @@ fuzz_target!(|data: &[u8]| {
         steps += 1;
         match input.u8() % 10 {
             0 => {
-                let src = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2 + input.u8() % 3), input.u16());
-                let dst = SocketAddrV4::new(address(input.u8()), input.u16());
+                let six = input.u8() % 2 == 1;
+                let (src_ip, dst_ip) = pair(six, input.u8(), input.u8());
+                let src = SocketAddr::new(src_ip, input.u16());
+                let dst = SocketAddr::new(dst_ip, input.u16());
                 let len = usize::from(input.u16() % 2048);
                 let id = match udp.route_guest(now, &policy, src, dst) {
                     Route::Refused => continue,
@@ -103,6 +142,7 @@ fuzz_target!(|data: &[u8]| {
                 };
                 if let Some(icmp) = udp.sent(now, id, len, send_result(input.u8())) {
                     assert!(icmp.len() >= 20 + 8 + 28);
+                    assert_eq!(icmp[0] >> 4, if six { 6 } else { 4 });
                     udp.port_unreachable_sent();
                 }
             }
@@ -110,9 +150,9 @@ fuzz_target!(|data: &[u8]| {
                 let Some(id) = input.pick(&udp_ids) else { continue };
                 let len = usize::from(input.u16());
                 if let Some((from, to)) = udp.host_datagram(now, id, len) {
-                    assert!(len <= 1500 - 28);
-                    assert!(to.ip().octets()[..3] == [192, 168, 127], "a reply to someone outside: {to}");
-                    let _ = from;
+                    assert!(len <= 1500 - if to.is_ipv6() { 48 } else { 28 });
+                    assert!(is_guest(to.ip()), "a reply to someone outside: {to}");
+                    assert_eq!(from.is_ipv6(), to.is_ipv6());
                 }
             }
             2 => {
@@ -144,8 +184,8 @@ fuzz_target!(|data: &[u8]| {
                 assert!(icmp.next_deadline().is_none_or(|d| d > now));
             }
             4 | 5 => {
-                let src = Ipv4Addr::new(192, 168, 127, 2 + input.u8() % 3);
-                let dst = address(input.u8());
+                let six = input.u8() % 2 == 1;
+                let (src, dst) = pair(six, input.u8(), input.u8());
                 let use_api = input.u8() % 4 == 0;
                 let len = usize::from(input.u8());
                 let packet = input.bytes(len).to_vec();
@@ -160,7 +200,7 @@ fuzz_target!(|data: &[u8]| {
                         assert!(msg.len() >= 8);
                         let ident = u16::from_be_bytes([msg[4], msg[5]]);
                         if input.u8() % 8 == 0 {
-                            icmp.open_failed(now, (src, dst, ident), dst.into(), &io::Error::other("fuzz"));
+                            icmp.open_failed(now, (src, dst, ident), dst, &io::Error::other("fuzz"));
                             continue;
                         }
                         let mode = if input.u8() % 2 == 0 { Mode::Ping } else { Mode::Raw };
@@ -181,7 +221,11 @@ fuzz_target!(|data: &[u8]| {
                 let bytes = input.bytes(len).to_vec();
                 if let Some(reply) = icmp.host_datagram(now, id, &bytes) {
                     assert!(reply.len() >= 28);
-                    assert_eq!(&reply[16..19], &[192, 168, 127], "a reply to someone outside");
+                    let to: IpAddr = match reply[0] >> 4 {
+                        6 => Ipv6Addr::from(<[u8; 16]>::try_from(&reply[24..40]).unwrap()).into(),
+                        _ => Ipv4Addr::from(<[u8; 4]>::try_from(&reply[16..20]).unwrap()).into(),
+                    };
+                    assert!(is_guest(to), "a reply to someone outside: {to}");
                 }
                 if input.u8() % 16 == 0 && icmp.host_failed(id) {
                     icmp_ids.retain(|&i| i != id);

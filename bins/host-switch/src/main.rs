@@ -43,7 +43,8 @@ struct Opts {
     api: Vec<Endpoint>,
     /// Where VMs connect: unix:///path, unixgram:///path (a frame per datagram), tcp://IP:PORT, vsock://:PORT,
     /// hvsock://VMGUID:PORT, npipe://./pipe/NAME, hybridvsock:///VMM.sock:PORT (Firecracker, Cloud
-    /// Hypervisor, vhost-device-vsock: the guest's dial of CID 2 PORT, on VMM.sock_PORT); repeatable. Default: on
+    /// Hypervisor, vhost-device-vsock: the guest's dial of CID 2 PORT, on VMM.sock_PORT), winsock://IPv4:PORT
+    /// (Windows: TCP through the Hyper-V socket code, to test it where Hyper-V is missing); repeatable. Default: on
     /// Linux vsock://:6656; on Windows, find WSL's VM (the one whose guest
     /// answers the handshake on port 6669) and listen on its port 6656.
     #[arg(long)]
@@ -255,8 +256,8 @@ fn run(opts: Opts, cfg: NetConfig) -> Result<(), Box<dyn std::error::Error>> {
         Ok::<(), Box<dyn std::error::Error>>(())
     });
     // Dropping the tasks closes every listener; blocking work still
-    // running (an ICMP echo waiting for its reply, a Hyper-V socket's
-    // bridge thread) gets a bounded time, so the shutdown is bounded.
+    // running (an ICMP echo waiting for its reply, a DNS query in the
+    // system resolver) gets a bounded time, so the shutdown is bounded.
     drop(local);
     rt.shutdown_timeout(SHUTDOWN_GRACE);
     result

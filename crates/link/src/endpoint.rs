@@ -2,7 +2,10 @@
 //!
 //! `unix:///path`, `tcp://127.0.0.1:port`, `vsock://CID:PORT` (`vsock://:PORT`
 //! listens on any CID), `fd://N` (an inherited, already-connected socket),
-//! `hvsock://VMGUID:PORT` and `npipe://./pipe/NAME` (Windows), and
+//! `hvsock://VMGUID:PORT` and `npipe://./pipe/NAME` (Windows),
+//! `winsock://IPv4:PORT` (Windows: TCP driven by the Hyper-V socket code
+//! rather than tokio's TCP, so that Wine, which has no AF_HYPERV, can run and
+//! measure that code), and
 //! `hybridvsock:///path/to/uds:PORT` (unix hosts): a guest's vsock port P
 //! behind a Firecracker / Cloud Hypervisor / vhost-device-vsock VMM socket —
 //! dialing writes `CONNECT P` on the socket and waits for `OK`, listening
@@ -12,7 +15,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -39,6 +42,9 @@ pub enum Endpoint {
         port: u32,
     },
     Npipe(String),
+    /// TCP over IPv4 through the code that drives Hyper-V sockets (Windows),
+    /// for tests and benchmarks where AF_HYPERV does not exist.
+    Winsock(SocketAddrV4),
     /// A VMM's hybrid-vsock unix socket and a vsock port (guest port when
     /// dialing, host port when listening).
     HybridVsock {
@@ -101,6 +107,7 @@ impl FromStr for Endpoint {
                 }
                 Ok(Endpoint::Npipe(rest.to_string()))
             }
+            "winsock" => rest.parse().map(Endpoint::Winsock).map_err(|_| err("expected winsock://IPv4:PORT")),
             "hybridvsock" => {
                 let (uds, port) =
                     rest.rsplit_once(':').ok_or_else(|| err("expected hybridvsock:///path/to/uds:PORT"))?;
@@ -110,7 +117,7 @@ impl FromStr for Endpoint {
                 }
                 Ok(Endpoint::HybridVsock { uds: PathBuf::from(uds), port })
             }
-            _ => Err(err("unknown scheme (unix, unixgram, tcp, vsock, fd, hvsock, npipe, hybridvsock)")),
+            _ => Err(err("unknown scheme (unix, unixgram, tcp, vsock, fd, hvsock, npipe, winsock, hybridvsock)")),
         }
     }
 }
@@ -126,6 +133,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Fd(n) => write!(f, "fd://{n}"),
             Endpoint::HvSock { vm, port } => write!(f, "hvsock://{vm}:{port}"),
             Endpoint::Npipe(n) => write!(f, "npipe://{n}"),
+            Endpoint::Winsock(a) => write!(f, "winsock://{a}"),
             Endpoint::HybridVsock { uds, port } => write!(f, "hybridvsock://{}:{port}", uds.display()),
         }
     }
@@ -377,6 +385,7 @@ mod tests {
             "fd://3",
             "hvsock://00000000-0000-0000-0000-000000000000:6656",
             "npipe://./pipe/x",
+            "winsock://127.0.0.1:6656",
             "hybridvsock:///run/vm/v.sock:6656",
         ] {
             let ep: Endpoint = url.parse().unwrap();
@@ -404,6 +413,8 @@ mod tests {
             "hybridvsock:///run/v.sock",
             "hybridvsock://:6656",
             "hybridvsock:///run/v.sock:x",
+            "winsock://[::1]:80",
+            "winsock://localhost:80",
         ] {
             assert!(url.parse::<Endpoint>().is_err(), "{url}");
         }

@@ -2,7 +2,6 @@
 //! by URL, async frame I/O, and the vsock handshake.
 #![deny(unsafe_code)]
 
-pub mod bridge;
 pub mod codec;
 pub mod datagram;
 pub mod discovery;

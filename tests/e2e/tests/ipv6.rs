@@ -71,8 +71,10 @@ fn the_guest_kernel_takes_address_route_and_dns_from_our_advertisements() {
     assert!(!vm_logs.contains("expired"), "{vm_logs}");
     let v4 = text.find("nameserver 192.168.127.1").expect("the IPv4 server stays");
     assert!(v4 < text.find(&format!("nameserver {GATEWAY6}")).unwrap_or(0), "{text}");
-    // The gateway answers pings on its global and link-local addresses.
-    for target in [GATEWAY6, &format!("{GATEWAY_LL}%eth0")] {
+    // The gateway answers pings on its global and link-local addresses; the
+    // host alias's come from the host's own ::1 (a real reply through an
+    // ICMPv6 socket in host-switch's namespace).
+    for target in [GATEWAY6, &format!("{GATEWAY_LL}%eth0"), HOST6] {
         let out = ns.exec("ping", &["-6", "-c", "2", "-i", "0.2", "-W", "2", target]);
         assert!(out.status.success(), "ping -6 {target}: {}\n{}", String::from_utf8_lossy(&out.stdout), world.logs());
     }
@@ -176,6 +178,24 @@ except OSError as e:
     let ms: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(u64::MAX);
     assert!([libc::ENETUNREACH, libc::EHOSTUNREACH].contains(&errno), "{out}\n{}", world.logs());
     assert!(ms < 100, "took {ms} ms to be refused");
+    // UDP too: the host has no route, so no socket; the guest hears "no
+    // route" (Linux passes that non-fatal error to a UDP socket only with
+    // IPV6_RECVERR, 25).
+    let out = world.guest_python(
+        0,
+        10,
+        "import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(3); s.connect(('2001:db8::1', 53))
+s.setsockopt(socket.IPPROTO_IPV6, 25, 1)
+s.send(b'x')
+try:
+    s.recv(100); print('answered')
+except OSError as e:
+    print(e.errno)",
+        &[],
+    );
+    let errno: i32 = out.trim().parse().unwrap_or(0);
+    assert!([libc::ENETUNREACH, libc::EHOSTUNREACH].contains(&errno), "{out}\n{}", world.logs());
 }
 
 #[test]
@@ -346,4 +366,62 @@ fn queries_over_ipv6_reach_an_ipv6_upstream() {
             ns.stdout("dig", &[&format!("@{GATEWAY6}"), "+short", "+time=2", "+tries=2", qtype, "dual.example.test"]);
         assert_eq!(got.trim(), want, "{qtype}\n{}\n{}", dnsmasq.logs(), world.logs());
     }
+}
+
+#[test]
+fn udp_over_ipv6_reaches_the_hosts_loopback_through_the_host_alias() {
+    if !privileged() {
+        return;
+    }
+    let world = dual_stack_world(&[]);
+    // An echo server on the host's ::1 only, answering in upper case.
+    let server = world.host.spawn(
+        &world.dir,
+        "python3",
+        &[
+            "-c",
+            "import socket; s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind(('::1', 7171))
+while True:
+    d, a = s.recvfrom(65536); s.sendto(d.upper(), a)",
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || rdnet_e2e::udp_ready_in(&world.host, 7171)), "{}", server.logs());
+    // Many datagrams each way, of several sizes up to what the link carries.
+    let out = world.guest_python(
+        0,
+        20,
+        "import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(2)
+s.connect((sys.argv[1], 7171))
+ok = 0
+for i in range(200):
+    n = [1, 100, 1000, 1452][i % 4]
+    d = bytes([97 + i % 26]) * n
+    s.send(d)
+    try:
+        r, a = s.recvfrom(65536)
+    except socket.timeout:
+        continue
+    ok += r == d.upper() and a[0] == sys.argv[1]
+print(ok)",
+        &[HOST6],
+    );
+    let ok: u32 = out.parse().unwrap_or(0);
+    assert!(ok >= 195, "{ok} of 200 echoes\n{}", world.logs());
+    // A port nobody listens on: the guest hears ICMPv6 port unreachable.
+    let refused = world.guest_python(
+        0,
+        10,
+        "import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(3); s.connect((sys.argv[1], 7172))
+s.send(b'x')
+try:
+    s.recv(100); print('answered')
+except ConnectionRefusedError:
+    print('refused')
+except socket.timeout:
+    print('timeout')",
+        &[HOST6],
+    );
+    assert_eq!(refused, "refused", "{}", world.logs());
 }

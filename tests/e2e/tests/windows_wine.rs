@@ -11,7 +11,9 @@
 //! 127.0.0.1:P, via Wine's Winsock), the HTTP API with a port forward into
 //! the guest, and the API on a named pipe (asked by link-cat.exe). Further
 //! tests (issue 14): ping through the NAT via IcmpSendEcho2, the API pipe's
-//! security descriptor, a console Ctrl-C, and memory under 1000 connections.
+//! security descriptor, a console Ctrl-C, memory under 1000 connections, and
+//! the Hyper-V socket code serving guests (`--listen winsock://`) with no
+//! thread per link.
 //!
 //! Needs what `scripts/wine-e2e prepare` makes (target/wine: the Wine prefix
 //! template and the ProcessPrng stand-in DLL) and the .exe from
@@ -365,6 +367,98 @@ fn host_switch_exe_under_wine_serves_a_linux_guest() {
     // namespaces, the wineserver among them); the prefix and the
     // wineserver's directory last.
     drop(guest_web);
+    drop(relay);
+    drop(web);
+    drop(world);
+}
+
+/// The Hyper-V socket code end to end in the .exe: host-switch.exe listening
+/// on `winsock://` (TCP driven by the code behind `hvsock://`, which Wine
+/// cannot run) serves guests: the lease, a ping of the gateway, 2 MiB
+/// byte-exact through the NAT; three more guests connecting add no thread
+/// per connection to the Wine process (the bridge it replaced took two per
+/// link).
+#[test]
+fn host_switch_exe_serves_guests_through_the_hyper_v_socket_code() {
+    if !privileged() {
+        return;
+    }
+    let Some(w) = wine() else { return };
+    let dir = TempDir::new("wine");
+    let host = Netns::new("rdwn");
+    let (prefix, exe) = private_copy(&w, &dir);
+    let _server_dir = WineServerDir::of(&prefix);
+    let mut cmd = wine_command(&w, &host, &prefix);
+    cmd.arg(&exe).args(["--listen", &format!("winsock://127.0.0.1:{LINK_PORT}")]).args([
+        "--dns-upstream",
+        "127.0.0.1:53",
+        "-debug",
+        "--capture=",
+    ]);
+    let mut host_switch = Proc::spawn(&dir, &mut cmd);
+    let up =
+        wait_until(Duration::from_secs(120), || tcp_ready_in(&host, LINK_PORT) || host_switch.try_wait().is_some());
+    assert!(
+        up && host_switch.try_wait().is_none(),
+        "host-switch.exe did not listen under Wine:\n{}",
+        host_switch.logs()
+    );
+    let relay_sock = dir.join("relay.sock");
+    let relay = host.spawn(
+        &dir,
+        "socat",
+        &[format!("UNIX-LISTEN:{},fork", relay_sock.display()), format!("TCP:127.0.0.1:{LINK_PORT}")],
+    );
+    assert!(wait_until(Duration::from_secs(10), || socket_exists(&relay_sock)), "socat did not listen");
+    let www = dir.join("www");
+    fs::create_dir_all(&www).unwrap();
+    let big: Vec<u8> = (0..(2u32 << 20)).map(|i| (i * 29 + i / 1009) as u8).collect();
+    fs::write(www.join("big.bin"), &big).unwrap();
+    let web = host.spawn(
+        &dir,
+        "python3",
+        &[
+            "-m".to_string(),
+            "http.server".to_string(),
+            WEB_PORT.to_string(),
+            "--bind".to_string(),
+            "127.0.0.1".to_string(),
+            "--directory".to_string(),
+            www.display().to_string(),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || tcp_ready_in(&host, WEB_PORT)), "web server did not start");
+
+    let hs_pid = host_switch.pid();
+    let mut world = World { guests: Vec::new(), host_switch: Some(host_switch), host, socket: relay_sock, dir };
+    let g = world.add_guest(DEVICE_MAC, &[]);
+    let addr = world.guest(g).wait_for_address(Duration::from_secs(60));
+    assert_eq!(addr.as_deref(), Some("192.168.127.2/24"), "{}", world.logs());
+    assert!(world.guest(g).ping(GATEWAY), "ping of the gateway failed\n{}", world.logs());
+    let got = world.dir.join("big.got");
+    let url = format!("http://{HOST_ALIAS}:{WEB_PORT}/big.bin");
+    let out = world.guest(g).ns.exec("curl", &["-sS", "--max-time", "60", "-o", &got.display().to_string(), &url]);
+    assert!(out.status.success(), "curl big.bin: {}\n{}", String::from_utf8_lossy(&out.stderr), world.logs());
+    assert!(fs::read(&got).unwrap() == big, "2 MiB through the NAT arrived changed\n{}", world.logs());
+
+    // Wine's threads are the process's Linux threads.
+    let threads = || fs::read_dir(format!("/proc/{hs_pid}/task")).map(|d| d.count()).unwrap_or(0);
+    let before = threads();
+    for (i, mac) in ["5a:94:ef:e4:0c:a1", "5a:94:ef:e4:0c:a2", "5a:94:ef:e4:0c:a3"].iter().enumerate() {
+        let n = world.add_guest(mac, &[]);
+        let addr = world.guest(n).wait_for_address(Duration::from_secs(60));
+        assert!(addr.is_some(), "guest {i} got no lease\n{}", world.logs());
+        assert!(world.guest(n).ping(GATEWAY), "guest {i}: ping of the gateway failed\n{}", world.logs());
+    }
+    let after = threads();
+    eprintln!("host-switch.exe threads: {before} with one link, {after} with four");
+    // The Wine process itself, not a wrapper (Wine shows the .exe's
+    // Windows path as its command line).
+    let cmdline = fs::read(format!("/proc/{hs_pid}/cmdline")).unwrap_or_default();
+    assert!(String::from_utf8_lossy(&cmdline).contains("host-switch"), "/proc/{hs_pid} is not host-switch.exe");
+    assert!(before > 0, "no threads in /proc/{hs_pid}/task");
+    assert!(after < before + 3, "{before} threads with one link, {after} with four\n{}", world.logs());
+    assert!(world.host_switch().try_wait().is_none(), "host-switch.exe exited\n{}", world.logs());
     drop(relay);
     drop(web);
     drop(world);

@@ -10,6 +10,8 @@ pub use linux::*;
 #[cfg(windows)]
 mod windows;
 #[cfg(windows)]
+mod winsock;
+#[cfg(windows)]
 pub use windows::*;
 
 #[cfg(not(any(target_os = "linux", windows)))]

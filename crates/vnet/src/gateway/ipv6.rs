@@ -472,6 +472,14 @@ impl Network {
         true
     }
 
+    /// Sends a complete IPv6 packet (the NAT's) to the guest that uses its
+    /// destination address, if known.
+    pub fn send_ipv6_to_guest(&mut self, packet: &[u8], now: Instant, out: &mut impl FrameSink) -> bool {
+        let Ok(ip) = Ipv6Packet::new_checked(packet) else { return false };
+        let mac = self.ipv6.neighbor(&ip.dst_addr());
+        self.send_packet_to(mac, EthernetProtocol::Ipv6, packet, now, out)
+    }
+
     /// Why the IPv6 source of a frame from `src_mac` is not that guest's to
     /// use, if it is not (the IPv6 half of `spoofed_source`): a guest uses
     /// `::` (duplicate address detection), link-local addresses and

@@ -300,14 +300,26 @@ impl Network {
         let Ok(ip) = Ipv4Packet::new_checked(packet) else {
             return false;
         };
-        let Some(mac) = self.neighbor(ip.dst_addr()) else {
+        let mac = self.neighbor(ip.dst_addr());
+        self.send_packet_to(mac, EthernetProtocol::Ipv4, packet, now, out)
+    }
+
+    /// Frames a complete IP packet for the guest MAC `mac` (unknown: dropped
+    /// and counted) and delivers it.
+    fn send_packet_to(
+        &mut self,
+        mac: Option<EthernetAddress>,
+        ethertype: EthernetProtocol,
+        packet: &[u8],
+        now: Instant,
+        out: &mut impl FrameSink,
+    ) -> bool {
+        let Some(mac) = mac else {
             self.stats.drops.unknown_unicast += 1;
             return false;
         };
         let mut buf = std::mem::take(&mut self.scratch);
-        frame::ethernet(&mut buf, self.cfg.gateway_mac, mac, EthernetProtocol::Ipv4, packet.len(), |b| {
-            b.copy_from_slice(packet)
-        });
+        frame::ethernet(&mut buf, self.cfg.gateway_mac, mac, ethertype, packet.len(), |b| b.copy_from_slice(packet));
         self.deliver(&buf, now, out);
         self.scratch = buf;
         true

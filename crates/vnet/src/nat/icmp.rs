@@ -36,15 +36,22 @@
 //! beyond that a request is dropped and counted (`busy`), so a flood towards
 //! an address that never answers holds a bounded number of threads.
 //!
+//! IPv6 works the same way with ICMPv6 echo (the IPv6 host alias is the
+//! host's `::1`); a raw ICMPv6 socket delivers messages without their IP
+//! header. Windows' API path is IPv4 only: there, guest pings to IPv6
+//! addresses are refused (counted), never answered by us.
+//!
 //! No tokio, no sockets and no clock here.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
+use smoltcp::wire::{
+    Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
+};
 
 use crate::FastMap;
 use crate::nat::NatPolicy;
@@ -134,8 +141,9 @@ impl InFlight {
     }
 }
 
-/// Guest source, destination as the guest sees it, guest identifier.
-pub type FlowKey = (Ipv4Addr, Ipv4Addr, u16);
+/// Guest source, destination as the guest sees it (one family), guest
+/// identifier.
+pub type FlowKey = (IpAddr, IpAddr, u16);
 /// What the shell knows a flow's socket by. Never reused.
 pub type FlowId = u64;
 
@@ -226,14 +234,14 @@ impl IcmpCore {
         self.mode
     }
 
-    /// An ICMP packet (IPv4, from `src` to `dst` as its header says) from a
-    /// guest to a non-gateway address at `now`. `use_api`: pings go to the
-    /// system's ICMP API (Windows), not to sockets.
+    /// An ICMP or ICMPv6 packet (from `src` to `dst` as its header says)
+    /// from a guest to a non-gateway address at `now`. `use_api`: pings go
+    /// to the system's ICMP API (Windows), not to sockets.
     pub fn guest_packet(
         &mut self,
         now: Instant,
         policy: &NatPolicy,
-        (src, dst): (Ipv4Addr, Ipv4Addr),
+        (src, dst): (IpAddr, IpAddr),
         packet: &[u8],
         use_api: bool,
     ) -> Request {
@@ -243,18 +251,38 @@ impl IcmpCore {
         };
         self.stats.requests += 1;
         if use_api {
-            return self.through_api(now, policy, ApiEcho { guest: src, dst, ident, seq_no }, data);
+            let (IpAddr::V4(guest), IpAddr::V4(dst)) = (src, dst) else {
+                self.stats.refused += 1;
+                crate::limited_warn!(self.logs, now, "icmp-refused", %src, %dst, "dropping ping: no ICMPv6 API here");
+                return Request::Drop;
+            };
+            return self.through_api(now, policy, ApiEcho { guest, dst, ident, seq_no }, data);
         }
         // A ping socket rewrites the identifier and checksum; a raw one
-        // sends exactly this.
-        let request = Icmpv4Repr::EchoRequest { ident, seq_no, data };
-        let mut icmp = vec![0u8; request.buffer_len()];
-        request.emit(&mut Icmpv4Packet::new_unchecked(&mut icmp[..]), &ChecksumCapabilities::default());
+        // sends exactly this (the kernel fills an ICMPv6 checksum itself).
+        let icmp = match (src, dst) {
+            (IpAddr::V4(_), IpAddr::V4(_)) => {
+                let request = Icmpv4Repr::EchoRequest { ident, seq_no, data };
+                let mut icmp = vec![0u8; request.buffer_len()];
+                request.emit(&mut Icmpv4Packet::new_unchecked(&mut icmp[..]), &ChecksumCapabilities::default());
+                icmp
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let request = Icmpv6Repr::EchoRequest { ident, seq_no, data };
+                let mut icmp = vec![0u8; request.buffer_len()];
+                request.emit(&s, &d, &mut Icmpv6Packet::new_unchecked(&mut icmp[..]), &ChecksumCapabilities::default());
+                icmp
+            }
+            _ => {
+                self.stats.ignored += 1;
+                return Request::Drop;
+            }
+        };
         let key = (src, dst, ident);
         if let Some(&mut id) = self.table.get(&key, now) {
             return Request::Send { id, icmp };
         }
-        match policy.translate(dst) {
+        match policy.translate_ip(dst) {
             Ok(target) => {
                 self.next_id += 1;
                 Request::Open { id: self.next_id, target, known: self.mode, icmp }
@@ -359,10 +387,18 @@ impl IcmpCore {
     pub fn host_datagram(&mut self, now: Instant, id: FlowId, bytes: &[u8]) -> Option<Vec<u8>> {
         let &(key, mode) = self.flows.get(&id)?;
         let (guest, dst, ident) = key;
-        let (seq_no, data) = parse_host_reply(mode, bytes, ident)?;
+        let (seq_no, data) = match (guest, dst) {
+            (IpAddr::V4(_), IpAddr::V4(_)) => parse_host_reply(mode, bytes, ident)?,
+            (IpAddr::V6(_), IpAddr::V6(_)) => parse_host_reply6(mode, bytes, ident)?,
+            _ => return None,
+        };
         self.table.touch(&key, now);
         self.stats.replies += 1;
-        Some(echo_reply_packet(dst, guest, ident, seq_no, data))
+        Some(match (dst, guest) {
+            (IpAddr::V6(from), IpAddr::V6(to)) => echo_reply_packet6(from, to, ident, seq_no, data),
+            (IpAddr::V4(from), IpAddr::V4(to)) => echo_reply_packet(from, to, ident, seq_no, data),
+            _ => return None,
+        })
     }
 
     /// Flow `id`'s socket failed for good: the flow ends (the shell closes
@@ -389,8 +425,22 @@ impl IcmpCore {
 }
 
 /// The identifier, sequence number and payload of an ICMP echo request in
-/// an IPv4 packet; `None` for anything else or anything malformed.
+/// an IPv4 packet, or an ICMPv6 one in an IPv6 packet; `None` for anything
+/// else or anything malformed.
 pub fn parse_echo_request(packet: &[u8]) -> Option<(u16, u16, &[u8])> {
+    if packet.first()? >> 4 == 6 {
+        let ip = Ipv6Packet::new_checked(packet).ok()?;
+        if ip.next_header() != IpProtocol::Icmpv6 {
+            return None;
+        }
+        let body = ip.payload().get(..usize::from(ip.payload_len()))?;
+        let icmp = Icmpv6Packet::new_checked(body).ok()?;
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        return match Icmpv6Repr::parse(&src, &dst, &icmp, &ChecksumCapabilities::default()).ok()? {
+            Icmpv6Repr::EchoRequest { ident, seq_no, data } => Some((ident, seq_no, data)),
+            _ => None,
+        };
+    }
     let ip = Ipv4Packet::new_checked(packet).ok()?;
     if ip.next_header() != IpProtocol::Icmp {
         return None;
@@ -425,6 +475,38 @@ pub fn parse_host_reply(mode: Mode, bytes: &[u8], ident: u16) -> Option<(u16, &[
         }
         _ => None,
     }
+}
+
+/// The sequence number and payload of an ICMPv6 echo reply as a host
+/// socket delivers it (without IP header, for both kinds; a raw socket's
+/// carry every process's messages, so only those with `ident` are ours).
+pub fn parse_host_reply6(mode: Mode, bytes: &[u8], ident: u16) -> Option<(u16, &[u8])> {
+    let icmp = Icmpv6Packet::new_checked(bytes).ok()?;
+    if icmp.msg_type() != smoltcp::wire::Icmpv6Message::EchoReply {
+        return None;
+    }
+    // The kernel checked the checksum; the addresses it covers are the
+    // host's, which the socket does not say, so smoltcp's parse (which
+    // needs them) is not used.
+    let got = icmp.echo_ident();
+    (mode == Mode::Ping || got == ident).then(|| (icmp.echo_seq_no(), icmp.payload()))
+}
+
+/// The IPv6 echo reply a guest gets: from `from` to `to`, with the guest's
+/// identifier.
+pub fn echo_reply_packet6(from: Ipv6Addr, to: Ipv6Addr, ident: u16, seq_no: u16, data: &[u8]) -> Vec<u8> {
+    let reply = Icmpv6Repr::EchoReply { ident, seq_no, data };
+    let ip = Ipv6Repr {
+        src_addr: from,
+        dst_addr: to,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: reply.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; 40 + reply.buffer_len()];
+    ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..]));
+    reply.emit(&from, &to, &mut Icmpv6Packet::new_unchecked(&mut buf[40..]), &ChecksumCapabilities::default());
+    buf
 }
 
 /// The IPv4 echo reply a guest gets: from `from` to `to`, with the guest's
@@ -484,18 +566,19 @@ mod tests {
         let t = Instant::now();
         let mut core = IcmpCore::new();
         let req = request(GUEST, ALIAS, 7, 1, b"ping");
-        let Request::Open { id, target, known, icmp } = core.guest_packet(t, &policy(), (GUEST, ALIAS), &req, false)
+        let Request::Open { id, target, known, icmp } =
+            core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &req, false)
         else {
             panic!("expected a new flow")
         };
         assert_eq!((target, known), (IpAddr::V4(Ipv4Addr::LOCALHOST), None));
         assert_eq!(&icmp[..], &req[IPV4_HEADER..], "the request as the guest sent it");
-        assert!(core.opened(t, (GUEST, ALIAS, 7), id, Mode::Ping).is_empty());
+        assert!(core.opened(t, (GUEST.into(), ALIAS.into(), 7), id, Mode::Ping).is_empty());
         core.sent(t, id, Ok(()));
         // The next request of the same ping goes on the same flow.
         let req2 = request(GUEST, ALIAS, 7, 2, b"ping");
         assert_eq!(
-            core.guest_packet(t, &policy(), (GUEST, ALIAS), &req2, false),
+            core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &req2, false),
             Request::Send { id, icmp: req2[IPV4_HEADER..].to_vec() }
         );
         // A reply comes back from the address pinged, with the guest's identifier.
@@ -508,7 +591,7 @@ mod tests {
         assert_eq!((s.requests, s.replies, s.flows_opened), (2, 1, 1));
         // A new request learns the kind that worked.
         let Request::Open { known, .. } =
-            core.guest_packet(t, &policy(), (GUEST, ALIAS), &request(GUEST, ALIAS, 8, 1, b""), false)
+            core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &request(GUEST, ALIAS, 8, 1, b""), false)
         else {
             panic!()
         };
@@ -522,10 +605,10 @@ mod tests {
         // Not an echo request; a refused destination.
         let mut not_echo = request(GUEST, ALIAS, 1, 1, b"");
         not_echo[IPV4_HEADER] = 13;
-        assert_eq!(core.guest_packet(t, &policy(), (GUEST, ALIAS), &not_echo, false), Request::Drop);
+        assert_eq!(core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &not_echo, false), Request::Drop);
         let bcast = Ipv4Addr::BROADCAST;
         assert_eq!(
-            core.guest_packet(t, &policy(), (GUEST, bcast), &request(GUEST, bcast, 1, 1, b""), false),
+            core.guest_packet(t, &policy(), (GUEST.into(), bcast.into()), &request(GUEST, bcast, 1, 1, b""), false),
             Request::Drop
         );
         assert_eq!((core.stats().ignored, core.stats().refused), (1, 1));
@@ -534,10 +617,11 @@ mod tests {
         for ident in 0..=MAX_FLOWS as u16 {
             let at = t + Duration::from_millis(u64::from(ident));
             let req = request(GUEST, ALIAS, ident, 1, b"");
-            let Request::Open { id, .. } = core.guest_packet(at, &policy(), (GUEST, ALIAS), &req, false) else {
+            let Request::Open { id, .. } = core.guest_packet(at, &policy(), (GUEST.into(), ALIAS.into()), &req, false)
+            else {
                 panic!()
             };
-            let gone = core.opened(at, (GUEST, ALIAS, ident), id, Mode::Raw);
+            let gone = core.opened(at, (GUEST.into(), ALIAS.into(), ident), id, Mode::Raw);
             if usize::from(ident) < MAX_FLOWS {
                 assert!(gone.is_empty());
             } else {
@@ -566,7 +650,8 @@ mod tests {
         let mut waiting = Vec::new();
         for seq in 0..MAX_IN_FLIGHT_PER_GUEST as u16 {
             let req = request(GUEST, ALIAS, 1, seq, b"x");
-            let Request::Api { target, data, echo } = core.guest_packet(t, &policy(), (GUEST, ALIAS), &req, true)
+            let Request::Api { target, data, echo } =
+                core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &req, true)
             else {
                 panic!()
             };
@@ -574,7 +659,7 @@ mod tests {
             waiting.push(echo);
         }
         let one_more = request(GUEST, ALIAS, 1, 99, b"x");
-        assert_eq!(core.guest_packet(t, &policy(), (GUEST, ALIAS), &one_more, true), Request::Drop);
+        assert_eq!(core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &one_more, true), Request::Drop);
         assert_eq!((core.stats().busy, core.len(), core.mode()), (1, MAX_IN_FLIGHT_PER_GUEST, Some(Mode::Api)));
         let reply = core.api_done(t, waiting[3], ApiOutcome::Reply(b"x".to_vec()));
         assert_eq!(reply, Some(echo_reply_packet(ALIAS, GUEST, 1, 3, b"x")));
@@ -582,7 +667,10 @@ mod tests {
         assert!(core.api_done(t, waiting[5], ApiOutcome::Failed(io::Error::other("x"))).is_none());
         let s = core.stats();
         assert_eq!((s.replies, s.no_reply, s.send_errors, core.len()), (1, 1, 1, MAX_IN_FLIGHT_PER_GUEST - 3));
-        assert!(matches!(core.guest_packet(t, &policy(), (GUEST, ALIAS), &one_more, true), Request::Api { .. }));
+        assert!(matches!(
+            core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &one_more, true),
+            Request::Api { .. }
+        ));
     }
 
     #[test]
@@ -647,5 +735,54 @@ mod tests {
             let _ = parse_host_reply(Mode::Raw, &reply[..cut], 7);
             let _ = parse_host_reply(Mode::Ping, &reply[..cut], 7);
         }
+    }
+
+    #[test]
+    fn ipv6_pings_go_to_icmpv6_sockets_and_come_back_with_the_guests_identifier() {
+        let t = Instant::now();
+        let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500)
+            .unwrap()
+            .with_ipv6(Some("fd5a:94ef:e40c::/64".parse().unwrap()))
+            .unwrap();
+        let policy = NatPolicy::new(&cfg, false);
+        let guest: Ipv6Addr = "fd5a:94ef:e40c:0:5894:efff:fee4:cee".parse().unwrap();
+        let alias: Ipv6Addr = "fd5a:94ef:e40c::fe".parse().unwrap();
+        let req = {
+            let r = Icmpv6Repr::EchoRequest { ident: 9, seq_no: 4, data: b"six" };
+            let ip = Ipv6Repr {
+                src_addr: guest,
+                dst_addr: alias,
+                next_header: IpProtocol::Icmpv6,
+                payload_len: r.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut pkt = vec![0u8; 40 + r.buffer_len()];
+            ip.emit(&mut Ipv6Packet::new_unchecked(&mut pkt[..]));
+            r.emit(&guest, &alias, &mut Icmpv6Packet::new_unchecked(&mut pkt[40..]), &ChecksumCapabilities::default());
+            pkt
+        };
+        let mut core = IcmpCore::new();
+        let Request::Open { id, target, icmp, .. } =
+            core.guest_packet(t, &policy, (guest.into(), alias.into()), &req, false)
+        else {
+            panic!("expected a new flow");
+        };
+        assert_eq!(target, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(icmp[0], 128, "an ICMPv6 echo request");
+        core.opened(t, (guest.into(), alias.into(), 9), id, Mode::Raw);
+        // What a raw ICMPv6 socket reads: the message alone; another
+        // process's identifier is not ours.
+        let host_reply =
+            |ident| echo_reply_packet6(Ipv6Addr::LOCALHOST, Ipv6Addr::LOCALHOST, ident, 4, b"six")[40..].to_vec();
+        assert_eq!(core.host_datagram(t, id, &host_reply(77)), None);
+        let packet = core.host_datagram(t, id, &host_reply(9)).unwrap();
+        assert_eq!(packet, echo_reply_packet6(alias, guest, 9, 4, b"six"));
+        let ip = Ipv6Packet::new_checked(&packet[..]).unwrap();
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum(&alias, &guest));
+        // Windows' API path has no ICMPv6: refused, counted, never faked.
+        let before = core.stats().refused;
+        assert_eq!(core.guest_packet(t, &policy, (guest.into(), alias.into()), &req, true), Request::Drop);
+        assert_eq!(core.stats().refused, before + 1);
     }
 }

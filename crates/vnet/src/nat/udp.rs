@@ -30,12 +30,15 @@ use std::collections::BTreeMap;
 use crate::FastMap;
 use std::hash::Hash;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
+use smoltcp::wire::{
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpProtocol,
+    Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
+};
 
 use crate::nat::NatPolicy;
 use crate::ratelimit::LogLimiter;
@@ -180,8 +183,9 @@ pub struct UdpNatStats {
     pub port_unreachable_sent: u64,
 }
 
-/// A flow's guest-side addresses: (guest source, destination it sent to).
-pub type FlowKey = (SocketAddrV4, SocketAddrV4);
+/// A flow's guest-side addresses: (guest source, destination it sent to),
+/// both of one family.
+pub type FlowKey = (SocketAddr, SocketAddr);
 /// What the shell knows a flow's host socket by. Never reused.
 pub type FlowId = u64;
 
@@ -203,7 +207,8 @@ pub struct UdpCore {
     table: FlowTable<FlowKey, FlowId>,
     keys: FastMap<FlowId, FlowKey>,
     next_id: FlowId,
-    /// Largest reply payload one frame on the guest link carries.
+    /// Largest reply payload one frame on the guest link carries (over
+    /// IPv4; IPv6's header takes 20 bytes more).
     link_max: usize,
     logs: LogLimiter,
     stats: UdpNatStats,
@@ -240,11 +245,11 @@ impl UdpCore {
     }
 
     /// A guest datagram from `src` to `dst` at `now`: which flow carries it.
-    pub fn route_guest(&mut self, now: Instant, policy: &NatPolicy, src: SocketAddrV4, dst: SocketAddrV4) -> Route {
+    pub fn route_guest(&mut self, now: Instant, policy: &NatPolicy, src: SocketAddr, dst: SocketAddr) -> Route {
         if let Some(&mut id) = self.table.get(&(src, dst), now) {
             return Route::Flow(id);
         }
-        match policy.translate(*dst.ip()) {
+        match policy.translate_ip(dst.ip()) {
             Ok(ip) => {
                 self.next_id += 1;
                 Route::Open { id: self.next_id, target: SocketAddr::new(ip, dst.port()) }
@@ -289,9 +294,7 @@ impl UdpCore {
                 self.stats.datagrams_out += 1;
                 None
             }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                Some(port_unreachable_packet(src, dst, payload_len))
-            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => port_unreachable_packet(src, dst, payload_len),
             Err(e) => {
                 self.stats.send_errors += 1;
                 crate::limited_warn!(self.logs, now, "udp-send", %src, %dst, error = %e, "dropping UDP datagram: host send failed");
@@ -303,13 +306,14 @@ impl UdpCore {
     /// A datagram of `len` bytes read from flow `id`'s socket at `now`:
     /// the (source, destination) to hand it to the guest with, or `None`
     /// (the flow is gone, or the datagram is larger than the link carries).
-    pub fn host_datagram(&mut self, now: Instant, id: FlowId, len: usize) -> Option<(SocketAddrV4, SocketAddrV4)> {
+    pub fn host_datagram(&mut self, now: Instant, id: FlowId, len: usize) -> Option<(SocketAddr, SocketAddr)> {
         let &key = self.keys.get(&id)?;
         let (src, dst) = key;
         self.table.touch(&key, now);
-        if len > self.link_max {
+        let link_max = if src.is_ipv6() { self.link_max.saturating_sub(20) } else { self.link_max };
+        if len > link_max {
             self.stats.oversize_replies += 1;
-            crate::limited_warn!(self.logs, now, "udp-oversize", %src, %dst, len, max = self.link_max, "dropping UDP reply larger than the link allows");
+            crate::limited_warn!(self.logs, now, "udp-oversize", %src, %dst, len, max = link_max, "dropping UDP reply larger than the link allows");
             return None;
         }
         self.stats.datagrams_in += 1;
@@ -321,7 +325,7 @@ impl UdpCore {
     /// it): the port-unreachable packet for the guest.
     pub fn host_refused(&self, id: FlowId) -> Option<Vec<u8>> {
         let &(src, dst) = self.keys.get(&id)?;
-        Some(port_unreachable_packet(src, dst, 0))
+        port_unreachable_packet(src, dst, 0)
     }
 
     /// A port-unreachable the core built reached the guest.
@@ -373,34 +377,69 @@ impl UdpCore {
 }
 
 /// An ICMP port-unreachable from `dst` to `src` quoting a datagram from `src`
-/// to `dst`: its IPv4 header and the 8-byte UDP header (checksum 0, "none",
+/// to `dst`: its IP header and the 8-byte UDP header (checksum 0, "none",
 /// since the payload is not kept; the guest matches on addresses and ports).
-pub fn port_unreachable_packet(src: SocketAddrV4, dst: SocketAddrV4, payload_len: usize) -> Vec<u8> {
+/// ICMPv6 for IPv6 flows; `None` for a key of mixed families.
+pub fn port_unreachable_packet(src: SocketAddr, dst: SocketAddr, payload_len: usize) -> Option<Vec<u8>> {
     let udp_len = (UDP_HEADER + payload_len).min(u16::MAX as usize - IPV4_HEADER);
     let mut udp = [0u8; UDP_HEADER];
     udp[0..2].copy_from_slice(&src.port().to_be_bytes());
     udp[2..4].copy_from_slice(&dst.port().to_be_bytes());
     udp[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
-    let quoted = Ipv4Repr {
-        src_addr: *src.ip(),
-        dst_addr: *dst.ip(),
-        next_header: IpProtocol::Udp,
-        payload_len: udp_len,
-        hop_limit: 64,
-    };
-    let icmp = Icmpv4Repr::DstUnreachable { reason: Icmpv4DstUnreachable::PortUnreachable, header: quoted, data: &udp };
-    let ip = Ipv4Repr {
-        src_addr: *dst.ip(),
-        dst_addr: *src.ip(),
-        next_header: IpProtocol::Icmp,
-        payload_len: icmp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0u8; IPV4_HEADER + icmp.buffer_len()];
     let caps = ChecksumCapabilities::default();
-    ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
-    icmp.emit(&mut Icmpv4Packet::new_unchecked(&mut buf[IPV4_HEADER..]), &caps);
-    buf
+    match (src, dst) {
+        (SocketAddr::V4(src), SocketAddr::V4(dst)) => {
+            let quoted = Ipv4Repr {
+                src_addr: *src.ip(),
+                dst_addr: *dst.ip(),
+                next_header: IpProtocol::Udp,
+                payload_len: udp_len,
+                hop_limit: 64,
+            };
+            let icmp = Icmpv4Repr::DstUnreachable {
+                reason: Icmpv4DstUnreachable::PortUnreachable,
+                header: quoted,
+                data: &udp,
+            };
+            let ip = Ipv4Repr {
+                src_addr: *dst.ip(),
+                dst_addr: *src.ip(),
+                next_header: IpProtocol::Icmp,
+                payload_len: icmp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; IPV4_HEADER + icmp.buffer_len()];
+            ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+            icmp.emit(&mut Icmpv4Packet::new_unchecked(&mut buf[IPV4_HEADER..]), &caps);
+            Some(buf)
+        }
+        (SocketAddr::V6(src), SocketAddr::V6(dst)) => {
+            let quoted = Ipv6Repr {
+                src_addr: *src.ip(),
+                dst_addr: *dst.ip(),
+                next_header: IpProtocol::Udp,
+                payload_len: udp_len,
+                hop_limit: 64,
+            };
+            let icmp = Icmpv6Repr::DstUnreachable {
+                reason: Icmpv6DstUnreachable::PortUnreachable,
+                header: quoted,
+                data: &udp,
+            };
+            let ip = Ipv6Repr {
+                src_addr: *dst.ip(),
+                dst_addr: *src.ip(),
+                next_header: IpProtocol::Icmpv6,
+                payload_len: icmp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; 40 + icmp.buffer_len()];
+            ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..]));
+            icmp.emit(dst.ip(), src.ip(), &mut Icmpv6Packet::new_unchecked(&mut buf[40..]), &caps);
+            Some(buf)
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -413,14 +452,14 @@ mod tests {
         NatPolicy::new(&NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap(), false)
     }
 
-    fn guest(port: u16) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2), port)
+    fn guest(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(192, 168, 127, 2), port))
     }
 
-    const ALIAS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 254), 5353);
+    const ALIAS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 127, 254)), 5353);
 
     /// Opens a flow the way the shell does; returns its id.
-    fn open(core: &mut UdpCore, now: Instant, src: SocketAddrV4, dst: SocketAddrV4) -> (FlowId, Vec<FlowId>) {
+    fn open(core: &mut UdpCore, now: Instant, src: SocketAddr, dst: SocketAddr) -> (FlowId, Vec<FlowId>) {
         match core.route_guest(now, &policy(), src, dst) {
             Route::Open { id, target } => {
                 assert_eq!(target.port(), dst.port());
@@ -462,7 +501,8 @@ mod tests {
     fn core_refuses_by_policy_and_counts_failures() {
         let t = t0();
         let mut core = UdpCore::new(8, Duration::from_secs(90), 1500);
-        for dst in [SocketAddrV4::new(Ipv4Addr::BROADCAST, 9), SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80)]
+        for dst in
+            [SocketAddr::from((Ipv4Addr::BROADCAST, 9)), SocketAddr::from((Ipv4Addr::new(169, 254, 169, 254), 80))]
         {
             assert_eq!(core.route_guest(t, &policy(), guest(1), dst), Route::Refused);
         }
@@ -477,8 +517,8 @@ mod tests {
         assert_eq!(core.stats().send_errors, 1);
         // Refused by the host: an ICMP port-unreachable quoting the datagram.
         let icmp = core.sent(t, id2, 5, Err(io::ErrorKind::ConnectionRefused.into())).unwrap();
-        assert_eq!(icmp, port_unreachable_packet(guest(1), ALIAS, 5));
-        assert_eq!(core.host_refused(id2), Some(port_unreachable_packet(guest(1), ALIAS, 0)));
+        assert_eq!(Some(icmp), port_unreachable_packet(guest(1), ALIAS, 5));
+        assert_eq!(core.host_refused(id2), port_unreachable_packet(guest(1), ALIAS, 0));
         // A socket that fails for good ends its flow, once.
         assert!(core.host_failed(id2));
         assert!(!core.host_failed(id2));
@@ -577,9 +617,9 @@ mod tests {
 
     #[test]
     fn port_unreachable_quotes_the_datagram() {
-        let src = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2), 40000);
-        let dst = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 254), 9);
-        let pkt = port_unreachable_packet(src, dst, 100);
+        let src = std::net::SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2), 40000);
+        let dst = std::net::SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 254), 9);
+        let pkt = port_unreachable_packet(src.into(), dst.into(), 100).unwrap();
         let ip = Ipv4Packet::new_checked(&pkt[..]).unwrap();
         let caps = ChecksumCapabilities::default();
         let repr = Ipv4Repr::parse(&ip, &caps).unwrap();
@@ -596,5 +636,38 @@ mod tests {
         let udp = &quoted[IPV4_HEADER..];
         assert_eq!(udp.len(), 8);
         assert_eq!(&udp[..6], &[0x9c, 0x40, 0, 9, 0, 108]);
+    }
+
+    #[test]
+    fn ipv6_flows_go_to_ipv6_hosts_and_errors_are_icmpv6() {
+        let v6 = |a: SocketAddr| match a.ip() {
+            IpAddr::V6(ip) => ip,
+            IpAddr::V4(_) => unreachable!(),
+        };
+        let t = t0();
+        let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500)
+            .unwrap()
+            .with_ipv6(Some("fd5a:94ef:e40c::/64".parse().unwrap()))
+            .unwrap();
+        let policy = NatPolicy::new(&cfg, false);
+        let mut core = UdpCore::new(8, Duration::from_secs(90), 1500);
+        let guest6: SocketAddr = "[fd5a:94ef:e40c:0:5894:efff:fee4:cee]:4000".parse().unwrap();
+        let alias6: SocketAddr = "[fd5a:94ef:e40c::fe]:53".parse().unwrap();
+        let Route::Open { id, target } = core.route_guest(t, &policy, guest6, alias6) else { panic!() };
+        assert_eq!(target, "[::1]:53".parse::<SocketAddr>().unwrap());
+        core.opened(t, (guest6, alias6), id);
+        // Replies come from the address the guest sent to; IPv6's longer
+        // header leaves 20 bytes less room.
+        assert_eq!(core.host_datagram(t, id, 1452), Some((alias6, guest6)));
+        assert_eq!(core.host_datagram(t, id, 1453), None);
+        let packet = core.sent(t, id, 5, Err(io::ErrorKind::ConnectionRefused.into())).unwrap();
+        let ip = Ipv6Packet::new_checked(&packet[..]).unwrap();
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (v6(alias6), v6(guest6)));
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()));
+        assert_eq!((icmp.msg_type(), icmp.msg_code()), (smoltcp::wire::Icmpv6Message::DstUnreachable, 4));
+        // IPv4-mapped destinations are refused.
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:53".parse().unwrap();
+        assert_eq!(core.route_guest(t, &policy, guest6, mapped), Route::Refused);
     }
 }

@@ -59,16 +59,17 @@ impl IcmpNat {
         self.core.mode()
     }
 
-    /// Handles an ICMP packet from a guest to a non-gateway address.
-    pub fn handle(engine: &Rc<Engine>, header: &smoltcp::wire::Ipv4Repr, packet: &[u8], now: Instant) {
+    /// Handles an ICMP (or ICMPv6) packet from a guest, from `src` to `dst`
+    /// (a non-gateway address). False when the host has no socket for it
+    /// (no route to the destination, say): the caller may tell the guest.
+    pub fn handle(engine: &Rc<Engine>, (src, dst): (IpAddr, IpAddr), packet: &[u8], now: Instant) -> bool {
         let mut guard = engine.icmp.borrow_mut();
         let nat = &mut *guard;
-        let addrs = (header.src_addr, header.dst_addr);
-        let (id, icmp) = match nat.core.guest_packet(now, &engine.nat, addrs, packet, cfg!(windows)) {
-            Request::Drop => return,
+        let (id, icmp) = match nat.core.guest_packet(now, &engine.nat, (src, dst), packet, cfg!(windows)) {
+            Request::Drop => return true,
             Request::Send { id, icmp } => (id, icmp),
             Request::Open { id, target, known, icmp } => {
-                let key = (header.src_addr, header.dst_addr, parse_ident(&icmp));
+                let key = (src, dst, parse_ident(&icmp));
                 match open_icmp(target, known) {
                     Ok((socket, mode)) => {
                         let socket = Rc::new(socket);
@@ -86,21 +87,22 @@ impl IcmpNat {
                     }
                     Err(e) => {
                         nat.core.open_failed(now, key, target, &e);
-                        return;
+                        return false;
                     }
                 }
             }
             Request::Api { target, data, echo } => {
                 drop(guard);
                 through_api(engine, target, data, echo);
-                return;
+                return true;
             }
         };
-        let Some(flow) = nat.flows.get(&id) else { return };
+        let Some(flow) = nat.flows.get(&id) else { return true };
         // Straight to the kernel (tokio's `try_send` waits for the reactor
         // to see a new socket writable first).
         let result = socket2::SockRef::from(&*flow.socket).send(&icmp).map(drop);
         nat.core.sent(now, id, result);
+        true
     }
 }
 
@@ -192,7 +194,7 @@ fn drain(engine: &Rc<Engine>, id: FlowId, socket: &UdpSocket) -> Drained {
             Ok(n) => {
                 let reply = engine.icmp.borrow_mut().core.host_datagram(Instant::now(), id, &buf[..n]);
                 if let Some(packet) = reply {
-                    engine.send_ipv4_to_guest(&packet);
+                    engine.send_ip_to_guest(&packet);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Drained::Empty,
@@ -215,16 +217,17 @@ fn drain(engine: &Rc<Engine>, id: FlowId, socket: &UdpSocket) -> Drained {
 /// Opens an ICMP socket connected to `target`: a ping socket, or where
 /// those are not permitted a raw one. `known`: the kind that worked before.
 fn open_icmp(target: IpAddr, known: Option<Mode>) -> io::Result<(UdpSocket, Mode)> {
-    let IpAddr::V4(_) = target else {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "ICMPv6 echo is not translated"));
+    let (domain, protocol) = match target {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
     };
     let (socket, mode) = match known {
-        Some(Mode::Raw) => (Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?, Mode::Raw),
-        _ => match Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)) {
+        Some(Mode::Raw) => (Socket::new(domain, Type::RAW, Some(protocol))?, Mode::Raw),
+        _ => match Socket::new(domain, Type::DGRAM, Some(protocol)) {
             Ok(s) => (s, Mode::Ping),
             // Not permitted (any more): raw sockets, if we are root.
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                (Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?, Mode::Raw)
+                (Socket::new(domain, Type::RAW, Some(protocol))?, Mode::Raw)
             }
             Err(e) => return Err(e),
         },

@@ -269,26 +269,58 @@ impl Engine {
         }
     }
 
-    /// IPv6 the gateway must route: its DNS server; everything else has no
-    /// route yet, and the guest hears so at once (ICMPv6 unreachable), so
-    /// its connects fail fast and happy eyeballs falls back to IPv4.
+    /// IPv6 the gateway must route: its DNS server, the UDP NAT and the
+    /// echo NAT; what the host cannot take (no route, and for now TCP, which
+    /// the NAT does not carry over IPv6 yet) is answered with ICMPv6 "no route"
+    /// at once, so the guest's connect fails fast and happy eyeballs falls
+    /// back to IPv4.
     fn route_ipv6(self: &Rc<Self>, header: &smoltcp::wire::Ipv6Repr, packet: &[u8], now: Instant) {
         let gateway6 = self.net.borrow().cfg.ipv6.as_ref().map(|v6| v6.gateway);
-        if header.next_header == IpProtocol::Udp
-            && Some(header.dst_addr) == gateway6
-            && let Some(body) = packet.get(40..)
-            && let Ok(udp) = smoltcp::wire::UdpPacket::new_checked(body)
-            && udp.dst_port() == crate::gateway::dns::DNS_PORT
-            && udp.verify_checksum(&header.src_addr.into(), &header.dst_addr.into())
+        if header.next_header == IpProtocol::Udp {
+            let Some(udp) = packet
+                .get(40..)
+                .and_then(|body| smoltcp::wire::UdpPacket::new_checked(body).ok())
+                .filter(|udp| udp.verify_checksum(&header.src_addr.into(), &header.dst_addr.into()))
+            else {
+                self.net.borrow_mut().stats.drops.malformed += 1;
+                return;
+            };
+            let src = SocketAddr::from((header.src_addr, udp.src_port()));
+            let dst = SocketAddr::from((header.dst_addr, udp.dst_port()));
+            if Some(header.dst_addr) == gateway6 {
+                if udp.dst_port() == crate::gateway::dns::DNS_PORT {
+                    self.dns.clone().serve_udp(self, src, dst, udp.payload());
+                } else {
+                    self.net.borrow_mut().stats.drops.not_for_us += 1;
+                }
+                return;
+            }
+            if UdpNat::send(self, src, dst, udp.payload(), now) {
+                return;
+            }
+        }
+        if header.next_header == IpProtocol::Icmpv6
+            && IcmpNat::handle(self, (header.src_addr.into(), header.dst_addr.into()), packet, now)
         {
-            let client = std::net::SocketAddrV6::new(header.src_addr, udp.src_port(), 0, 0);
-            let server = std::net::SocketAddrV6::new(header.dst_addr, udp.dst_port(), 0, 0);
-            self.dns.clone().serve_udp(self, client.into(), server.into(), udp.payload());
             return;
         }
         let mut net = self.net.borrow_mut();
         let mut ports = self.ports.borrow_mut();
         net.unreachable6(header, packet, now, &mut *ports);
+    }
+
+    /// Sends a complete IP packet of either version to the guest owning its
+    /// destination (ICMP errors the NAT builds).
+    pub fn send_ip_to_guest(&self, packet: &[u8]) -> bool {
+        match packet.first().map(|b| b >> 4) {
+            Some(4) => self.send_ipv4_to_guest(packet),
+            Some(6) => {
+                let mut net = self.net.borrow_mut();
+                let mut ports = self.ports.borrow_mut();
+                net.send_ipv6_to_guest(packet, Instant::now(), &mut *ports)
+            }
+            _ => false,
+        }
     }
 
     /// Sends a UDP datagram from the gateway to a guest, either family
@@ -345,9 +377,11 @@ impl Engine {
                     }
                     return;
                 }
-                UdpNat::send(self, src, dst, payload, now);
+                UdpNat::send(self, src.into(), dst.into(), payload, now);
             }
-            IpProtocol::Icmp => IcmpNat::handle(self, header, packet, now),
+            IpProtocol::Icmp => {
+                IcmpNat::handle(self, (header.src_addr.into(), header.dst_addr.into()), packet, now);
+            }
             IpProtocol::Tcp => {
                 let large = self.net.borrow().takes_large_frames(port);
                 crate::nat::tcp::handle_guest_packet(self, port, header, packet, large)

@@ -14,7 +14,7 @@
 //! core is read here, once per event.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -96,12 +96,14 @@ impl UdpNat {
         self.core.stats()
     }
 
-    /// Forwards one guest datagram from `src` to `dst` through a host socket.
-    pub fn send(engine: &Rc<Engine>, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], now: Instant) {
+    /// Forwards one guest datagram from `src` to `dst` (one family) through
+    /// a host socket. False when the host has no socket for it (no route to
+    /// the destination, say): the caller may tell the guest so.
+    pub fn send(engine: &Rc<Engine>, src: SocketAddr, dst: SocketAddr, payload: &[u8], now: Instant) -> bool {
         let mut guard = engine.udp.borrow_mut();
         let nat = &mut *guard;
         let id = match nat.core.route_guest(now, &engine.nat, src, dst) {
-            Route::Refused => return,
+            Route::Refused => return true,
             Route::Flow(id) => id,
             Route::Open { id, target } => match connect_udp(target) {
                 Ok(socket) => {
@@ -118,11 +120,11 @@ impl UdpNat {
                 }
                 Err(e) => {
                     nat.core.open_failed(now, (src, dst), target, &e);
-                    return;
+                    return false;
                 }
             },
         };
-        let Some(flow) = nat.flows.get(&id) else { return };
+        let Some(flow) = nat.flows.get(&id) else { return true };
         // Straight to the kernel: tokio's `try_send` would refuse until the
         // reactor has seen the new socket writable, losing first datagrams.
         let result = socket2::SockRef::from(&*flow.socket).send(payload).map(drop);
@@ -131,6 +133,7 @@ impl UdpNat {
         if let Some(packet) = unreachable {
             port_unreachable(engine, &packet);
         }
+        true
     }
 
     /// Drops the sockets and tasks of flows the core ended.
@@ -219,7 +222,7 @@ fn drain(engine: &Rc<Engine>, id: FlowId, socket: &UdpSocket) -> Drained {
             Ok(n) => {
                 let route = engine.udp.borrow_mut().core.host_datagram(Instant::now(), id, n);
                 if let Some((from, to)) = route {
-                    engine.send_udp_to_guest(from, to, &buf[..n]);
+                    engine.send_udp_reply(from, to, &buf[..n]);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Drained::Empty,
@@ -248,7 +251,7 @@ fn refused(engine: &Rc<Engine>, id: FlowId) {
 }
 
 fn port_unreachable(engine: &Rc<Engine>, packet: &[u8]) {
-    if engine.send_ipv4_to_guest(packet) {
+    if engine.send_ip_to_guest(packet) {
         engine.udp.borrow_mut().core.port_unreachable_sent();
     }
 }
@@ -280,8 +283,8 @@ mod tests {
                     let _ = echo.send_to(&buf[..n], peer).await;
                 }
             });
-            let alias = SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 254), port);
-            let guest = |p| SocketAddrV4::new(Ipv4Addr::new(192, 168, 127, 2), p);
+            let alias = SocketAddr::from((Ipv4Addr::new(192, 168, 127, 254), port));
+            let guest = |p| SocketAddr::from((Ipv4Addr::new(192, 168, 127, 2), p));
             UdpNat::send(&engine, guest(1000), alias, b"one", Instant::now());
             UdpNat::send(&engine, guest(1000), alias, b"two", Instant::now());
             assert_eq!(engine.udp.borrow().len(), 1);
@@ -296,7 +299,7 @@ mod tests {
             assert!(engine.udp.borrow().core.flow(&(guest(1001), alias)).is_none());
             assert_eq!(engine.udp.borrow().stats().flows_evicted, 1);
             // Refused destinations open nothing.
-            UdpNat::send(&engine, guest(1003), SocketAddrV4::new(Ipv4Addr::BROADCAST, 9), b"b", Instant::now());
+            UdpNat::send(&engine, guest(1003), SocketAddr::from((Ipv4Addr::BROADCAST, 9)), b"b", Instant::now());
             assert_eq!(engine.udp.borrow().stats().refused, 1);
             // Idle flows end by themselves.
             tokio::time::sleep(idle * 3).await;
