@@ -96,19 +96,20 @@ impl Ipv6State {
             self.forget(ip, old);
         }
         let full = self.owner.len() >= MAX_NEIGHBORS6;
-        let addrs = self.by_mac.entry(mac).or_default();
-        if addrs.len() >= MAX_ADDRESSES_PER_MAC || (full && !addrs.is_empty()) {
-            if let Some(i) = addrs.iter().enumerate().min_by_key(|(_, (_, seen))| *seen).map(|(i, _)| i) {
-                let (gone, _) = addrs.swap_remove(i);
-                self.owner.remove(&gone);
-            }
-        } else if full {
+        let held = self.by_mac.get(&mac).map_or(0, Vec::len);
+        // A full table takes no new MAC (and keeps no empty entry for it).
+        if full && held == 0 {
             return;
         }
-        if let Some(addrs) = self.by_mac.get_mut(&mac) {
-            addrs.push((ip, now));
-            self.owner.insert(ip, mac);
+        let addrs = self.by_mac.entry(mac).or_default();
+        if (held >= MAX_ADDRESSES_PER_MAC || full)
+            && let Some(i) = addrs.iter().enumerate().min_by_key(|(_, (_, seen))| *seen).map(|(i, _)| i)
+        {
+            let (gone, _) = addrs.swap_remove(i);
+            self.owner.remove(&gone);
         }
+        addrs.push((ip, now));
+        self.owner.insert(ip, mac);
     }
 
     fn forget(&mut self, ip: Ipv6Addr, mac: EthernetAddress) {
@@ -919,6 +920,8 @@ mod tests {
             s.remember(Ipv6Addr::from(u128::from(i) + 1), mac, t0);
         }
         assert_eq!(s.len(), MAX_NEIGHBORS6);
+        // MACs the full table turned away leave nothing behind.
+        assert_eq!(s.by_mac.len(), MAX_NEIGHBORS6);
     }
 
     #[test]
