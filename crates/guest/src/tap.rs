@@ -92,7 +92,7 @@ impl Tap {
     /// this tap (`TUNSETOFFLOAD`). On, it hands over TCP segments of up to
     /// 64 KiB with partial checksums; the header of each says so.
     pub fn set_offload(&self, on: bool) -> io::Result<()> {
-        let flags = if on { libc::TUN_F_CSUM | libc::TUN_F_TSO4 } else { 0 };
+        let flags = if on { libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 } else { 0 };
         sys::tun_set_offload(self.fd.get_ref(), flags)
     }
 

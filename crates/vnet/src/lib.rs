@@ -18,6 +18,7 @@ pub mod sys;
 /// several times faster and still randomly seeded per map, so a guest
 /// cannot aim collisions at it.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 pub use config::{ConfigError, NetConfig};
 pub use gateway::{FrameSink, Network, Upcall};

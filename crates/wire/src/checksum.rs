@@ -66,6 +66,45 @@ pub fn fill_ipv4_transport(packet: &mut [u8], offset: usize) -> bool {
     true
 }
 
+/// The sum of the IPv6 pseudo header (RFC 8200 §8.1) for a transport
+/// segment of `len` bytes (native byte order, not complemented).
+pub fn pseudo_header_v6(src: [u8; 16], dst: [u8; 16], next_header: u8, len: u32) -> u16 {
+    let mut h = [0u8; 40];
+    h[..16].copy_from_slice(&src);
+    h[16..32].copy_from_slice(&dst);
+    h[32..36].copy_from_slice(&len.to_be_bytes());
+    h[39] = next_header;
+    sum(&h)
+}
+
+/// Fills in the TCP or UDP checksum of the IPv6 packet `packet` (no
+/// extension headers: the transport header follows the fixed 40 bytes).
+/// Returns false, changing nothing, if the packet is too short for it.
+pub fn fill_ipv6_transport(packet: &mut [u8], offset: usize) -> bool {
+    if packet.len() < 40 + offset + 2 {
+        return false;
+    }
+    let (ip, seg) = packet.split_at_mut(40);
+    let Ok(len) = u32::try_from(seg.len()) else { return false };
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&ip[8..24]);
+    dst.copy_from_slice(&ip[24..40]);
+    seg[offset..offset + 2].fill(0);
+    let total = add(pseudo_header_v6(src, dst, ip[6], len), sum(seg));
+    seg[offset..offset + 2].copy_from_slice(&(!total).to_ne_bytes());
+    true
+}
+
+/// Fills in the transport checksum of an IP packet of either version.
+pub fn fill_ip_transport(packet: &mut [u8], offset: usize) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => fill_ipv4_transport(packet, offset),
+        Some(6) => fill_ipv6_transport(packet, offset),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +180,53 @@ mod tests {
         assert!(!fill_ipv4_transport(&mut [0x45; 30], 16), "too short");
         assert!(!fill_ipv4_transport(&mut [], 16));
         assert!(!fill_ipv4_transport(&mut [0x41; 60], 16), "IHL below 5");
+    }
+
+    #[test]
+    fn ipv6_transport_checksums_verify_with_smoltcp() {
+        use smoltcp::wire::{Ipv6Address, Ipv6Packet, Ipv6Repr};
+        let (src, dst) = (Ipv6Address::new(0xfd5a, 0, 0, 0, 0, 0, 0, 1), Ipv6Address::new(0xfd5a, 0, 0, 0, 0, 0, 0, 2));
+        for payload in [&b""[..], b"a", b"odd length!", &[0xffu8; 3001][..]] {
+            let repr = TcpRepr {
+                src_port: 80,
+                dst_port: 40000,
+                control: TcpControl::Psh,
+                seq_number: TcpSeqNumber(1),
+                ack_number: Some(TcpSeqNumber(2)),
+                window_len: 100,
+                window_scale: None,
+                max_seg_size: None,
+                sack_permitted: false,
+                sack_ranges: [None; 3],
+                timestamp: None,
+                payload,
+            };
+            let ip = Ipv6Repr {
+                src_addr: src,
+                dst_addr: dst,
+                next_header: IpProtocol::Tcp,
+                payload_len: repr.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut p = vec![0u8; 40 + repr.buffer_len()];
+            let mut pkt = Ipv6Packet::new_unchecked(&mut p[..]);
+            ip.emit(&mut pkt);
+            let caps = ChecksumCapabilities::ignored();
+            repr.emit(
+                &mut TcpPacket::new_unchecked(pkt.payload_mut()),
+                &IpAddress::Ipv6(src),
+                &IpAddress::Ipv6(dst),
+                &caps,
+            );
+            assert!(fill_ip_transport(&mut p, 16));
+            let pkt = Ipv6Packet::new_checked(&p[..]).unwrap();
+            assert!(
+                TcpPacket::new_checked(pkt.payload())
+                    .unwrap()
+                    .verify_checksum(&IpAddress::Ipv6(src), &IpAddress::Ipv6(dst))
+            );
+        }
+        assert!(!fill_ipv6_transport(&mut [0x60; 41], 16));
+        assert!(!fill_ip_transport(&mut [0x10; 80], 16));
     }
 }

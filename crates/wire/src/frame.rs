@@ -18,6 +18,7 @@ pub use crate::mac::Mac;
 
 pub const ETH_HEADER: usize = 14;
 pub const IPV4_HEADER: usize = 20;
+pub const IPV6_HEADER: usize = 40;
 pub const UDP_HEADER: usize = 8;
 /// Largest UDP payload that still fits in a 65535-byte frame.
 pub const MAX_UDP_PAYLOAD: usize = u16::MAX as usize - ETH_HEADER - IPV4_HEADER - UDP_HEADER;
@@ -108,27 +109,34 @@ pub fn parse_udp_ip(ip_bytes: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, &[u8
     Some((SocketAddrV4::new(repr.src_addr, udp.src_port()), SocketAddrV4::new(repr.dst_addr, udp.dst_port()), data))
 }
 
-/// Whether an IPv4 packet is a TCP segment with SYN set (unchecked: any
-/// malformed packet is simply not one).
+/// Whether an IP packet (either version) is a TCP segment with SYN set
+/// (unchecked: any malformed packet is simply not one).
 pub fn is_tcp_syn(packet: &[u8]) -> bool {
     tcp_offset(packet).and_then(|hl| packet.get(hl + 13)).is_some_and(|flags| flags & 0x02 != 0)
 }
 
-/// Where the TCP header of an IPv4 packet starts, if the packet says it
-/// is IPv4 carrying TCP with a header length no shorter than the minimum.
+/// Where the TCP header of an IP packet starts, if the packet says it is
+/// IPv4 carrying TCP with a header length no shorter than the minimum, or
+/// IPv6 whose fixed header is followed by TCP.
 fn tcp_offset(packet: &[u8]) -> Option<usize> {
     let first = *packet.first()?;
-    let hl = usize::from(first & 0x0f) * 4;
-    (first >> 4 == 4 && hl >= IPV4_HEADER && packet.get(9) == Some(&6)).then_some(hl)
+    match first >> 4 {
+        4 => {
+            let hl = usize::from(first & 0x0f) * 4;
+            (hl >= IPV4_HEADER && packet.get(9) == Some(&6)).then_some(hl)
+        }
+        6 => (packet.get(6) == Some(&6)).then_some(IPV6_HEADER),
+        _ => None,
+    }
 }
 
-/// Sets the MSS option of the TCP segment in an IPv4 packet to `mss`, if
+/// Sets the MSS option of the TCP segment in an IP packet to `mss`, if
 /// it has one. The checksum is left alone: smoltcp does not verify it.
 pub fn set_tcp_mss(packet: &mut [u8], mss: u16) {
     rewrite_tcp_mss(packet, |_| mss);
 }
 
-/// Lowers the MSS option of the TCP segment in an IPv4 packet to `max` if
+/// Lowers the MSS option of the TCP segment in an IP packet to `max` if
 /// it is above (a peer announcing more than its link carries).
 pub fn clamp_tcp_mss(packet: &mut [u8], max: u16) {
     rewrite_tcp_mss(packet, |mss| mss.min(max));
@@ -483,6 +491,32 @@ mod tests {
         let mut low = packet(536);
         clamp_tcp_mss(&mut low, 1460);
         assert_eq!(low, packet(536));
+    }
+
+    #[test]
+    fn ipv6_syns_are_found_and_their_mss_clamped() {
+        // IPv6 (next header TCP) + TCP with data offset 6: one MSS option.
+        let packet = |next_header: u8, mss: u16| {
+            let mut p = vec![0u8; 64];
+            p[0] = 0x60;
+            p[6] = next_header;
+            p[40 + 12] = 6 << 4;
+            p[40 + 13] = 0x02;
+            p[60..64].copy_from_slice(&[2, 4, (mss >> 8) as u8, mss as u8]);
+            p
+        };
+        assert!(is_tcp_syn(&packet(6, 1440)));
+        // An extension header before TCP: not taken for a segment.
+        assert!(!is_tcp_syn(&packet(0, 1440)));
+        let mut high = packet(6, 60_000);
+        clamp_tcp_mss(&mut high, 1440);
+        assert_eq!(high, packet(6, 1440));
+        let mut other = packet(17, 60_000);
+        clamp_tcp_mss(&mut other, 1440);
+        assert_eq!(other, packet(17, 60_000));
+        for cut in 0..=IPV6_HEADER + 13 {
+            assert!(!is_tcp_syn(&packet(6, 1)[..cut]), "cut at {cut}");
+        }
     }
 
     const MAC: Mac = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];

@@ -19,6 +19,7 @@ pub const VNET_HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
+pub const GSO_TCPV6: u8 = 4;
 const ETH: usize = 14;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,7 +54,7 @@ impl VnetHdr {
 pub enum TapFrameError {
     /// The partial checksum's position lies outside the frame.
     BadChecksumOffsets,
-    /// A GSO type other than TCPv4 (never enabled, so never expected).
+    /// A GSO type other than TCP (never enabled, so never expected).
     UnsupportedGso(u8),
 }
 
@@ -61,7 +62,7 @@ pub enum TapFrameError {
 /// checksum in place. The caller decides separately whether a large (GSO)
 /// frame may be sent at all.
 pub fn complete_from_tap(hdr: &VnetHdr, frame: &mut [u8]) -> Result<(), TapFrameError> {
-    if hdr.gso_type != GSO_NONE && hdr.gso_type != GSO_TCPV4 {
+    if ![GSO_NONE, GSO_TCPV4, GSO_TCPV6].contains(&hdr.gso_type) {
         return Err(TapFrameError::UnsupportedGso(hdr.gso_type));
     }
     if hdr.flags & F_NEEDS_CSUM != 0 {
@@ -80,37 +81,49 @@ pub fn complete_from_tap(hdr: &VnetHdr, frame: &mut [u8]) -> Result<(), TapFrame
 }
 
 /// The header for writing `frame` (from the link) to the tap. A frame
-/// above `mtu` + Ethernet header must be IPv4 TCP: it becomes a GSO packet
-/// of `mtu`-sized segments, with its checksum field turned into the pseudo
-/// header's sum. `None` means the frame cannot be delivered.
+/// above `mtu` + Ethernet header must be TCP over IPv4 or IPv6 (no
+/// extension headers): it becomes a GSO packet of `mtu`-sized segments,
+/// with its checksum field turned into the pseudo header's sum. `None`
+/// means the frame cannot be delivered.
 pub fn header_to_tap(frame: &mut [u8], mtu: usize) -> Option<VnetHdr> {
     if frame.len() <= ETH + mtu {
         return Some(VnetHdr::default());
     }
-    if frame.get(12..14)? != [0x08, 0x00] {
-        return None;
-    }
     let ip = frame.get(ETH..)?;
-    let ihl = usize::from(ip.first()? & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-    if ip.first()? >> 4 != 4 || ihl < 20 || *ip.get(9)? != 6 || total > ip.len() || total < ihl + 20 {
-        return None;
-    }
+    let (ihl, tcp_len, gso_type, pseudo) = match frame.get(12..14)? {
+        [0x08, 0x00] => {
+            let ihl = usize::from(ip.first()? & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+            if ip.first()? >> 4 != 4 || ihl < 20 || *ip.get(9)? != 6 || total > ip.len() || total < ihl + 20 {
+                return None;
+            }
+            let len = u16::try_from(total - ihl).ok()?;
+            let pseudo = checksum::pseudo_header_v4(ip[12..16].try_into().ok()?, ip[16..20].try_into().ok()?, 6, len);
+            (ihl, total - ihl, GSO_TCPV4, pseudo)
+        }
+        [0x86, 0xdd] => {
+            let payload = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
+            if ip.first()? >> 4 != 6 || *ip.get(6)? != 6 || 40 + payload > ip.len() || payload < 20 {
+                return None;
+            }
+            let pseudo =
+                checksum::pseudo_header_v6(ip[8..24].try_into().ok()?, ip[24..40].try_into().ok()?, 6, payload as u32);
+            (40, payload, GSO_TCPV6, pseudo)
+        }
+        _ => return None,
+    };
     let tcp_hl = usize::from(ip.get(ihl + 12)? >> 4) * 4;
-    let tcp_len = total - ihl;
     if tcp_hl < 20 || tcp_hl > tcp_len {
         return None;
     }
     let gso_size = mtu.checked_sub(ihl + tcp_hl).filter(|s| *s > 0)?;
-    let len = u16::try_from(tcp_len).ok()?;
     // The pseudo header's sum, not complemented: what the kernel leaves in
     // the field of a packet whose checksum it will finish itself.
-    let pseudo = checksum::pseudo_header_v4([ip[12], ip[13], ip[14], ip[15]], [ip[16], ip[17], ip[18], ip[19]], 6, len);
     let csum_start = ETH + ihl;
     frame[csum_start + 16..csum_start + 18].copy_from_slice(&pseudo.to_ne_bytes());
     Some(VnetHdr {
         flags: F_NEEDS_CSUM,
-        gso_type: GSO_TCPV4,
+        gso_type,
         hdr_len: u16::try_from(csum_start + tcp_hl).ok()?,
         gso_size: u16::try_from(gso_size).ok()?,
         csum_start: u16::try_from(csum_start).ok()?,
@@ -238,5 +251,57 @@ mod tests {
         assert_eq!(complete_from_tap(&h, &mut f), Err(TapFrameError::BadChecksumOffsets));
         let h = VnetHdr { gso_type: 3, ..Default::default() };
         assert_eq!(complete_from_tap(&h, &mut f), Err(TapFrameError::UnsupportedGso(3)));
+    }
+
+    #[test]
+    fn large_ipv6_segment_to_tap_then_back_restores_the_checksum() {
+        use smoltcp::wire::{Ipv6Address, Ipv6Packet, Ipv6Repr};
+        let (src, dst) =
+            (Ipv6Address::new(0xfd5a, 0, 0, 0, 0, 0, 0, 0xfe), Ipv6Address::new(0xfd5a, 0, 0, 0, 0, 0, 0, 2));
+        let payload: Vec<u8> = (0..60_000u32).map(|i| (i * 13 + i / 253) as u8).collect();
+        let repr = TcpRepr {
+            src_port: 5201,
+            dst_port: 40000,
+            control: TcpControl::Psh,
+            seq_number: TcpSeqNumber(7),
+            ack_number: Some(TcpSeqNumber(9)),
+            window_len: 512,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &payload,
+        };
+        let ip = Ipv6Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Tcp,
+            payload_len: repr.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut original = vec![0u8; ETH + 40 + repr.buffer_len()];
+        original[12..14].copy_from_slice(&[0x86, 0xdd]);
+        let mut p = Ipv6Packet::new_unchecked(&mut original[ETH..]);
+        ip.emit(&mut p);
+        repr.emit(
+            &mut TcpPacket::new_unchecked(p.payload_mut()),
+            &IpAddress::Ipv6(src),
+            &IpAddress::Ipv6(dst),
+            &ChecksumCapabilities::default(),
+        );
+        let mut f = original.clone();
+        let h = header_to_tap(&mut f, 1500).expect("a GSO header");
+        assert_eq!((h.flags, h.gso_type, h.csum_start, h.csum_offset), (F_NEEDS_CSUM, GSO_TCPV6, 54, 16));
+        assert_eq!((h.hdr_len, h.gso_size), (74, 1440));
+        complete_from_tap(&h, &mut f).unwrap();
+        assert!(f == original, "frame differs after the round trip");
+        // Not TCP, or a payload length beyond the frame: refused.
+        let mut udp = original.clone();
+        udp[ETH + 6] = 17;
+        assert_eq!(header_to_tap(&mut udp, 1500), None);
+        let mut long = original.clone();
+        long[ETH + 4..ETH + 6].copy_from_slice(&u16::MAX.to_be_bytes());
+        assert_eq!(header_to_tap(&mut long, 1500), None);
     }
 }

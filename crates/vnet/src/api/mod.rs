@@ -101,7 +101,7 @@ pub fn register_inside(engine: &Rc<Engine>) {
         API_PORT,
         Rc::new(move |stream, guest| {
             if let Some(engine) = weak.upgrade() {
-                tokio::task::spawn_local(serve_connection(engine, stream, Peer::Tcp(SocketAddr::V4(guest))));
+                tokio::task::spawn_local(serve_connection(engine, stream, Peer::Tcp(guest)));
             }
         }),
     );
@@ -500,12 +500,12 @@ fn stats(engine: &Engine) -> StatsView {
         flows: Flows {
             tcp: tcp.len(),
             tcp_connecting: tcp.connecting(),
-            tcp_refused: tcp.refused_syns,
+            tcp_refused: tcp.stats().refused_syns,
             udp: engine.udp.borrow().len(),
             icmp: engine.icmp.borrow().len(),
             forwards: engine.forwarder.len(),
             forward_udp: engine.forwarder.udp_flows(),
-            tcp_memory_refused: tcp.memory_refused,
+            tcp_memory_refused: tcp.stats().memory_refused,
         },
         dhcp_leases: leases,
         ipv6_neighbors,

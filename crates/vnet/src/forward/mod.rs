@@ -13,7 +13,7 @@
 //! socket at the path `local`, replacing a stale socket file). Each accepted
 //! connection becomes one TCP connection from the gateway into the guest at
 //! `remote`, opened by the user-space stack as a client
-//! ([`tcp::connect_to_guest`]): a refusal, or no answer within 10 s, closes
+//! ([`crate::shell::tcp::connect_to_guest`]): a refusal, or no answer within 10 s, closes
 //! the host connection; otherwise data flows both ways with half-close and
 //! the NAT's back-pressure (no reading from one side while the other's
 //! buffer is full). The listener sits in a `RefCell<Option<…>>` polled by
@@ -384,9 +384,9 @@ async fn accept_loop(engine: Rc<Engine>, fwd: Rc<StreamForward>, target: SocketA
         .await;
         let result = match accepted {
             None => return,
-            Some(Ok(Stream::Tcp(s))) => crate::nat::tcp::connect_to_guest(&engine, target, s),
+            Some(Ok(Stream::Tcp(s))) => crate::shell::tcp::connect_to_guest(&engine, target.into(), s),
             #[cfg(unix)]
-            Some(Ok(Stream::Unix(s))) => crate::nat::tcp::connect_to_guest(&engine, target, s),
+            Some(Ok(Stream::Unix(s))) => crate::shell::tcp::connect_to_guest(&engine, target.into(), s),
             Some(Err(e)) => {
                 crate::limited_warn!(engine.logs.borrow_mut(), Instant::now(), "forward-accept",
                     error = %e, "port forward: accept failed");

@@ -26,11 +26,13 @@ pub mod ipv6;
 pub use arp::MAX_NEIGHBORS;
 
 use crate::FastMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Repr};
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
+};
 
 use crate::config::NetConfig;
 use crate::ratelimit::LogLimiter;
@@ -200,8 +202,11 @@ impl Network {
 
     /// The port and MAC a `frame_len`-byte unicast frame to the guest at
     /// `ip` goes to, if both are known and the port takes a frame that big.
-    pub fn port_for_guest(&self, ip: Ipv4Addr, frame_len: usize) -> Option<(PortId, EthernetAddress)> {
-        let mac = self.neighbor(ip)?;
+    pub fn port_for_guest(&self, ip: IpAddr, frame_len: usize) -> Option<(PortId, EthernetAddress)> {
+        let mac = match ip {
+            IpAddr::V4(v4) => self.neighbor(v4)?,
+            IpAddr::V6(v6) => self.ipv6.neighbor(&v6)?,
+        };
         let port = self.switch.lookup(&mac)?;
         (frame_len <= self.cfg.max_frame() || self.switch.takes_large_frames(port)).then_some((port, mac))
     }
@@ -338,12 +343,41 @@ impl Network {
             self.arp_probe(dst_ip, now, out);
             return false;
         };
+        self.frame_and_deliver(frame, mac, EthernetProtocol::Ipv4, now, out);
+        true
+    }
+
+    /// Sends an IP packet of either version placed after 14 bytes of
+    /// headroom in `frame`.
+    pub fn send_ip_frame_to_guest(&mut self, frame: &mut [u8], now: Instant, out: &mut impl FrameSink) -> bool {
+        if frame.get(ETH_HEADER).map(|b| b >> 4) != Some(6) {
+            return self.send_ipv4_frame_to_guest(frame, now, out);
+        }
+        let Some(dst_ip) = frame.get(ETH_HEADER..).and_then(|p| Ipv6Packet::new_checked(p).ok()).map(|p| p.dst_addr())
+        else {
+            return false;
+        };
+        let Some(mac) = self.ipv6.neighbor(&dst_ip) else {
+            self.stats.drops.unknown_unicast += 1;
+            return false;
+        };
+        self.frame_and_deliver(frame, mac, EthernetProtocol::Ipv6, now, out);
+        true
+    }
+
+    fn frame_and_deliver(
+        &mut self,
+        frame: &mut [u8],
+        mac: EthernetAddress,
+        ethertype: EthernetProtocol,
+        now: Instant,
+        out: &mut impl FrameSink,
+    ) {
         let mut eth = EthernetFrame::new_unchecked(&mut *frame);
         eth.set_dst_addr(mac);
         eth.set_src_addr(self.cfg.gateway_mac);
-        eth.set_ethertype(EthernetProtocol::Ipv4);
+        eth.set_ethertype(ethertype);
         self.deliver(frame, now, out);
-        true
     }
 
     fn flood(&mut self, except: Option<PortId>, frame: &[u8], out: &mut impl FrameSink) {

@@ -14,6 +14,9 @@
 
 pub mod capture;
 pub mod icmp;
+pub mod tcp;
+#[cfg(all(test, unix))]
+mod tcp_tests;
 pub mod udp;
 
 use std::cell::RefCell;
@@ -32,9 +35,9 @@ use smoltcp::wire::{IpProtocol, Ipv4Repr};
 use crate::gateway::dns::DnsServer;
 use crate::gateway::{FrameSink, Network, Upcall};
 use crate::nat::NatPolicy;
-use crate::nat::tcp::TcpNat;
 use crate::ratelimit::LogLimiter;
 use crate::shell::capture::Capture;
+use crate::shell::tcp::TcpNat;
 use crate::switch::PortId;
 use icmp::IcmpNat;
 use udp::UdpNat;
@@ -180,8 +183,14 @@ impl Engine {
             let host = dns.host_config().unwrap_or_else(crate::gateway::dns::hostconf::watch);
             net.dhcp.follow_search(host);
         }
-        let mut tcp =
-            TcpNat::new(net.cfg.gateway_ip, net.cfg.subnet.prefix_len(), net.cfg.mtu.into(), config.max_tcp_flows);
+        let mut tcp = TcpNat::new(crate::nat::tcp::TcpCore::new(
+            tokio::time::Instant::now().into_std(),
+            net.cfg.gateway_ip,
+            net.cfg.subnet.prefix_len(),
+            net.cfg.ipv6.as_ref().map(|v6| (v6.gateway, v6.prefix.prefix_len())),
+            net.cfg.mtu.into(),
+            config.max_tcp_flows,
+        ));
         let dns_tcp = dns.clone();
         tcp.register_service(
             crate::gateway::dns::DNS_PORT,
@@ -264,18 +273,21 @@ impl Engine {
         };
         match upcall {
             Upcall::Ipv4 { header, packet, .. } => self.route_ipv4(port, &header, packet, now),
-            Upcall::Ipv6 { header, packet, .. } => self.route_ipv6(&header, packet, now),
+            Upcall::Ipv6 { header, packet, .. } => self.route_ipv6(port, &header, packet, now),
             Upcall::None => {}
         }
     }
 
-    /// IPv6 the gateway must route: its DNS server, the UDP NAT and the
-    /// echo NAT; what the host cannot take (no route, and for now TCP, which
-    /// the NAT does not carry over IPv6 yet) is answered with ICMPv6 "no route"
-    /// at once, so the guest's connect fails fast and happy eyeballs falls
-    /// back to IPv4.
-    fn route_ipv6(self: &Rc<Self>, header: &smoltcp::wire::Ipv6Repr, packet: &[u8], now: Instant) {
+    /// IPv6 the gateway must route: its DNS server, the TCP, UDP and echo
+    /// NATs; anything else is answered with ICMPv6 "no route" at once, so
+    /// the guest fails fast.
+    fn route_ipv6(self: &Rc<Self>, port: PortId, header: &smoltcp::wire::Ipv6Repr, packet: &[u8], now: Instant) {
         let gateway6 = self.net.borrow().cfg.ipv6.as_ref().map(|v6| v6.gateway);
+        if header.next_header == IpProtocol::Tcp {
+            let large = self.net.borrow().takes_large_frames(port);
+            tcp::handle_guest_packet(self, port, packet, large);
+            return;
+        }
         if header.next_header == IpProtocol::Udp {
             let Some(udp) = packet
                 .get(40..)
@@ -384,7 +396,7 @@ impl Engine {
             }
             IpProtocol::Tcp => {
                 let large = self.net.borrow().takes_large_frames(port);
-                crate::nat::tcp::handle_guest_packet(self, port, header, packet, large)
+                tcp::handle_guest_packet(self, port, packet, large)
             }
             _ => self.net.borrow_mut().stats.drops.unsupported_protocol += 1,
         }
@@ -404,7 +416,15 @@ impl Engine {
         net.send_ipv4_frame_to_guest(frame, Instant::now(), &mut *ports)
     }
 
-    /// Builds an IPv4 packet of `len` bytes for the guest at `dst` straight
+    /// Sends an IP packet of either version placed after 14 bytes of
+    /// headroom in `frame`.
+    pub fn send_ip_frame_to_guest(&self, frame: &mut [u8]) -> bool {
+        let mut net = self.net.borrow_mut();
+        let mut ports = self.ports.borrow_mut();
+        net.send_ip_frame_to_guest(frame, Instant::now(), &mut *ports)
+    }
+
+    /// Builds an IP packet of `len` bytes for the guest at `dst` straight
     /// into its port's queue: `fill` gets the packet's bytes (after the
     /// Ethernet header this writes). Saves the copy of a 64 KiB segment
     /// from a buffer of its own. When that cannot be done (destination
@@ -412,7 +432,7 @@ impl Engine {
     /// unused, for the general path, which deals with those cases.
     pub fn build_frame_to_guest<R, F: FnOnce(&mut [u8]) -> R>(
         &self,
-        dst: std::net::Ipv4Addr,
+        dst: std::net::IpAddr,
         len: usize,
         fill: F,
     ) -> Result<R, F> {
@@ -425,7 +445,10 @@ impl Engine {
         let mut eth = smoltcp::wire::EthernetFrame::new_unchecked(&mut *buf);
         eth.set_dst_addr(mac);
         eth.set_src_addr(gateway_mac);
-        eth.set_ethertype(smoltcp::wire::EthernetProtocol::Ipv4);
+        eth.set_ethertype(match dst {
+            std::net::IpAddr::V4(_) => smoltcp::wire::EthernetProtocol::Ipv4,
+            std::net::IpAddr::V6(_) => smoltcp::wire::EthernetProtocol::Ipv6,
+        });
         let r = fill(&mut buf[rdnet_wire::frame::ETH_HEADER..]);
         ports.commit(port, frame_len);
         net.stats.frames_out += 1;

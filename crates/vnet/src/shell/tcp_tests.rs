@@ -4,8 +4,9 @@
 //! connect-first, RST on refusal, TCP timestamps in the SYN-ACK, a new
 //! flow for a 4-tuple right after its close, half-close and resets both
 //! ways, back-pressure both ways, `--max-flows`, reordering and
-//! retransmission, TIME-WAIT holding no flow, and idle memory going back. The deterministic harness with
-//! a virtual clock needs the sans-I/O TCP core (issue 15).
+//! retransmission, TIME-WAIT holding no flow, and idle memory going back.
+//! The core alone, with a virtual clock and scripted host streams, is
+//! tested in `nat::tcp::harness` (long timers included).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::rc::Rc;
@@ -314,7 +315,7 @@ fn max_flows_refuses_further_syns_with_a_rst() {
         vm.send_tcp(dst, 40_402, TcpControl::Syn, 1, None).await;
         let rst = vm.recv_tcp().await.expect("a RST");
         assert_eq!((rst.control, rst.dst_port), (TcpControl::Rst, 40_402), "{rst:?}");
-        assert_eq!((engine.tcp.borrow().len(), engine.tcp.borrow().refused_syns), (2, 1));
+        assert_eq!((engine.tcp.borrow().len(), engine.tcp.borrow().stats().refused_syns), (2, 1));
     });
 }
 
@@ -457,7 +458,7 @@ fn an_idle_flow_gives_its_buffer_memory_back() {
         assert!(engine.tcp.borrow().committed() > 0, "the data went through uncommitted memory");
         // Both buffers empty for IDLE_RELEASE: the memory goes back; the
         // flow stays.
-        tokio::time::sleep(super::IDLE_RELEASE + Duration::from_millis(500)).await;
+        tokio::time::sleep(crate::nat::tcp::IDLE_RELEASE + Duration::from_millis(500)).await;
         assert_eq!((engine.tcp.borrow().committed(), engine.tcp.borrow().len()), (0, 1));
     });
 }
