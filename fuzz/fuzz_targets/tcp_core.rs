@@ -275,7 +275,7 @@ fuzz_target!(|data: &[u8]| {
                     1 => ConnectResult::TimedOut,
                     _ => ConnectResult::Connected,
                 };
-                if core.connected(now, id, result, &mut link) {
+                if core.connected(now, id, result, &mut link) == rdnet_vnet::nat::tcp::Connected::Run {
                     open.push((id, Host { write_room: usize::from(input.u16()), ..Host::default() }));
                 }
             }

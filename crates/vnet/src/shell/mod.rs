@@ -321,6 +321,15 @@ impl Engine {
         net.unreachable6(header, packet, now, &mut *ports);
     }
 
+    /// Answers a guest's IPv6 packet with ICMPv6 "no route" from the gateway.
+    pub fn no_route6(&self, packet: &[u8]) {
+        let Ok(ip) = smoltcp::wire::Ipv6Packet::new_checked(packet) else { return };
+        let Ok(header) = smoltcp::wire::Ipv6Repr::parse(&ip) else { return };
+        let mut net = self.net.borrow_mut();
+        let mut ports = self.ports.borrow_mut();
+        net.unreachable6(&header, packet, Instant::now(), &mut *ports);
+    }
+
     /// Sends a complete IP packet of either version to the guest owning its
     /// destination (ICMP errors the NAT builds).
     pub fn send_ip_to_guest(&self, packet: &[u8]) -> bool {

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 
 use crate::FastMap;
 use crate::nat::tcp::{
-    ConnectResult, End, FlowId, GuestConnectError, GuestLink, HostStream, Step, Target, TcpCore, TcpStats,
+    ConnectResult, Connected, End, FlowId, GuestConnectError, GuestLink, HostStream, Step, Target, TcpCore, TcpStats,
 };
 use crate::shell::Engine;
 use crate::switch::PortId;
@@ -157,9 +157,19 @@ fn wake(engine: &Engine, id: FlowId) {
 
 /// Reports a connect's result to the core: true when the flow is open.
 fn report(engine: &Engine, id: FlowId, result: ConnectResult) -> bool {
-    let mut tcp = engine.tcp.borrow_mut();
-    let TcpNat { core, scratch, .. } = &mut *tcp;
-    core.connected(now(), id, result, &mut EngineLink { engine, scratch })
+    let connected = {
+        let mut tcp = engine.tcp.borrow_mut();
+        let TcpNat { core, scratch, .. } = &mut *tcp;
+        core.connected(now(), id, result, &mut EngineLink { engine, scratch })
+    };
+    match connected {
+        Connected::Run => true,
+        Connected::Drop => false,
+        Connected::NoRoute(syn) => {
+            engine.no_route6(&syn);
+            false
+        }
+    }
 }
 
 async fn connect_and_run(engine: Rc<Engine>, id: FlowId, target: Target, give_up_at: Instant) {

@@ -191,7 +191,7 @@ impl World {
     }
 
     fn connected(&mut self, id: FlowId, result: ConnectResult) -> bool {
-        self.core.connected(self.now, id, result, &mut self.out)
+        self.core.connected(self.now, id, result, &mut self.out) == Connected::Run
     }
 
     fn drive(&mut self, id: FlowId, host: &mut Host) -> Step {
@@ -642,12 +642,22 @@ fn ipv6_flows_connect_carry_data_and_reset() {
     assert_eq!(host.written, b"over IPv6");
     let back: Vec<u8> = w.sent().iter().flat_map(|s| s.payload.clone()).collect();
     assert_eq!(back, b"and back");
-    // Unreachable over IPv6: a RST at once (happy eyeballs falls back).
+    // Unreachable over IPv6: "no route" for the shell to send at once
+    // (happy eyeballs falls back); refused: a RST.
     let unreachable = Guest::v6(40001, "[2001:db8::1]:443".parse().unwrap());
-    let connect = w.guest(&unreachable.syn()).connect.unwrap();
-    assert!(!w.connected(connect.id, ConnectResult::Failed(io::ErrorKind::NetworkUnreachable.into())));
+    let syn = unreachable.syn();
+    let connect = w.guest(&syn).connect.unwrap();
+    let result = ConnectResult::Failed(io::ErrorKind::NetworkUnreachable.into());
+    // The SYN as kept: the same segment, its MSS clamped to the link.
+    let kept = w.core.connected(w.now, connect.id, result, &mut w.out);
+    assert!(matches!(&kept, Connected::NoRoute(p) if p[..60] == syn[..60] && p.len() == syn.len()), "{kept:?}");
+    assert!(w.sent().is_empty());
+    let refused = Guest::v6(40001, "[2001:db8::1]:444".parse().unwrap());
+    let connect = w.guest(&refused.syn()).connect.unwrap();
+    assert!(!w.connected(connect.id, ConnectResult::Failed(io::ErrorKind::ConnectionRefused.into())));
     let sent = w.sent();
-    assert_eq!((sent[0].control, sent[0].dst), (TcpControl::Rst, unreachable.me));
+    assert_eq!((sent[0].control, sent[0].dst), (TcpControl::Rst, refused.me));
+    assert_eq!(w.core.len(), 1);
     // Refused by policy: IPv4-mapped, and our own prefix.
     for dst in ["[::ffff:127.0.0.1]:80", "[fd5a:94ef:e40c::5]:80"] {
         let g = Guest::v6(40002, dst.parse().unwrap());

@@ -185,6 +185,22 @@ pub enum ConnectResult {
     TimedOut,
 }
 
+/// What the shell does once the core has a connect's result.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Connected {
+    /// The flow is open: drive it with the connected stream.
+    Run,
+    /// Drop the stream (the guest was told, or went away, or the flow was
+    /// forgotten).
+    Drop,
+    /// The host has no route to this IPv6 destination: answer the guest's
+    /// SYN (this IPv6 packet) with ICMPv6 "no route" from the gateway, as a
+    /// router would, so the guest's connect fails with ENETUNREACH at once.
+    /// (IPv4 gets a RST: Linux takes ICMPv4 unreachables during a connect
+    /// as soft errors and would keep retrying.)
+    NoRoute(Vec<u8>),
+}
+
 /// What a flow's shell does after [`TcpCore::drive`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -704,33 +720,41 @@ impl TcpCore {
         Some(Connect { id, target, give_up_at: now + CONNECT_TIMEOUT })
     }
 
-    /// The host connect of flow `id` ended. True: the flow is open and its
-    /// shell now drives it with the connected stream; false: drop the
-    /// stream (the guest was told, or went away, or the core forgot it).
-    pub fn connected(&mut self, now: Instant, id: FlowId, result: ConnectResult, link: &mut impl GuestLink) -> bool {
+    /// The host connect of flow `id` ended.
+    pub fn connected(
+        &mut self,
+        now: Instant,
+        id: FlowId,
+        result: ConnectResult,
+        link: &mut impl GuestLink,
+    ) -> Connected {
         if !self.is_registered(id) {
-            return false;
+            return Connected::Drop;
         }
         let smol_now = self.smol_now(now);
         let TcpCore { flows, iface, reports, mtu, link_mtu, .. } = self;
-        let Some(flow) = flows.get_mut(&id) else { return false };
+        let Some(flow) = flows.get_mut(&id) else { return Connected::Drop };
         let Phase::Connecting { syn } = std::mem::replace(&mut flow.phase, Phase::Connecting { syn: Vec::new() })
         else {
-            return true;
+            return Connected::Run;
         };
         match result {
             ConnectResult::Connected => {}
             ConnectResult::Failed(e) => {
-                tracing::debug!(flow = %flow.key, error = %e, "host connect failed; resetting guest");
+                tracing::debug!(flow = %flow.key, error = %e, "host connect failed; telling the guest");
                 let key = flow.key;
                 self.remove(id);
+                let no_route = matches!(e.kind(), io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable);
+                if no_route && key.guest.is_ipv6() {
+                    return Connected::NoRoute(syn);
+                }
                 rst_for_packet(link, &key, &syn);
-                return false;
+                return Connected::Drop;
             }
             ConnectResult::TimedOut => {
                 tracing::debug!(flow = %flow.key, "host connect timed out");
                 self.remove(id);
-                return false;
+                return Connected::Drop;
             }
         }
         let Some((mut socket, memory)) = new_socket() else {
@@ -738,22 +762,23 @@ impl TcpCore {
             reports.memory_refused(now, &key);
             self.remove(id);
             rst_for_packet(link, &key, &syn);
-            return false;
+            return Connected::Drop;
         };
         let local = IpListenEndpoint { addr: Some(flow.key.remote.ip().into()), port: flow.key.remote.port() };
         if socket.listen(local).is_err() {
             self.remove(id);
-            return false;
+            return Connected::Drop;
         }
         let handle = flow.sockets.add(socket);
         flow.memory = Some(memory);
         flow.phase = Phase::Open { handle };
         flow.connect_deadline = Some(now + HALF_OPEN_TIMEOUT);
-        let Some((_, _, hl)) = ip_addresses(&syn) else { return false };
-        let Some(Ok(seg)) = syn.get(hl..).map(TcpPacket::new_checked) else { return false };
+        // The SYN was parsed when it came: these cannot fail.
+        let Some((_, _, hl)) = ip_addresses(&syn) else { return Connected::Drop };
+        let Some(Ok(seg)) = syn.get(hl..).map(TcpPacket::new_checked) else { return Connected::Drop };
         let mut poll = Stack { iface, now: smol_now, mtu: *mtu, link_mtu: *link_mtu, link };
         guest_segment(&mut poll, flow, handle, &seg, &syn, reports, now);
-        true
+        Connected::Run
     }
 
     /// Opens a connection from the gateway into the guest at `guest` (for a
