@@ -1,7 +1,8 @@
 //! IPv6 in the virtual network (issue 16), end to end: real guest kernels
 //! behind our vm-switch take their address, route and DNS server from
 //! host-switch's router advertisements; the gateway answers pings and DNS
-//! over IPv6; guests reach each other; what cannot be routed is refused at
+//! over IPv6 (UDP and TCP); TCP and UDP reach the host's `::1` through the
+//! host alias; guests reach each other; what cannot be routed is refused at
 //! once; a rogue guest's neighbour discovery flood leaves the tables
 //! bounded. Everything stays in the test's namespaces: host-switch's own
 //! namespace has only `lo`.
@@ -92,8 +93,10 @@ fn dns_answers_over_ipv6_with_aaaa_for_the_gateways_names() {
         a.extend(args.iter().map(|s| s.to_string()));
         ns.stdout("dig", &a).trim().to_string()
     };
-    // Over IPv6 transport, the local zones: AAAA and A for the host alias.
+    // Over IPv6 transport, the local zones: AAAA and A for the host alias,
+    // over UDP and over TCP.
     assert_eq!(dig(&["AAAA", "host.rancher-desktop.internal"]), HOST6, "{}", world.logs());
+    assert_eq!(dig(&["+tcp", "AAAA", "host.rancher-desktop.internal"]), HOST6, "{}", world.logs());
     assert_eq!(dig(&["A", "host.rancher-desktop.internal"]), "192.168.127.254");
     assert_eq!(dig(&["AAAA", "gateway.docker.internal"]), GATEWAY6);
     // Over IPv4, the same AAAA answer.
@@ -424,4 +427,73 @@ except socket.timeout:
         &[HOST6],
     );
     assert_eq!(refused, "refused", "{}", world.logs());
+}
+
+/// Serves `GET` of the file named by argv[2] and answers `PUT` with the
+/// sha256 of the body, over HTTP on the host's `[::1]` only.
+const HTTP6_SERVER: &str = r#"
+import hashlib, http.server, socket, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        with open(sys.argv[2], "rb") as f:
+            data = f.read()
+        self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
+        self.wfile.write(data)
+    def do_PUT(self):
+        left = int(self.headers["Content-Length"]); h = hashlib.sha256()
+        while left:
+            b = self.rfile.read(min(left, 1 << 20))
+            if not b: break
+            h.update(b); left -= len(b)
+        body = h.hexdigest().encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+class S(http.server.HTTPServer):
+    address_family = socket.AF_INET6
+S(("::1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+#[test]
+fn curl_over_ipv6_moves_64_mib_both_ways_to_the_hosts_loopback() {
+    if !privileged() {
+        return;
+    }
+    let world = dual_stack_world(&[]);
+    // 64 MiB of bytes that are not all alike, and their digest.
+    let blob = world.dir.join("blob");
+    let mut data = Vec::with_capacity(64 << 20);
+    let mut x: u32 = 1;
+    while data.len() < 64 << 20 {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&blob, &data).unwrap();
+    let sum = |path: &std::path::Path| {
+        let out = rdnet_e2e::run("sha256sum", &[path]);
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    };
+    let want = sum(&blob);
+    let blob_arg = blob.display().to_string();
+    let server = world.host.spawn(&world.dir, "python3", &["-c", HTTP6_SERVER, "18086", &blob_arg]);
+    assert!(wait_until(Duration::from_secs(10), || rdnet_e2e::tcp_ready_in(&world.host, 18086)), "{}", server.logs());
+    let ns = &world.guest(0).ns;
+    let url = format!("http://[{HOST6}]:18086/blob");
+    // Host → guest.
+    let got = world.dir.join("got");
+    let out = ns.exec("curl", &["-6", "-sS", "--fail", "-m", "60", "-o", &got.display().to_string(), &url]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), world.logs());
+    assert_eq!(sum(&got), want, "the download differs");
+    // Guest → host.
+    let out = ns.exec("curl", &["-6", "-sS", "--fail", "-m", "60", "-T", &blob_arg, &url]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), world.logs());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "the upload differs");
+    // A port nobody listens on over IPv6: refused at once (RST).
+    let start = Instant::now();
+    let out = ns.exec("curl", &["-6", "-s", "-m", "5", &format!("http://[{HOST6}]:18099/")]);
+    assert_eq!(out.status.code(), Some(7), "curl should fail to connect\n{}", world.logs());
+    assert!(start.elapsed() < Duration::from_secs(1), "refusal took {:?}", start.elapsed());
+    // Every flow gone once closed (but the one asking for /stats).
+    assert!(wait_until(Duration::from_secs(5), || stats_field(&world, "tcp") <= 1), "{}", world.logs());
 }
