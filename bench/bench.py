@@ -35,6 +35,8 @@ WIN_EXE = os.environ.get("RDNET_HOST_SWITCH_EXE") or os.path.join(WIN_REL, "host
 WINE_DIR = os.environ.get("RDNET_WINE_DIR") or os.path.join(ROOT, "target", "wine")
 HOST_ALIAS = "192.168.127.254"
 GUEST_IP = "192.168.127.2"
+# The IPv6 host alias (host-switch's default --subnet6): the host's ::1.
+HOST_ALIAS6 = "fd5a:94ef:e40c::fe"
 
 SECONDS = 4
 REPEAT = 3
@@ -1000,7 +1002,7 @@ def pasta_rows(mtu, kb):
     stop(srv)
 
 
-SECTIONS = ("windows", "tcp", "others", "rr", "udp", "memory", "conn", "latency", "idle")
+SECTIONS = ("windows", "tcp", "others", "rr", "udp", "memory", "conn", "latency", "idle", "ipv6")
 
 
 def main():
@@ -1062,6 +1064,9 @@ def main():
             memory_rows(s)
     if "conn" in want:
         conn_rows(churn, max(1, churn // 6) if churn >= 30 else 5)
+    if "ipv6" in want:
+        for mtu in mtus:
+            ipv6_rows(mtu)
     if "idle" in want:
         idle_rows(5 if a.quick else 10, a.idle_seconds or (10 if a.quick else 30),
                   a.sleep_seconds or (10 if a.quick else 60))
@@ -1077,6 +1082,53 @@ def machine_row(when):
         load1 = f.read().split()[0]
     row(f"machine busy {when} the run (1 s, nothing of ours)", machine_busy() - m0, "cores",
         note=f"of {os.cpu_count()}; load average {load1}")
+
+
+def ipv6_rows(mtu):
+    """IPv6 beside its IPv4 twin through the same host-switch, measured
+    alternately in one world with the same clients and servers (issue 16:
+    within 10 %): TCP both ways, and at MTU 1500 request/response and the
+    connection rate. The ratio of each IPv6 row is to its IPv4 twin."""
+    s = SwitchWorld(mtu)
+    # SLAAC from host-switch's router advertisement, once duplicate address
+    # detection is done (a tentative address is no source yet).
+    if not wait_for(lambda: "tentative" not in (a := nsx(s.g, "ip", "-6", "-o", "addr", "show", "dev", "eth0",
+                                                         "scope", "global", check=False)) and "inet6" in a, 30):
+        raise RuntimeError("guest got no IPv6 address")
+    # Servers on the wildcard address take both families.
+    spawn(s.h, "iperf3", "-s", "-p", "5201")
+    spawn(s.h, os.path.join(REL, "rdnet-bench"), "server", "--listen", "[::]:7100")
+    load_server(s.h, "::", "7000-7009")
+    wait_for(lambda: listening(s.h, 5201) and listening(s.h, 7100))
+    families = (("IPv4", HOST_ALIAS), ("IPv6", HOST_ALIAS6))
+
+    def twins(name, unit, measure, value):
+        # v4, v6, v4, v6, ...: drift on the shared cores hits both alike.
+        runs = {fam: [] for fam, _ in families}
+        for _ in range(REPEAT):
+            for fam, ip in families:
+                runs[fam].append(measure(ip))
+        v4 = value(runs["IPv4"])
+        v6 = value(runs["IPv6"])
+        row(f"{name}, IPv4, MTU {mtu}", v4, unit, v4, "baseline: the IPv4 twin")
+        row(f"{name}, IPv6, MTU {mtu}", v6, unit, v4, target=(">=", 0.9))
+
+    for reverse, label in ((False, "guest→host"), (True, "host→guest")):
+        twins(f"IPv6 twin: TCP {label}", "Gbit/s", lambda ip, r=reverse: iperf(s.g, ip, 5201, reverse=r),
+              lambda rs: gbps(median_run(rs)))
+    if mtu == 1500:
+        twins("IPv6 twin: request/response guest→host", "rt/s",
+              lambda ip: tool(s.g, "rr", "--connect", f"[{ip}]:7100" if ":" in ip else f"{ip}:7100",
+                              "--seconds", str(SECONDS)),
+              median)
+        tw_reuse(s.g)
+        # A port of its own per run: no run meets another's TIME-WAIT sockets.
+        port = iter(range(7000, 7010))
+        twins("IPv6 twin: connection rate guest→host, 1 client", "conn/s",
+              lambda ip: (load(s.g, "crr", "-a", ip, "-p", str(next(port)), "-d", str(CRR_SECONDS), "-P", "1")
+                          or {}).get("rate"),
+              median)
+    s.close()
 
 
 def plain_switch_world():

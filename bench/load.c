@@ -61,14 +61,37 @@ static void die(const char *what)
 	exit(1);
 }
 
-static struct sockaddr_in sockaddr_of(const char *ip, int port)
+/* An IPv4 or IPv6 address (IPv6 if it has a colon) and its length. */
+struct addr {
+	struct sockaddr_storage ss;
+	socklen_t len;
+	int family;
+};
+
+static struct addr sockaddr_of(const char *ip, int port)
 {
-	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
-	if (inet_pton(AF_INET, ip, &sa.sin_addr) != 1) {
+	struct addr a = {0};
+	int ok;
+	if (strchr(ip, ':')) {
+		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&a.ss;
+		s6->sin6_family = AF_INET6;
+		s6->sin6_port = htons(port);
+		ok = inet_pton(AF_INET6, ip, &s6->sin6_addr);
+		a.len = sizeof *s6;
+		a.family = AF_INET6;
+	} else {
+		struct sockaddr_in *s4 = (struct sockaddr_in *)&a.ss;
+		s4->sin_family = AF_INET;
+		s4->sin_port = htons(port);
+		ok = inet_pton(AF_INET, ip, &s4->sin_addr);
+		a.len = sizeof *s4;
+		a.family = AF_INET;
+	}
+	if (ok != 1) {
 		fprintf(stderr, "bad address %s\n", ip);
 		exit(2);
 	}
-	return sa;
+	return a;
 }
 
 /* A 5 s limit on every blocking call: SO_SNDTIMEO bounds connect() too. */
@@ -128,14 +151,14 @@ static void *server_thread(void *arg)
 	if (ep < 0)
 		die("epoll_create1");
 	for (int i = 0; i < n; i++) {
-		struct sockaddr_in sa = sockaddr_of(addr, list[i]);
+		struct addr sa = sockaddr_of(addr, list[i]);
 		for (int kind = LISTENER; kind <= UDP; kind++) {
-			int fd = socket(AF_INET, (kind == UDP ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK, 0);
+			int fd = socket(sa.family, (kind == UDP ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK, 0);
 			if (fd < 0)
 				die("socket");
 			setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
 			setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
-			if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+			if (bind(fd, (struct sockaddr *)&sa.ss, sa.len) < 0)
 				die("bind");
 			/* The backlog is capped by net.core.somaxconn (4096). */
 			if (kind == LISTENER && listen(fd, 65535) < 0)
@@ -171,7 +194,7 @@ static void *server_thread(void *arg)
 						mine[c] = 1;
 				}
 			} else if (kind == UDP) {
-				struct sockaddr_in from;
+				struct sockaddr_storage from;
 				socklen_t fl;
 				ssize_t r;
 				while (fl = sizeof from, (r = recvfrom(fd, buf, sizeof buf, 0, (struct sockaddr *)&from, &fl)) >= 0)
@@ -237,16 +260,16 @@ static void record(struct run *r, double t0, double t1)
 static void *crr_thread(void *arg)
 {
 	struct run *r = arg;
-	struct sockaddr_in sa = sockaddr_of(addr, atoi(ports));
+	struct addr sa = sockaddr_of(addr, atoi(ports));
 	char b = 'x';
 	while (now() < r->deadline) {
-		int fd = socket(AF_INET, SOCK_STREAM, 0);
+		int fd = socket(sa.family, SOCK_STREAM, 0);
 		if (fd < 0)
 			die("socket");
 		nodelay(fd);
 		timeouts(fd);
 		double t0 = now();
-		if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		if (connect(fd, (struct sockaddr *)&sa.ss, sa.len) < 0) {
 			int e = errno;
 			close(fd);
 			if (e == ECONNREFUSED)
@@ -276,13 +299,13 @@ static void *crr_thread(void *arg)
 static void *rr_thread(void *arg)
 {
 	struct run *r = arg;
-	struct sockaddr_in sa = sockaddr_of(addr, atoi(ports));
-	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	struct addr sa = sockaddr_of(addr, atoi(ports));
+	int fd = socket(sa.family, SOCK_STREAM, 0);
 	if (fd < 0)
 		die("socket");
 	nodelay(fd);
 	timeouts(fd);
-	if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+	if (connect(fd, (struct sockaddr *)&sa.ss, sa.len) < 0) {
 		r->other++;
 		close(fd);
 		return NULL;
@@ -387,22 +410,22 @@ static void on_term(int sig)
 
 static int hold(void)
 {
-	struct sockaddr_in sa = sockaddr_of(addr, atoi(ports));
+	struct addr sa = sockaddr_of(addr, atoi(ports));
 	int *fds = calloc(ntcp + nudp + 1, sizeof *fds), tcp_ok = 0, udp_ok = 0;
 	char b;
 	for (int i = 0; i < ntcp; i++) {
-		int fd = socket(AF_INET, SOCK_STREAM, 0);
+		int fd = socket(sa.family, SOCK_STREAM, 0);
 		timeouts(fd);
 		b = (char)i;
-		if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 && write(fd, &b, 1) == 1 && read(fd, &b, 1) == 1)
+		if (connect(fd, (struct sockaddr *)&sa.ss, sa.len) == 0 && write(fd, &b, 1) == 1 && read(fd, &b, 1) == 1)
 			tcp_ok++;
 		fds[i] = fd;
 	}
 	for (int i = 0; i < nudp; i++) {
-		int fd = socket(AF_INET, SOCK_DGRAM, 0);
+		int fd = socket(sa.family, SOCK_DGRAM, 0);
 		struct timeval tv = {.tv_sec = 1};
 		setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-		connect(fd, (struct sockaddr *)&sa, sizeof sa);
+		connect(fd, (struct sockaddr *)&sa.ss, sa.len);
 		/* A datagram may be lost: three tries. */
 		for (int t = 0; t < 3; t++)
 			if (send(fd, &b, 1, 0) == 1 && recv(fd, &b, 1, 0) == 1) {
