@@ -176,18 +176,11 @@ async fn connect_and_run(engine: Rc<Engine>, id: FlowId, target: Target, give_up
     match target {
         Target::Host(addr) => {
             let deadline = tokio::time::Instant::from_std(give_up_at);
-            let (result, stream) = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            let (result, stream) = match tokio::time::timeout_at(deadline, connect(addr)).await {
                 Ok(Ok(stream)) => (ConnectResult::Connected, Some(stream)),
                 Ok(Err(e)) => (ConnectResult::Failed(e), None),
                 Err(_) => (ConnectResult::TimedOut, None),
             };
-            if let Some(stream) = &stream {
-                let _ = stream.set_nodelay(true);
-                let keepalive = socket2::TcpKeepalive::new()
-                    .with_time(Duration::from_secs(60))
-                    .with_interval(Duration::from_secs(10));
-                let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
-            }
             if report(&engine, id, result)
                 && let Some(stream) = stream
             {
@@ -212,6 +205,50 @@ async fn connect_and_run(engine: Rc<Engine>, id: FlowId, target: Target, give_up
         }
     }
 }
+
+/// Connects to `addr` without blocking. Over loopback the kernel completes
+/// the handshake (or refuses it) inside `connect()` itself: then the result
+/// is known at once and the guest's SYN-ACK (or RST) leaves in this same
+/// turn of the event loop, not the next (issue 18: the connection rate).
+/// Otherwise it waits for the socket to become writable, as tokio's own
+/// connect does.
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    // A host peer that vanishes without a word is noticed after ~2 min.
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+    socket.set_tcp_keepalive(&keepalive)?;
+    let in_progress = match socket.connect(&addr.into()) {
+        Ok(()) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(EINPROGRESS) => true,
+        Err(e) => return Err(e),
+    };
+    let done = |socket: &Socket| -> std::io::Result<bool> {
+        if let Some(e) = socket.take_error()? {
+            return Err(e);
+        }
+        // A socket still connecting has no peer yet (ENOTCONN).
+        Ok(socket.peer_addr().is_ok())
+    };
+    if in_progress && !done(&socket)? {
+        let stream = TcpStream::from_std(socket.into())?;
+        stream.writable().await?;
+        let socket = socket2::SockRef::from(&stream);
+        if !done(&socket)? {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        }
+        return Ok(stream);
+    }
+    TcpStream::from_std(socket.into())
+}
+
+#[cfg(unix)]
+const EINPROGRESS: i32 = libc::EINPROGRESS;
+#[cfg(windows)]
+const EINPROGRESS: i32 = windows_sys::Win32::Networking::WinSock::WSAEINPROGRESS;
 
 /// Opens a connection from the gateway into the guest at `guest` and
 /// bridges it to `stream` (a host connection accepted by a port forward).
