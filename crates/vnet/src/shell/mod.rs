@@ -425,6 +425,12 @@ impl Engine {
         net.send_ipv4_frame_to_guest(frame, Instant::now(), &mut *ports)
     }
 
+    /// Bytes queued for the guest at `dst`, not yet written to its link.
+    pub fn port_backlog(&self, dst: std::net::IpAddr) -> usize {
+        let Some((port, _)) = self.net.borrow().port_for_guest(dst, 0) else { return 0 };
+        self.ports.borrow().map.get(&port).map_or(0, |tx| tx.used)
+    }
+
     /// Sends an IP packet of either version placed after 14 bytes of
     /// headroom in `frame`.
     pub fn send_ip_frame_to_guest(&self, frame: &mut [u8]) -> bool {
@@ -531,6 +537,9 @@ impl Engine {
                         (tx.closed, std::mem::take(&mut tx.used))
                     };
                     if used > 0 {
+                        // The queue is empty again: flows that stopped for it
+                        // fill it while this batch is written.
+                        tcp::wake_throttled(&engine);
                         if let Err(e) = write_half.write_all(&spare[..used]).await {
                             tracing::warn!(port, error = %e, "writing to VM failed");
                             break;
@@ -611,6 +620,7 @@ impl Engine {
         }
         let _ = writer.await;
         self.ports.borrow_mut().map.remove(&port);
+        tcp::wake_throttled(self);
     }
 
     /// Serves a datagram link (one frame per datagram, vfkit-style) until
@@ -638,6 +648,9 @@ impl Engine {
                         std::mem::swap(&mut tx.pending, &mut spare);
                         (tx.closed, std::mem::take(&mut tx.used))
                     };
+                    if used > 0 {
+                        tcp::wake_throttled(&engine);
+                    }
                     let to = peer.borrow().clone();
                     let mut rest = &spare[..used];
                     while let Ok(Some((frame, used))) = decoder.decode(rest) {

@@ -22,22 +22,29 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::FastMap;
 use crate::nat::tcp::{
     ConnectResult, Connected, End, FlowId, GuestConnectError, GuestLink, HostStream, Step, Target, TcpCore, TcpStats,
 };
 use crate::shell::Engine;
 use crate::switch::PortId;
+use crate::{FastMap, FastSet};
 use rdnet_wire::frame::ETH_HEADER;
 
 /// A gateway service reachable over TCP inside the virtual network (DNS on
 /// :53, the API on :80): gets one end of an in-memory stream per connection.
 pub type GatewayService = Rc<dyn Fn(tokio::io::DuplexStream, SocketAddr)>;
 
+/// How many bytes a guest's port queue may hold before TCP flows stop
+/// sending to it until it drains: a few ms of the link at most, so a bulk
+/// transfer leaves room for other flows' segments (latency under load).
+pub const PORT_BACKLOG: usize = 256 * 1024;
+
 pub struct TcpNat {
     core: TcpCore,
     /// The tasks of open flows that wait, to wake on a guest segment.
     wakers: FastMap<FlowId, Waker>,
+    /// Flows that stopped sending because their guest's queue was full.
+    throttled: FastSet<FlowId>,
     services: FastMap<u16, GatewayService>,
     /// Where a frame is built when it cannot go straight into its port's
     /// queue (see [`EngineLink`]).
@@ -51,7 +58,13 @@ fn now() -> Instant {
 
 impl TcpNat {
     pub fn new(core: TcpCore) -> Self {
-        TcpNat { core, wakers: FastMap::default(), services: FastMap::default(), scratch: Vec::new() }
+        TcpNat {
+            core,
+            wakers: FastMap::default(),
+            throttled: FastSet::default(),
+            services: FastMap::default(),
+            scratch: Vec::new(),
+        }
     }
 
     pub fn register_service(&mut self, port: u16, service: GatewayService) {
@@ -85,6 +98,14 @@ impl TcpNat {
 struct EngineLink<'a> {
     engine: &'a Engine,
     scratch: &'a mut Vec<u8>,
+    /// A flow found its guest's queue full in this call.
+    throttled: bool,
+}
+
+impl<'a> EngineLink<'a> {
+    fn new(engine: &'a Engine, scratch: &'a mut Vec<u8>) -> Self {
+        EngineLink { engine, scratch, throttled: false }
+    }
 }
 
 impl GuestLink for EngineLink<'_> {
@@ -103,6 +124,28 @@ impl GuestLink for EngineLink<'_> {
         let r = fill(&mut frame[ETH_HEADER..]);
         self.engine.send_ip_frame_to_guest(frame);
         r
+    }
+
+    fn congested(&mut self, dst: IpAddr) -> bool {
+        let full = self.engine.port_backlog(dst) > PORT_BACKLOG;
+        self.throttled |= full;
+        full
+    }
+}
+
+/// The guest's port queue drained (or the port is gone): its throttled
+/// flows run again.
+pub fn wake_throttled(engine: &Engine) {
+    let wakers: Vec<Waker> = {
+        let mut tcp = engine.tcp.borrow_mut();
+        if tcp.throttled.is_empty() {
+            return;
+        }
+        let TcpNat { throttled, wakers, .. } = &mut *tcp;
+        throttled.drain().filter_map(|id| wakers.remove(&id)).collect()
+    };
+    for w in wakers {
+        w.wake();
     }
 }
 
@@ -135,7 +178,7 @@ pub fn handle_guest_packet(engine: &Rc<Engine>, port: PortId, packet: &[u8], lar
     let outcome = {
         let mut tcp = engine.tcp.borrow_mut();
         let TcpNat { core, scratch, .. } = &mut *tcp;
-        core.guest_packet(now(), port, &engine.nat, packet, large_frames, &mut EngineLink { engine, scratch })
+        core.guest_packet(now(), port, &engine.nat, packet, large_frames, &mut EngineLink::new(engine, scratch))
     };
     if outcome.malformed {
         engine.net.borrow_mut().stats.drops.malformed += 1;
@@ -160,7 +203,7 @@ fn report(engine: &Engine, id: FlowId, result: ConnectResult) -> bool {
     let connected = {
         let mut tcp = engine.tcp.borrow_mut();
         let TcpNat { core, scratch, .. } = &mut *tcp;
-        core.connected(now(), id, result, &mut EngineLink { engine, scratch })
+        core.connected(now(), id, result, &mut EngineLink::new(engine, scratch))
     };
     match connected {
         Connected::Run => true,
@@ -273,15 +316,20 @@ where
     let end = poll_fn(|cx| {
         let step = {
             let mut tcp = engine.tcp.borrow_mut();
-            let TcpNat { core, scratch, wakers, .. } = &mut *tcp;
+            let TcpNat { core, scratch, wakers, throttled, .. } = &mut *tcp;
             let mut host = PolledStream { cx: &mut *cx, rd: &mut rd, wr: &mut wr };
-            let step = core.drive(now(), id, &mut host, &mut EngineLink { engine: &engine, scratch });
+            let mut link = EngineLink::new(&engine, scratch);
+            let step = core.drive(now(), id, &mut host, &mut link);
             match step {
                 Step::Wait(_) => {
                     wakers.insert(id, cx.waker().clone());
+                    if link.throttled {
+                        throttled.insert(id);
+                    }
                 }
                 Step::Done(_) => {
                     wakers.remove(&id);
+                    throttled.remove(&id);
                 }
                 Step::Yield => {}
             }

@@ -139,6 +139,14 @@ pub trait GuestLink {
     /// (smoltcp needs its result); a packet that cannot be delivered is
     /// dropped after it was built.
     fn emit<R>(&mut self, dst: IpAddr, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R;
+
+    /// Whether the way to the guest at `dst` holds enough already: a flow
+    /// then stops sending until the shell drives it again once the queue
+    /// drained, so a bulk transfer cannot stand a queue of milliseconds in
+    /// front of another flow's segments (latency under load, issue 18).
+    fn congested(&mut self, _dst: IpAddr) -> bool {
+        false
+    }
 }
 
 /// One flow's host side as the core sees it: a byte stream that is ready
@@ -880,19 +888,26 @@ struct Stack<'a, L> {
 
 impl<L: GuestLink> Stack<'_, L> {
     /// Polls the shared interface with one flow's socket, optionally
-    /// feeding it one packet from the guest.
-    fn run(&mut self, flow: &mut Flow, rx: Option<&[u8]>) {
+    /// feeding it one packet from the guest. True when it stopped sending
+    /// because the way to the guest is congested.
+    fn run(&mut self, flow: &mut Flow, rx: Option<&[u8]>) -> bool {
         TSVAL_MS.with(|t| t.set(self.now.total_millis() as u32));
-        let mut dev =
-            FlowDevice { rx, guest: flow.key.guest.ip(), link: self.link, mtu: self.mtu, link_mtu: self.link_mtu };
+        let guest = flow.key.guest.ip();
+        let mut dev = FlowDevice { rx, guest, link: self.link, mtu: self.mtu, link_mtu: self.link_mtu };
         if rx.is_some() {
-            self.iface.poll(self.now, &mut dev, &mut flow.sockets);
-        } else {
-            // One call sends at most one segment per socket: keep going
-            // until the window, the congestion window or the data runs out
-            // (a single call left most of a 2 MiB buffer waiting for the
-            // next ACK).
-            while self.iface.poll_egress(self.now, &mut dev, &mut flow.sockets) != smoltcp::iface::PollResult::None {}
+            self.iface.poll_ingress_single(self.now, &mut dev, &mut flow.sockets);
+        }
+        // One call sends at most one segment per socket: keep going until
+        // the window, the congestion window or the data runs out (a single
+        // call left most of a 2 MiB buffer waiting for the next ACK), or
+        // the guest's queue holds enough.
+        loop {
+            if dev.link.congested(guest) {
+                return true;
+            }
+            if self.iface.poll_egress(self.now, &mut dev, &mut flow.sockets) == smoltcp::iface::PollResult::None {
+                return false;
+            }
         }
     }
 }
@@ -1114,7 +1129,7 @@ fn drive_flow<L: GuestLink>(
         }
 
         // Let smoltcp send what was queued (and window updates).
-        poll.run(flow, None);
+        let throttled = poll.run(flow, None);
 
         let socket = flow.sockets.get::<tcp::Socket>(handle);
         match socket.state() {
@@ -1130,6 +1145,12 @@ fn drive_flow<L: GuestLink>(
         }
         if reset {
             return Step::Done(End::Reset);
+        }
+        let handshake = flow.connect_deadline.filter(|_| !flow.host.established);
+        if throttled {
+            // smoltcp would ask to run again at once (it has data to send):
+            // the shell drives the flow again when the queue drained.
+            return Step::Wait(handshake);
         }
         if progressed && moved >= YIELD_AFTER {
             // Let the link writer send what this drive queued before taking
@@ -1164,7 +1185,6 @@ fn drive_flow<L: GuestLink>(
         // Nothing to do now: wait for smoltcp's next deadline or our own.
         let smol =
             poll.iface.poll_delay(poll.now, &flow.sockets).map(|d| now + Duration::from_micros(d.total_micros()));
-        let handshake = flow.connect_deadline.filter(|_| !flow.host.established);
         let wake_at = [smol, handshake, release_at].into_iter().flatten().min();
         return Step::Wait(wake_at);
     }
