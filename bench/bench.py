@@ -27,7 +27,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REL = os.path.join(ROOT, "target", "release")
+# Another build's host-switch, vm-switch and rdnet-bench to measure instead
+# (a before/after in one session): RDNET_BENCH_BIN=/path/to/its/release.
+REL = os.environ.get("RDNET_BENCH_BIN") or os.path.join(ROOT, "target", "release")
 # The Windows build and what running it under Wine needs (scripts/wine-e2e prepare).
 WIN_REL = os.path.join(ROOT, "target", "x86_64-pc-windows-gnu", "release")
 # Another build of host-switch.exe to measure instead (a before/after).

@@ -415,8 +415,9 @@ async fn recv_or_pending(rx: &mut Option<&mut mpsc::Receiver<Vec<u8>>>) -> Optio
 /// (`Ok` on a clean EOF) or something fails. The session offers segmentation
 /// offload (`rdnet_wire::offload`) and turns the tap's TSO on only while a
 /// host that answered the offer is connected.
-async fn session(mut link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: &Config) -> Result<(), Error> {
+async fn session(link: LinkStream, tap: &Tap, dhcp: Option<&mut DhcpLink>, cfg: &Config) -> Result<(), Error> {
     let max_frame = cfg.max_frame();
+    let mut link = link.quiet().map_err(Error::LinkWrite)?;
     if cfg.http_connect {
         link.write_all(&http_connect::connect_request()).await.map_err(Error::LinkWrite)?;
     }

@@ -158,6 +158,22 @@ impl fmt::Debug for LinkStream {
     }
 }
 
+impl LinkStream {
+    /// The same connection, woken only for what it waits for: a unix link
+    /// on Linux becomes a [`sys::FdStream`], which does not wake the process
+    /// each time the peer takes a frame out of the socket buffer. Other
+    /// kinds are returned as they are (TCP sockets only say "writable" to
+    /// a writer that found them full).
+    pub fn quiet(self) -> io::Result<LinkStream> {
+        #[cfg(target_os = "linux")]
+        if let LinkStream::Unix(s) = self {
+            let fd: std::os::fd::OwnedFd = s.into_std()?.into();
+            return Ok(LinkStream::Sys(sys::SysStream::Fd(sys::FdStream::from_owned(fd)?)));
+        }
+        Ok(self)
+    }
+}
+
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {

@@ -150,10 +150,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.used
     }
 
+    /// Writes what is queued; then tells the stream the writer is done
+    /// for now (a quiet stream stops watching for room, see `FdStream`).
     pub async fn flush(&mut self) -> io::Result<()> {
         if self.used > 0 {
             self.inner.write_all(&self.buf[..self.used]).await?;
             self.used = 0;
+            self.inner.flush().await?;
         }
         Ok(())
     }

@@ -1,12 +1,12 @@
 //! Linux transports: AF_VSOCK (tokio-vsock) and inherited descriptors.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener, VsockStream};
 
 use crate::endpoint::Endpoint;
@@ -58,10 +58,22 @@ impl SysListener {
     }
 }
 
-/// A connected stream socket inherited as a raw descriptor (vm-switch's fd 3,
-/// a vsock connection handed over by network-setup; a unix socket in tests).
+/// A connected stream socket as a raw descriptor: vm-switch's fd 3 (a vsock
+/// connection handed over by network-setup), or a unix link made quiet
+/// ([`crate::LinkStream::quiet`]).
+///
+/// How this works: the descriptor is registered with the event loop for
+/// reading only. A unix (or vsock) socket reports "writable" each time its
+/// peer takes a frame out while the buffer is less than a quarter full,
+/// that is after nearly every frame of a request/response exchange, and an
+/// edge-triggered registration for writing would wake the process for each
+/// of them with nothing to do. So writes go straight to the descriptor, and
+/// only one that finds the buffer full registers a duplicate of it for
+/// writing, until the writer says it is done for now (`flush`).
 pub struct FdStream {
     fd: AsyncFd<OwnedFd>,
+    /// A duplicate registered for writability while a write waits for room.
+    writer: Option<AsyncFd<OwnedFd>>,
 }
 
 impl FdStream {
@@ -80,11 +92,44 @@ impl FdStream {
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         set_nonblocking_cloexec(&owned)?;
         crate::endpoint::enlarge_buffers(socket2::SockRef::from(&owned));
-        // SAFETY: `owned` is an OwnedFd moved into the AsyncFd, so it stays open
-        // and names the same description for the AsyncFd's whole life.
-        let fd = unsafe { AsyncFd::register(owned) }.map_err(|e| e.into_parts().1)?;
-        Ok(FdStream { fd })
+        Self::from_owned(owned)
     }
+
+    /// A stream over an open, non-blocking stream socket.
+    pub fn from_owned(owned: OwnedFd) -> io::Result<Self> {
+        Ok(FdStream { fd: register(owned, Interest::READABLE)?, writer: None })
+    }
+
+    /// Writes with `op` straight to the descriptor; where the buffer is
+    /// full, waits for room through the write registration (made then).
+    fn poll_write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl Fn(BorrowedFd<'_>) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if let Some(writer) = &self.writer {
+                let mut guard = ready!(writer.poll_write_ready(cx))?;
+                match guard.try_io(|fd| op(fd.get_ref().as_fd())) {
+                    Ok(r) => return Poll::Ready(r),
+                    Err(_would_block) => continue,
+                }
+            }
+            match op(self.fd.get_ref().as_fd()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let dup = self.fd.get_ref().try_clone()?;
+                    self.writer = Some(register(dup, Interest::WRITABLE)?);
+                }
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
+    // and names the same description for the AsyncFd's whole life.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
 }
 
 fn set_nonblocking_cloexec(fd: &OwnedFd) -> io::Result<()> {
@@ -100,8 +145,14 @@ impl AsyncRead for FdStream {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
+            let want = unfilled.len();
             match guard.try_io(|fd| nix::unistd::read(fd, unfilled).map_err(io::Error::from)) {
                 Ok(Ok(n)) => {
+                    // A short read emptied the socket: the next one would
+                    // only say EAGAIN (tokio's own streams skip it the same way).
+                    if n > 0 && n < want {
+                        guard.clear_ready();
+                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -114,31 +165,21 @@ impl AsyncRead for FdStream {
 
 impl AsyncWrite for FdStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        loop {
-            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|fd| nix::unistd::write(fd, buf).map_err(io::Error::from)) {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
-            }
-        }
+        self.get_mut().poll_write_with(cx, |fd| nix::unistd::write(fd, buf).map_err(io::Error::from))
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|fd| nix::sys::uio::writev(fd, bufs).map_err(io::Error::from)) {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
-            }
-        }
+        self.get_mut().poll_write_with(cx, |fd| nix::sys::uio::writev(fd, bufs).map_err(io::Error::from))
     }
     fn is_write_vectored(&self) -> bool {
         true
     }
+    /// The writer is done for now: stop watching for room.
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().writer = None;
         Poll::Ready(Ok(()))
     }
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

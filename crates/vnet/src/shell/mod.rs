@@ -486,7 +486,14 @@ impl Engine {
     /// frame link is counted in `links` (the handshake's data connections)
     /// while it is served; a probe that closes before sending anything is
     /// logged at debug only.
-    pub async fn serve(self: Rc<Self>, mut stream: LinkStream, peer: String, links: Option<DataLinks>) {
+    pub async fn serve(self: Rc<Self>, stream: LinkStream, peer: String, links: Option<DataLinks>) {
+        let mut stream = match stream.quiet() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot take over the VM connection");
+                return;
+            }
+        };
         let (opening, prefix) = match read_opening(&mut stream).await {
             Ok(o) => o,
             Err(OpeningError::Closed) => {
@@ -551,6 +558,10 @@ impl Engine {
                         continue;
                     }
                     if closed {
+                        break;
+                    }
+                    // Done for now: a quiet link stops watching for room.
+                    if write_half.flush().await.is_err() {
                         break;
                     }
                     notify.notified().await;
