@@ -494,6 +494,148 @@ print(n)
     assert_eq!(out, (4 * 1024 * 1024 + 67).to_string(), "{}", world.logs());
 }
 
+/// What SLAAC gives the default device MAC, and the gateway's IPv6 address.
+const GUEST6: &str = "fd5a:94ef:e40c:0:5894:efff:fee4:cee";
+const GATEWAY6: &str = "fd5a:94ef:e40c::1";
+
+/// `world`, with the guest's SLAAC address usable (past duplicate address
+/// detection) and known to the gateway.
+fn dual_stack_world(api_dir: &TempDir) -> (World, PathBuf) {
+    let (world, sock) = world(api_dir, &[]);
+    let ns = &world.guest(0).ns;
+    let ready = wait_until(Duration::from_secs(20), || {
+        let text = ns.stdout("ip", &["-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"]);
+        text.lines().any(|l| l.contains(GUEST6) && !l.contains("tentative"))
+    });
+    assert!(ready, "no SLAAC address\n{}", world.logs());
+    // The gateway never solicits a guest's IPv6 address: it learns the MAC
+    // from the guest's own traffic from that address.
+    let out = ns.exec("ping", &["-6", "-c", "1", "-W", "2", GATEWAY6]);
+    assert!(out.status.success(), "ping -6 {GATEWAY6}: {}\n{}", String::from_utf8_lossy(&out.stdout), world.logs());
+    (world, sock)
+}
+
+/// In the guest, IPv6 only: per TCP connection, read to EOF and answer the
+/// data upper-cased and who sent it; per UDP datagram, echo it with who
+/// sent it.
+const GUEST_SERVER6: &str = r#"
+import socket, sys, threading
+port = int(sys.argv[1])
+def udp():
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    u.bind(("::", port))
+    while True:
+        data, peer = u.recvfrom(65535)
+        u.sendto(b"echo:" + data + b" from " + peer[0].encode(), peer)
+threading.Thread(target=udp, daemon=True).start()
+t = socket.socket(socket.AF_INET6); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+t.bind(("::", port)); t.listen(8)
+while True:
+    c, peer = t.accept()
+    data = b""
+    while True:
+        b = c.recv(65536)
+        if not b: break
+        data += b
+    c.sendall(data.upper() + b" from " + peer[0].encode())
+    c.close()
+"#;
+
+/// On the host: one TCP exchange with argv[1]:argv[2] (a host and port, or
+/// a unix socket path and "unix"); prints the answer.
+const HOST_ASK_TCP: &str = r#"
+import socket, sys
+if sys.argv[2] == "unix":
+    c = socket.socket(socket.AF_UNIX); c.settimeout(20); c.connect(sys.argv[1])
+else:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+c.sendall(b"hello v6"); c.shutdown(socket.SHUT_WR)
+data = b""
+while True:
+    b = c.recv(65536)
+    if not b: break
+    data += b
+print(data.decode())
+"#;
+
+#[test]
+fn tcp_udp_and_unix_forwards_reach_an_ipv6_guest() {
+    if !privileged() {
+        return;
+    }
+    let api_dir = TempDir::new("api");
+    let (world, sock) = dual_stack_world(&api_dir);
+    let guest = &world.guest(0).ns;
+    let _server = spawn_python(&world, guest, GUEST_SERVER6, &[&GUEST_PORT.to_string()]);
+    assert!(
+        wait_until(Duration::from_secs(10), || tcp_ready_in(guest, GUEST_PORT)
+            && rdnet_e2e::udp_ready_in(guest, GUEST_PORT)),
+        "guest server did not start"
+    );
+    let unix_path = api_dir.join("fwd6.sock");
+    let exposes = [
+        format!(r#"{{"local":"[::1]:17200","remote":"[{GUEST6}]:{GUEST_PORT}","protocol":"tcp"}}"#),
+        format!(r#"{{"local":"[::1]:17201","remote":"[{GUEST6}]:{GUEST_PORT}","protocol":"udp"}}"#),
+        format!(r#"{{"local":"{}","remote":"tcp://[{GUEST6}]:{GUEST_PORT}","protocol":"unix"}}"#, unix_path.display()),
+    ];
+    for e in &exposes {
+        assert_eq!(api(&world, &sock, "POST", "/services/forwarder/expose", Some(e)), (200, String::new()), "{e}");
+    }
+    let (code, body) = api(&world, &sock, "GET", "/services/forwarder/all", None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        body,
+        format!(
+            "[{{\"local\":\"{}\",\"remote\":\"tcp://[{GUEST6}]:9001\",\"protocol\":\"unix\"}},\
+             {{\"local\":\"[::1]:17200\",\"remote\":\"[{GUEST6}]:9001\",\"protocol\":\"tcp\"}},\
+             {{\"local\":\"[::1]:17201\",\"remote\":\"[{GUEST6}]:9001\",\"protocol\":\"udp\"}}]\n",
+            unix_path.display()
+        )
+    );
+
+    // TCP and unix: the guest sees the connection come from the gateway's
+    // IPv6 address.
+    let want = format!("HELLO V6 from {GATEWAY6}");
+    assert_eq!(run_python(&world, &world.host, HOST_ASK_TCP, &["::1", "17200"]), want, "{}", world.logs());
+    let path = unix_path.display().to_string();
+    assert_eq!(run_python(&world, &world.host, HOST_ASK_TCP, &[&path, "unix"]), want, "{}", world.logs());
+
+    // UDP: two host clients, each its own flow and its own answers.
+    let out = run_python(
+        &world,
+        &world.host,
+        r#"
+import socket
+a = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); a.settimeout(0.5)
+b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); b.settimeout(0.5)
+def ask(s, msg):
+    for _ in range(20):
+        s.sendto(msg, ("::1", 17201))
+        try:
+            data, _ = s.recvfrom(65535)
+            return data
+        except socket.timeout:
+            pass
+    return b"timeout"
+r1 = ask(a, b"one"); r2 = ask(b, b"two"); r3 = ask(a, b"x" * 1400)
+print(r1.decode(), "|", r2.decode(), "|", len(r3), r3[:6].decode())
+"#,
+        &[],
+    );
+    let gw_len = GATEWAY6.len() + " from ".len();
+    assert_eq!(
+        out,
+        format!("echo:one from {GATEWAY6} | echo:two from {GATEWAY6} | {} echo:x", 1405 + gw_len),
+        "{}",
+        world.logs()
+    );
+    let (_, stats) = api(&world, &sock, "GET", "/stats", None);
+    assert!(stats.contains("\"udp_flows_opened\":2,"), "{stats}");
+    assert!(stats.contains("\"udp_dropped\":0"), "{stats}");
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     let out = std::process::Command::new("python3")
         .args(["-c", "import hashlib,sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest())"])

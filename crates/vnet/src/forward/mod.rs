@@ -11,8 +11,9 @@
 //!
 //! *TCP and unix.* A forward owns a host listener (TCP on `local`, or a unix
 //! socket at the path `local`, replacing a stale socket file). Each accepted
-//! connection becomes one TCP connection from the gateway into the guest at
-//! `remote`, opened by the user-space stack as a client
+//! connection becomes one TCP connection from the gateway (its address of
+//! `remote`'s family) into the guest at `remote`, opened by the user-space
+//! stack as a client
 //! ([`crate::shell::tcp::connect_to_guest`]): a refusal, or no answer within 10 s, closes
 //! the host connection; otherwise data flows both ways with half-close and
 //! the NAT's back-pressure (no reading from one side while the other's
@@ -23,29 +24,40 @@
 //! *UDP.* A forward binds `local`; every host client address gets its own
 //! flow, keyed by that address, with its own source port on the gateway
 //! (from [`UDP_PORTS`], unique across all forwards). Datagrams from the
-//! client go to `remote` from `gateway:port`; a datagram from the guest to
-//! `gateway:port` is looked up by that port (the engine routes gateway UDP
-//! other than DNS here) and, if it comes from `remote`, sent back to the
-//! client from the forward's socket. A flow idle for [`UDP_IDLE`] (90 s) is
-//! reaped by a sweep every few seconds; each forward holds at most
-//! [`MAX_UDP_FLOWS_PER_FORWARD`] flows and evicts the least recently used.
-//! If the guest's MAC is not known yet the gateway asks by ARP and the
-//! datagram is retried a few times within about 1.5 s (at most
-//! [`MAX_PENDING_RETRIES`] such datagrams wait at once).
+//! client go to `remote` from `gateway:port` (the gateway's IPv6 address
+//! for an IPv6 `remote`; with no IPv6 on the network they are dropped); a
+//! datagram from the guest to `gateway:port`, either family, is looked up
+//! by that port (the engine routes gateway UDP other than DNS here) and, if
+//! it comes from `remote`, sent back to the client from the forward's
+//! socket. A flow idle for [`UDP_IDLE`] (90 s) is reaped by a sweep every
+//! few seconds; each forward holds at most [`MAX_UDP_FLOWS_PER_FORWARD`]
+//! flows and evicts the least recently used. Those decisions (ports, flows,
+//! whose reply is whose) live in [`udp::UdpForwards`], which does no I/O;
+//! this module owns the sockets and tasks around it. If the guest's MAC is
+//! not known yet the datagram is retried a few times within about 1.5 s
+//! (at most [`MAX_PENDING_RETRIES`] such datagrams wait at once): for IPv4
+//! the gateway asks by ARP meanwhile; for IPv6 it learns the MAC only from
+//! the guest's own traffic from that address.
+//!
+//! *Guest addresses* are gvproxy's `IPv4:port`, or `[IPv6]:port` as Go
+//! writes an IPv6 host and port (gvproxy itself takes IPv4 only).
 //!
 //! *Errors* carry gvproxy's texts (`proxy not found`, `invalid remote addr`,
 //! `listen tcp 127.0.0.1:80: bind: address already in use`, …), since the
 //! API returns them verbatim.
 
+#[cfg(all(test, unix))]
+mod shell_tests;
 pub mod spec;
+pub mod udp;
 
 pub use spec::{Protocol, StaticForward};
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 #[cfg(unix)]
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
@@ -57,8 +69,8 @@ use smoltcp::wire::EthernetAddress;
 use tokio::io::ReadBuf;
 use tokio::task::JoinHandle;
 
-use crate::nat::udp::FlowTable;
 use crate::shell::Engine;
+use udp::{CloseReason, ForwardId, FromGuest, Refused, UdpForwards};
 
 /// A UDP flow with no datagram either way for this long is forgotten.
 pub const UDP_IDLE: Duration = Duration::from_secs(90);
@@ -99,20 +111,32 @@ pub struct ForwardStats {
     /// Datagrams from the guest back to host clients.
     pub udp_datagrams_out: u64,
     /// Datagrams dropped: unknown guest MAC after retries, full queues,
-    /// host send errors, guest replies from the wrong address.
+    /// host send errors, guest replies from the wrong address, no free
+    /// gateway port, an IPv6 guest on a network without IPv6.
     pub udp_dropped: u64,
 }
 
 /// The forwards of one engine.
-#[derive(Default)]
 pub struct Forwarder {
     /// Keyed (local, protocol): iteration order is `/all`'s order.
     proxies: RefCell<BTreeMap<(String, String), Proxy>>,
-    /// Gateway UDP port → the flow using it.
-    udp_routes: RefCell<HashMap<u16, UdpRoute>>,
-    next_udp_port: Cell<u16>,
+    /// The UDP forwards' flows; each forward is found again by a weak
+    /// reference, so a reply racing an unexpose finds nothing.
+    udp: RefCell<UdpForwards<Weak<UdpForward>>>,
     pending_retries: Cell<usize>,
+    /// Everything but the UDP flow counts, which `udp` keeps.
     stats: Cell<ForwardStats>,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Forwarder {
+            proxies: RefCell::default(),
+            udp: RefCell::new(UdpForwards::new(UDP_PORTS, MAX_UDP_FLOWS_PER_FORWARD, UDP_IDLE)),
+            pending_retries: Cell::new(0),
+            stats: Cell::default(),
+        }
+    }
 }
 
 struct Proxy {
@@ -137,17 +161,11 @@ struct StreamForward {
 }
 
 struct UdpForward {
-    remote: SocketAddrV4,
+    /// Its flows' entry in [`Forwarder::udp`].
+    id: ForwardId,
+    remote: SocketAddr,
     socket: RefCell<Option<tokio::net::UdpSocket>>,
-    /// Host client → gateway source port.
-    flows: RefCell<FlowTable<SocketAddr, u16>>,
     task: RefCell<Option<JoinHandle<()>>>,
-}
-
-#[derive(Clone)]
-struct UdpRoute {
-    forward: Weak<UdpForward>,
-    client: SocketAddr,
 }
 
 impl Forwarder {
@@ -158,7 +176,13 @@ impl Forwarder {
     }
 
     pub fn stats(&self) -> ForwardStats {
-        self.stats.get()
+        let flows = self.udp.borrow().counts();
+        ForwardStats {
+            udp_flows_opened: flows.opened,
+            udp_flows_expired: flows.expired,
+            udp_flows_evicted: flows.evicted,
+            ..self.stats.get()
+        }
     }
 
     /// Number of forwards.
@@ -172,7 +196,7 @@ impl Forwarder {
 
     /// Open UDP forward flows.
     pub fn udp_flows(&self) -> usize {
-        self.udp_routes.borrow().len()
+        self.udp.borrow().flows()
     }
 
     /// Every forward, sorted by local address then protocol.
@@ -224,15 +248,15 @@ impl Forwarder {
                 if let Some(t) = f.task.borrow_mut().take() {
                     t.abort();
                 }
-                let mut routes = self.udp_routes.borrow_mut();
-                routes.retain(|_, r| r.forward.upgrade().is_some_and(|g| !Rc::ptr_eq(&g, &f)));
+                self.udp.borrow_mut().remove(f.id);
             }
         }
     }
 
     /// Adds a forward (gvproxy's `Expose`): `protocol` is `tcp`, `udp` or
-    /// `unix`; for tcp and udp `remote` is `IP:port` in the guest, for unix
-    /// `tcp://IP:port`. The error is the text the API answers with.
+    /// `unix`; for tcp and udp `remote` is `IPv4:port` or `[IPv6]:port` in
+    /// the guest, for unix `tcp://` and the same. The error is the text the
+    /// API answers with.
     pub fn expose(&self, engine: &Rc<Engine>, protocol: &str, local: &str, remote: &str) -> Result<(), String> {
         let result = self.try_expose(engine, protocol, local, remote);
         match &result {
@@ -291,81 +315,52 @@ impl Forwarder {
         Ok(())
     }
 
-    fn start_stream(&self, engine: &Rc<Engine>, listener: StreamListener, target: SocketAddrV4) -> ProxyKind {
+    fn start_stream(&self, engine: &Rc<Engine>, listener: StreamListener, target: SocketAddr) -> ProxyKind {
         let fwd = Rc::new(StreamForward { listener: RefCell::new(Some(listener)), task: RefCell::new(None) });
         let task = tokio::task::spawn_local(accept_loop(engine.clone(), fwd.clone(), target));
         *fwd.task.borrow_mut() = Some(task);
         ProxyKind::Stream(fwd)
     }
 
-    fn start_udp(&self, engine: &Rc<Engine>, socket: tokio::net::UdpSocket, target: SocketAddrV4) -> ProxyKind {
-        let fwd = Rc::new(UdpForward {
+    fn start_udp(&self, engine: &Rc<Engine>, socket: tokio::net::UdpSocket, target: SocketAddr) -> ProxyKind {
+        let fwd = Rc::new_cyclic(|weak| UdpForward {
+            id: self.udp.borrow_mut().add(target, weak.clone()),
             remote: target,
             socket: RefCell::new(Some(socket)),
-            flows: RefCell::new(FlowTable::new(MAX_UDP_FLOWS_PER_FORWARD, UDP_IDLE)),
             task: RefCell::new(None),
         });
         let task = tokio::task::spawn_local(udp_loop(engine.clone(), fwd.clone()));
         *fwd.task.borrow_mut() = Some(task);
         ProxyKind::Udp(fwd)
     }
-
-    /// A free gateway port for a new UDP flow.
-    fn alloc_udp_port(&self) -> Option<u16> {
-        let routes = self.udp_routes.borrow();
-        let span = usize::from(UDP_PORTS.end() - UDP_PORTS.start()) + 1;
-        for _ in 0..span {
-            let p = self.next_udp_port.get();
-            let p = if UDP_PORTS.contains(&p) && p != *UDP_PORTS.end() { p + 1 } else { *UDP_PORTS.start() };
-            self.next_udp_port.set(p);
-            if !routes.contains_key(&p) {
-                return Some(p);
-            }
-        }
-        None
-    }
-
-    fn forget_flows(&self, gone: Vec<(SocketAddr, u16)>, expired: bool) {
-        if gone.is_empty() {
-            return;
-        }
-        let mut routes = self.udp_routes.borrow_mut();
-        for (client, port) in &gone {
-            routes.remove(port);
-            tracing::debug!(%client, port, expired, "UDP forward flow closed");
-        }
-        let n = gone.len() as u64;
-        drop(routes);
-        self.count(|s| if expired { s.udp_flows_expired += n } else { s.udp_flows_evicted += n });
-    }
 }
 
-/// A UDP datagram from the guest to the gateway on a port that is not a
-/// gateway service: the reply of a UDP forward flow, if one uses `dst`'s
-/// port. Returns false when no flow does (the caller counts a drop).
-pub fn udp_from_guest(engine: &Rc<Engine>, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> bool {
+/// A UDP datagram from the guest to the gateway (either family) on a port
+/// that is not a gateway service: the reply of a UDP forward flow, if one
+/// uses `dst`'s port. Returns false when no flow does (the caller counts a
+/// drop).
+pub fn udp_from_guest(engine: &Rc<Engine>, src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> bool {
     let fw = &engine.forwarder;
-    let Some(route) = fw.udp_routes.borrow().get(&dst.port()).cloned() else { return false };
-    let Some(fwd) = route.forward.upgrade() else {
-        fw.udp_routes.borrow_mut().remove(&dst.port());
-        return false;
+    let reply = fw.udp.borrow_mut().from_guest(dst.port(), src, Instant::now());
+    let (fwd, client) = match reply {
+        FromGuest::NoFlow => return false,
+        FromGuest::WrongSource => {
+            fw.count(|s| s.udp_dropped += 1);
+            return true;
+        }
+        FromGuest::ToClient { handle, client } => (handle.upgrade(), client),
     };
-    if src != fwd.remote {
-        fw.count(|s| s.udp_dropped += 1);
-        return true;
-    }
-    fwd.flows.borrow_mut().touch(&route.client, Instant::now());
-    let sent = match fwd.socket.borrow().as_ref() {
-        // Straight to the kernel, as the NAT does: a UDP send never blocks
-        // for long, and a full buffer drops the datagram as a wire would.
-        Some(s) => socket2::SockRef::from(s).send_to(payload, &route.client.into()).is_ok(),
+    // Straight to the kernel, as the NAT does: a UDP send never blocks for
+    // long, and a full buffer drops the datagram as a wire would.
+    let sent = fwd.is_some_and(|f| match f.socket.borrow().as_ref() {
+        Some(s) => socket2::SockRef::from(s).send_to(payload, &client.into()).is_ok(),
         None => false,
-    };
+    });
     fw.count(|s| if sent { s.udp_datagrams_out += 1 } else { s.udp_dropped += 1 });
     true
 }
 
-async fn accept_loop(engine: Rc<Engine>, fwd: Rc<StreamForward>, target: SocketAddrV4) {
+async fn accept_loop(engine: Rc<Engine>, fwd: Rc<StreamForward>, target: SocketAddr) {
     loop {
         let accepted = poll_fn(|cx| {
             let guard = fwd.listener.borrow();
@@ -384,9 +379,9 @@ async fn accept_loop(engine: Rc<Engine>, fwd: Rc<StreamForward>, target: SocketA
         .await;
         let result = match accepted {
             None => return,
-            Some(Ok(Stream::Tcp(s))) => crate::shell::tcp::connect_to_guest(&engine, target.into(), s),
+            Some(Ok(Stream::Tcp(s))) => crate::shell::tcp::connect_to_guest(&engine, target, s),
             #[cfg(unix)]
-            Some(Ok(Stream::Unix(s))) => crate::shell::tcp::connect_to_guest(&engine, target.into(), s),
+            Some(Ok(Stream::Unix(s))) => crate::shell::tcp::connect_to_guest(&engine, target, s),
             Some(Err(e)) => {
                 crate::limited_warn!(engine.logs.borrow_mut(), Instant::now(), "forward-accept",
                     error = %e, "port forward: accept failed");
@@ -440,8 +435,10 @@ async fn udp_loop(engine: Rc<Engine>, fwd: Rc<UdpForward>) {
         match event {
             UdpEvent::Closed => return,
             UdpEvent::Sweep => {
-                let gone = fwd.flows.borrow_mut().expire(Instant::now());
-                engine.forwarder.forget_flows(gone, true);
+                let gone = engine.forwarder.udp.borrow_mut().expire(fwd.id, Instant::now());
+                for c in gone {
+                    tracing::debug!(client = %c.client, port = c.port, "UDP forward flow expired");
+                }
             }
             UdpEvent::Error(e) => {
                 errors_in_a_row += 1;
@@ -463,43 +460,69 @@ async fn udp_loop(engine: Rc<Engine>, fwd: Rc<UdpForward>) {
 fn udp_to_guest(engine: &Rc<Engine>, fwd: &Rc<UdpForward>, client: SocketAddr, payload: &[u8]) {
     let fw = &engine.forwarder;
     let now = Instant::now();
-    let existing = fwd.flows.borrow_mut().get(&client, now).copied();
-    let port = match existing {
-        Some(p) => p,
-        None => {
-            let Some(p) = fw.alloc_udp_port() else {
-                fw.count(|s| s.udp_dropped += 1);
-                crate::limited_warn!(engine.logs.borrow_mut(), now, "forward-udp-ports",
-                    %client, "UDP port forward: no free gateway port; dropping datagram");
-                return;
-            };
-            let gone = fwd.flows.borrow_mut().insert(client, p, now);
-            fw.forget_flows(gone, false);
-            fw.udp_routes.borrow_mut().insert(p, UdpRoute { forward: Rc::downgrade(fwd), client });
-            fw.count(|s| s.udp_flows_opened += 1);
-            tracing::debug!(%client, port = p, guest = %fwd.remote, "UDP forward flow opened");
-            p
+    let (gateway, gateway6, gateway_mac) = {
+        let net = engine.net.borrow();
+        (net.cfg.gateway_ip, net.cfg.ipv6.as_ref().map(|v6| v6.gateway), net.cfg.gateway_mac)
+    };
+    // Before a flow is opened: one that cannot carry anything would only
+    // hold a port.
+    if fwd.remote.is_ipv6() && gateway6.is_none() {
+        fw.count(|s| s.udp_dropped += 1);
+        crate::limited_warn!(engine.logs.borrow_mut(), now, "forward-udp-no-ipv6", guest = %fwd.remote,
+            "UDP port forward to an IPv6 guest address, but the network has no IPv6; dropping datagram");
+        return;
+    }
+    let out = fw.udp.borrow_mut().to_guest(fwd.id, client, now);
+    let out = match out {
+        Ok(out) => out,
+        Err(Refused::NoFreePort) => {
+            fw.count(|s| s.udp_dropped += 1);
+            crate::limited_warn!(engine.logs.borrow_mut(), now, "forward-udp-ports",
+                %client, "UDP port forward: no free gateway port; dropping datagram");
+            return;
+        }
+        Err(Refused::NoForward) => {
+            fw.count(|s| s.udp_dropped += 1);
+            return;
         }
     };
-    let (gateway, gateway_mac) = {
-        let net = engine.net.borrow();
-        (net.cfg.gateway_ip, net.cfg.gateway_mac)
+    for c in &out.closed {
+        let expired = c.why == CloseReason::Expired;
+        tracing::debug!(client = %c.client, port = c.port, expired, "UDP forward flow closed");
+    }
+    if out.opened {
+        tracing::debug!(%client, port = out.port, guest = %out.target, "UDP forward flow opened");
+    }
+    let mut datagram = match (out.target, gateway6) {
+        (SocketAddr::V4(target), _) => {
+            let mut frame = Vec::with_capacity(rdnet_wire::frame::ETH_HEADER + 28 + payload.len());
+            // The destination MAC is filled in by the send (from the neighbor table).
+            rdnet_wire::frame::udp(
+                &mut frame,
+                gateway_mac,
+                EthernetAddress([0; 6]),
+                SocketAddrV4::new(gateway, out.port),
+                target,
+                payload,
+            );
+            ToGuestDatagram::Frame4(frame)
+        }
+        (SocketAddr::V6(target), Some(gateway6)) => ToGuestDatagram::Udp6 {
+            src: SocketAddrV6::new(gateway6, out.port, 0, 0),
+            dst: target,
+            payload: payload.to_vec(),
+        },
+        (SocketAddr::V6(_), None) => {
+            // Checked above; the configuration does not change.
+            fw.count(|s| s.udp_dropped += 1);
+            return;
+        }
     };
-    let mut frame = Vec::with_capacity(rdnet_wire::frame::ETH_HEADER + 28 + payload.len());
-    // The destination MAC is filled in by the send (from the neighbor table).
-    rdnet_wire::frame::udp(
-        &mut frame,
-        gateway_mac,
-        EthernetAddress([0; 6]),
-        SocketAddrV4::new(gateway, port),
-        fwd.remote,
-        payload,
-    );
-    if engine.send_ipv4_frame_to_guest(&mut frame) {
+    if datagram.send(engine) {
         fw.count(|s| s.udp_datagrams_in += 1);
         return;
     }
-    // The guest's MAC is not known yet; the send asked for it by ARP.
+    // The guest's MAC is not known yet (for IPv4 the send asked by ARP).
     if fw.pending_retries.get() >= MAX_PENDING_RETRIES {
         fw.count(|s| s.udp_dropped += 1);
         return;
@@ -510,7 +533,7 @@ fn udp_to_guest(engine: &Rc<Engine>, fwd: &Rc<UdpForward>, client: SocketAddr, p
         let mut sent = false;
         for ms in [20, 100, 400, 1000] {
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            if engine.send_ipv4_frame_to_guest(&mut frame) {
+            if datagram.send(&engine) {
                 sent = true;
                 break;
             }
@@ -519,6 +542,27 @@ fn udp_to_guest(engine: &Rc<Engine>, fwd: &Rc<UdpForward>, client: SocketAddr, p
         fw.pending_retries.set(fw.pending_retries.get().saturating_sub(1));
         fw.count(|s| if sent { s.udp_datagrams_in += 1 } else { s.udp_dropped += 1 });
     });
+}
+
+/// A forward's datagram into the guest, kept for a retry when the guest's
+/// MAC is not known yet.
+enum ToGuestDatagram {
+    /// A complete IPv4 frame but for its destination MAC.
+    Frame4(Vec<u8>),
+    Udp6 {
+        src: SocketAddrV6,
+        dst: SocketAddrV6,
+        payload: Vec<u8>,
+    },
+}
+
+impl ToGuestDatagram {
+    fn send(&mut self, engine: &Engine) -> bool {
+        match self {
+            ToGuestDatagram::Frame4(frame) => engine.send_ipv4_frame_to_guest(frame),
+            ToGuestDatagram::Udp6 { src, dst, payload } => engine.send_udp_reply((*src).into(), (*dst).into(), payload),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -587,11 +631,21 @@ pub fn fill_remote_host(remote: &str, peer: &str) -> Result<String, String> {
         return Ok(remote.to_string());
     }
     let (peer_host, _) = split_host_port(peer)?;
+    // gvproxy pastes the host in bare, which no parser takes back for an
+    // IPv6 caller; brackets make it the `[IPv6]:port` form.
+    if peer_host.contains(':') {
+        return Ok(format!("[{peer_host}]{remote}"));
+    }
     Ok(format!("{peer_host}{remote}"))
 }
 
-/// gvproxy's `tcpipAddress`: `IPv4:port` in the guest.
-pub fn tcpip_address(remote: &str) -> Result<SocketAddrV4, String> {
+/// gvproxy's `tcpipAddress`: `IPv4:port` in the guest, and beyond gvproxy
+/// `[IPv6]:port` as Go's `net.JoinHostPort` writes it. An IPv4-mapped
+/// IPv6 address means the IPv4 guest, as Go's `To4` reads it.
+pub fn tcpip_address(remote: &str) -> Result<SocketAddr, String> {
+    if remote.starts_with('[') {
+        return tcpip_address6(remote);
+    }
     let parts: Vec<&str> = remote.split(':').collect();
     if parts.len() != 2 {
         return Err("invalid remote addr".to_string());
@@ -601,7 +655,21 @@ pub fn tcpip_address(remote: &str) -> Result<SocketAddrV4, String> {
     let port = port as u16;
     // gvproxy would crash on a host that is not an IPv4 address.
     let ip: Ipv4Addr = parts[0].parse().map_err(|_| "invalid remote addr".to_string())?;
-    Ok(SocketAddrV4::new(ip, port))
+    Ok(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+}
+
+/// `[IPv6]:port`: the port read as the IPv4 form reads it (Atoi's errors,
+/// wrapped to 16 bits); anything else wrong is `invalid remote addr`. A
+/// zone (`%eth0`) is refused: guests are reached by global addresses.
+fn tcpip_address6(remote: &str) -> Result<SocketAddr, String> {
+    let invalid = || "invalid remote addr".to_string();
+    let (host, port) = split_host_port(remote).map_err(|_| invalid())?;
+    let ip: Ipv6Addr = host.parse().map_err(|_| invalid())?;
+    let port = go_atoi(&port)? as u16;
+    Ok(match ip.to_ipv4_mapped() {
+        Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
+        None => SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)),
+    })
 }
 
 /// Go's `strconv.Atoi` with its error texts.
@@ -613,10 +681,10 @@ fn go_atoi(s: &str) -> Result<i64, String> {
     s.parse::<i64>().map_err(|_| format!("strconv.Atoi: parsing {}: value out of range", go_quote(s)))
 }
 
-/// A `tcp://IP:port` remote of a unix forward, as gvproxy reads it with
-/// `url.Parse`.
+/// A `tcp://IP:port` (or `tcp://[IPv6]:port`) remote of a unix forward, as
+/// gvproxy reads it with `url.Parse`.
 #[cfg_attr(not(unix), allow(dead_code))]
-fn unix_remote(remote: &str) -> Result<SocketAddrV4, String> {
+fn unix_remote(remote: &str) -> Result<SocketAddr, String> {
     let parse_err = |why: &str| format!("failed to parse remote uri :{remote} : parse {}: {why}", go_quote(remote));
     // A URL scheme starts with a letter and runs to the first ':'.
     let scheme_end = remote.find(':');
@@ -646,6 +714,10 @@ fn unix_remote(remote: &str) -> Result<SocketAddrV4, String> {
         _ => (hostport, ""),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
+    // Joined as Go's net.JoinHostPort would, brackets round an IPv6 host.
+    if host.contains(':') {
+        return tcpip_address(&format!("[{host}]:{port}"));
+    }
     tcpip_address(&format!("{host}:{port}"))
 }
 
@@ -792,6 +864,69 @@ mod tests {
             unix_remote("192.168.127.2:22").unwrap_err(),
             "failed to parse remote uri :192.168.127.2:22 : parse \"192.168.127.2:22\": first path segment in URL cannot contain colon"
         );
+    }
+
+    #[test]
+    fn every_ipv4_form_reads_and_fails_as_before() {
+        let ok = |s: &str| tcpip_address(s).unwrap();
+        let err = |s: &str| tcpip_address(s).unwrap_err();
+        assert_eq!(ok("192.168.127.2:0"), "192.168.127.2:0".parse().unwrap());
+        assert_eq!(ok("192.168.127.2:+22").port(), 22);
+        assert_eq!(ok("192.168.127.2:-1").port(), 65535);
+        assert_eq!(ok("192.168.127.2:65536").port(), 0);
+        assert_eq!(ok("192.168.127.2:0022").port(), 22);
+        for bad in ["", "a:b:c", "192.168.127.2:22:1", "localhost:22", "::1:22", "1.2.3:4", "fd5a::1"] {
+            assert_eq!(err(bad), "invalid remote addr", "{bad:?}");
+        }
+        // The port is read before the host, as in gvproxy.
+        assert_eq!(err("bogus:x"), "strconv.Atoi: parsing \"x\": invalid syntax");
+        assert_eq!(err(":"), "strconv.Atoi: parsing \"\": invalid syntax");
+        assert_eq!(err("192.168.127.2:"), "strconv.Atoi: parsing \"\": invalid syntax");
+        assert_eq!(err("192.168.127.2:+"), "strconv.Atoi: parsing \"+\": invalid syntax");
+        assert_eq!(err("192.168.127.2:1e3"), "strconv.Atoi: parsing \"1e3\": invalid syntax");
+        assert_eq!(
+            err("192.168.127.2:99999999999999999999"),
+            "strconv.Atoi: parsing \"99999999999999999999\": value out of range"
+        );
+        assert_eq!(err("192.168.127.2:\n"), "strconv.Atoi: parsing \"\\n\": invalid syntax");
+    }
+
+    #[test]
+    fn ipv6_guests_as_go_writes_them() {
+        let guest6: SocketAddr = "[fd5a:94ef:e40c:0:5894:efff:fee4:cee]:80".parse().unwrap();
+        assert_eq!(tcpip_address("[fd5a:94ef:e40c:0:5894:efff:fee4:cee]:80").unwrap(), guest6);
+        assert_eq!(tcpip_address("[FD5A:94EF:E40C::5894:EFFF:FEE4:CEE]:80").unwrap(), guest6);
+        // The port as the IPv4 form reads it.
+        assert_eq!(tcpip_address("[fd5a::2]:65617").unwrap(), "[fd5a::2]:81".parse().unwrap());
+        assert_eq!(tcpip_address("[fd5a::2]:x").unwrap_err(), "strconv.Atoi: parsing \"x\": invalid syntax");
+        assert_eq!(tcpip_address("[fd5a::2]:").unwrap_err(), "strconv.Atoi: parsing \"\": invalid syntax");
+        // An IPv4-mapped address is the IPv4 guest.
+        assert_eq!(tcpip_address("[::ffff:192.168.127.2]:22").unwrap(), "192.168.127.2:22".parse().unwrap());
+        for bad in [
+            "[fd5a::2]",
+            "[fd5a::2]80",
+            "[fd5a::2]:80:1",
+            "[fd5a::2:80",
+            "[fd5a::2]]:80",
+            "[[fd5a::2]]:80",
+            "[192.168.127.2]:80",
+            "[fe80::1%eth0]:80",
+            "[]:80",
+            "[zz::1]:80",
+            "[fd5a::2]:[80]",
+            "[fd5a:::2]:80",
+            "[fd5a::2 ]:80",
+        ] {
+            assert_eq!(tcpip_address(bad).unwrap_err(), "invalid remote addr", "{bad:?}");
+        }
+        // Unix forwards: url.Parse's host and port, joined again.
+        assert_eq!(unix_remote("tcp://[fd5a:94ef:e40c:0:5894:efff:fee4:cee]:80").unwrap(), guest6);
+        assert_eq!(unix_remote("tcp://user@[fd5a::2]:22/path").unwrap(), "[fd5a::2]:22".parse().unwrap());
+        assert_eq!(unix_remote("tcp://[fd5a::2]").unwrap_err(), "strconv.Atoi: parsing \"\": invalid syntax");
+        assert_eq!(unix_remote("tcp://[zz::1]:22").unwrap_err(), "invalid remote addr");
+        // The API fills in an IPv6 caller's address in brackets.
+        assert_eq!(fill_remote_host(":8080", "[fd5a::2]:40000").unwrap(), "[fd5a::2]:8080");
+        assert_eq!(tcpip_address(&fill_remote_host(":8080", "[fd5a::2]:40000").unwrap()).unwrap().port(), 8080);
     }
 
     #[test]

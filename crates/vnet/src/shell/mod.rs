@@ -278,8 +278,8 @@ impl Engine {
         }
     }
 
-    /// IPv6 the gateway must route: its DNS server, the TCP, UDP and echo
-    /// NATs; anything else is answered with ICMPv6 "no route" at once, so
+    /// IPv6 the gateway must route: its DNS server, replies to UDP port
+    /// forwards, the TCP, UDP and echo NATs; anything else is answered with ICMPv6 "no route" at once, so
     /// the guest fails fast.
     fn route_ipv6(self: &Rc<Self>, port: PortId, header: &smoltcp::wire::Ipv6Repr, packet: &[u8], now: Instant) {
         let gateway6 = self.net.borrow().cfg.ipv6.as_ref().map(|v6| v6.gateway);
@@ -302,7 +302,8 @@ impl Engine {
             if Some(header.dst_addr) == gateway6 {
                 if udp.dst_port() == crate::gateway::dns::DNS_PORT {
                     self.dns.clone().serve_udp(self, src, dst, udp.payload());
-                } else {
+                } else if !crate::forward::udp_from_guest(self, src, dst, udp.payload()) {
+                    // Not a reply to a UDP port forward either.
                     self.net.borrow_mut().stats.drops.not_for_us += 1;
                 }
                 return;
@@ -345,7 +346,7 @@ impl Engine {
     }
 
     /// Sends a UDP datagram from the gateway to a guest, either family
-    /// (DNS answers).
+    /// (DNS answers, UDP port forwards).
     pub fn send_udp_reply(&self, src: std::net::SocketAddr, dst: std::net::SocketAddr, payload: &[u8]) -> bool {
         use std::net::SocketAddr::{V4, V6};
         match (src, dst) {
@@ -392,7 +393,7 @@ impl Engine {
                 if *dst.ip() == gateway {
                     if dst.port() == crate::gateway::dns::DNS_PORT {
                         self.dns.clone().serve_udp(self, src.into(), dst.into(), payload);
-                    } else if !crate::forward::udp_from_guest(self, src, dst, payload) {
+                    } else if !crate::forward::udp_from_guest(self, src.into(), dst.into(), payload) {
                         // Not a reply to a UDP port forward either.
                         self.net.borrow_mut().stats.drops.not_for_us += 1;
                     }
