@@ -61,6 +61,8 @@ const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
 pub struct Ipv6State {
     owner: FastMap<Ipv6Addr, EthernetAddress>,
     by_mac: FastMap<EthernetAddress, Vec<(Ipv6Addr, Instant)>>,
+    /// When each address was last solicited (at most once a second each).
+    probes: FastMap<Ipv6Addr, Instant>,
     next_ra: Option<Instant>,
     errors: (Option<Instant>, u32),
 }
@@ -123,6 +125,23 @@ impl Ipv6State {
     }
 
     /// Whether one more ICMPv6 error fits this second's budget.
+    /// Whether `ip` may be solicited now (once a second per address, the
+    /// table bounded as the neighbour table is).
+    fn probe_allowed(&mut self, ip: Ipv6Addr, now: Instant) -> bool {
+        let second = Duration::from_secs(1);
+        if self.probes.get(&ip).is_some_and(|last| now.saturating_duration_since(*last) < second) {
+            return false;
+        }
+        if self.probes.len() >= MAX_NEIGHBORS6 {
+            self.probes.retain(|_, t| now.saturating_duration_since(*t) < second);
+            if self.probes.len() >= MAX_NEIGHBORS6 {
+                return false;
+            }
+        }
+        self.probes.insert(ip, now);
+        true
+    }
+
     fn error_allowed(&mut self, now: Instant) -> bool {
         let (start, count) = &mut self.errors;
         if start.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
@@ -389,6 +408,26 @@ impl Network {
         self.send_icmpv6(from, src, mac, 64, &error, &[], now, out);
     }
 
+    /// Asks who uses the guest address `ip` (a Neighbor Solicitation to its
+    /// solicited-node group), as ARP does for IPv4: something is to be sent
+    /// to a guest that has not spoken from that address yet (a port
+    /// forward into it). Its answer teaches the neighbour table.
+    pub fn neighbor_probe6(&mut self, ip: Ipv6Addr, now: Instant, out: &mut impl FrameSink) {
+        let Some(v6) = self.cfg.ipv6.clone() else { return };
+        let link_local = is_link_local(&ip);
+        if !(link_local || v6.prefix.contains(&ip)) || v6.owns(&ip) || !self.ipv6.probe_allowed(ip, now) {
+            return;
+        }
+        let o = ip.octets();
+        let group = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(o[13]), u16::from_be_bytes([o[14], o[15]]));
+        let solicit = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+            target_addr: ip,
+            lladdr: Some(RawHardwareAddress::from(self.cfg.gateway_mac)),
+        });
+        let src = if link_local { v6.link_local } else { v6.gateway };
+        self.send_icmpv6(src, group, multicast_mac(&group), 255, &solicit, &[], now, out);
+    }
+
     /// Sends an ICMPv6 message (plus raw NDP options after it) from the
     /// gateway, with the checksum over both.
     #[allow(clippy::too_many_arguments)]
@@ -467,6 +506,7 @@ impl Network {
     ) -> bool {
         let Some(mac) = self.ipv6.neighbor(dst.ip()) else {
             self.stats.drops.unknown_unicast += 1;
+            self.neighbor_probe6(*dst.ip(), now, out);
             return false;
         };
         self.send_udp6(src, dst, mac, payload, now, out);
@@ -478,6 +518,9 @@ impl Network {
     pub fn send_ipv6_to_guest(&mut self, packet: &[u8], now: Instant, out: &mut impl FrameSink) -> bool {
         let Ok(ip) = Ipv6Packet::new_checked(packet) else { return false };
         let mac = self.ipv6.neighbor(&ip.dst_addr());
+        if mac.is_none() {
+            self.neighbor_probe6(ip.dst_addr(), now, out);
+        }
         self.send_packet_to(mac, EthernetProtocol::Ipv6, packet, now, out)
     }
 
@@ -738,6 +781,50 @@ mod tests {
         let msgs = icmp_out(&out, p2);
         assert_eq!(msgs.len(), 1);
         assert_eq!((msgs[0].0, msgs[0].1.dst_addr), (multicast_mac(&ALL_NODES), ALL_NODES));
+    }
+
+    #[test]
+    fn an_unknown_guest_address_is_solicited_once_a_second() {
+        let mut n = net();
+        let p = n.add_port();
+        let target = v6("fd5a:94ef:e40c:0:5894:efff:fee4:cee");
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let udp = |n: &mut Network, t, out: &mut Vec<_>| {
+            let src = SocketAddrV6::new(v6("fd5a:94ef:e40c::1"), 53, 0, 0);
+            n.send_udp6_to_guest(src, SocketAddrV6::new(target, 4000, 0, 0), b"x", t, out)
+        };
+        assert!(!udp(&mut n, t0, &mut out), "no MAC yet: nothing sent");
+        let msgs = icmp_out(&out, p);
+        assert_eq!(msgs.len(), 1);
+        let group = v6("ff02::1:ffe4:cee");
+        let (mac, h, body) = &msgs[0];
+        assert_eq!(
+            (*mac, h.src_addr, h.dst_addr, h.hop_limit),
+            (multicast_mac(&group), v6("fd5a:94ef:e40c::1"), group, 255)
+        );
+        let Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr, lladdr }) = parse(h, body) else { panic!() };
+        assert_eq!((target_addr, lladdr), (target, Some(n.cfg.gateway_mac.into())));
+        // Not again within the second; again after it; never for what is
+        // not a guest's (outside the prefix, the gateway's own).
+        out.clear();
+        udp(&mut n, t0 + Duration::from_millis(500), &mut out);
+        assert!(icmp_out(&out, p).is_empty());
+        udp(&mut n, t0 + Duration::from_secs(1), &mut out);
+        assert_eq!(icmp_out(&out, p).len(), 1);
+        out.clear();
+        n.neighbor_probe6(v6("2001:db8::1"), t0, &mut out);
+        n.neighbor_probe6(v6("fd5a:94ef:e40c::1"), t0, &mut out);
+        assert!(out.is_empty());
+        // The guest's answer teaches the table: then the datagram goes.
+        let na = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+            flags: NdiscNeighborFlags::SOLICITED,
+            target_addr: target,
+            lladdr: Some(DEVICE_MAC.into()),
+        });
+        let f = icmp_frame(DEVICE_MAC, n.cfg.gateway_mac, target, v6("fd5a:94ef:e40c::1"), 255, &na);
+        n.handle_frame(p, &f, t0, &mut out);
+        assert!(udp(&mut n, t0 + Duration::from_secs(2), &mut out));
     }
 
     #[test]

@@ -359,6 +359,7 @@ impl Network {
         };
         let Some(mac) = self.ipv6.neighbor(&dst_ip) else {
             self.stats.drops.unknown_unicast += 1;
+            self.neighbor_probe6(dst_ip, now, out);
             return false;
         };
         self.frame_and_deliver(frame, mac, EthernetProtocol::Ipv6, now, out);
