@@ -122,7 +122,10 @@ fn junk_on_one_link_does_not_disturb_others() {
     for bytes in junk {
         let mut rogue = UnixStream::connect(&world.socket).expect("connect rogue");
         let _ = rogue.write_all(bytes);
-        let _ = rogue.flush();
+        // The end comes as EOF: a close with frames host-switch sent this
+        // port still unread (the guest's multicast, flooded) would reach
+        // it as a reset instead, and the truncated frame would go unseen.
+        let _ = rogue.shutdown(std::net::Shutdown::Write);
         std::thread::sleep(Duration::from_millis(100));
     }
     // Random but well-framed frames.
