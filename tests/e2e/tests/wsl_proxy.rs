@@ -537,7 +537,12 @@ fn bad_flag_values_exit_2_before_opening_anything() {
         ]),
     );
     assert!(wait_until(Duration::from_secs(10), || socket_exists(&sock)), "{}", ok.logs());
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(text.contains("UDP buffer 65536 bytes"), "{text}");
+    // The log line may land a moment after the socket.
+    let mut text = String::new();
+    let logged = wait_until(Duration::from_secs(5), || {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("UDP buffer 65536 bytes")
+    });
+    assert!(logged, "{text}");
     assert_eq!(ok.terminate(Duration::from_secs(10)).and_then(|s| s.code()), Some(0), "{}", ok.logs());
 }
