@@ -9,8 +9,11 @@
 //! whether to yield, to wait (the task keeps its waker here for guest
 //! segments and sleeps until the time the core gave), or that the flow is
 //! over (the host socket is then closed, with a RST if the core says so).
-//! Frames for the guest are built straight into its switch port's queue.
-//! Every time given to the core is read here, from tokio's clock.
+//! Frames for the guest are built straight into its switch port's queue; a
+//! flow that finds that queue holding [`PORT_BACKLOG`] stops sending and is
+//! kept in `throttled` until the port's writer takes the queue
+//! ([`wake_throttled`]). Every time given to the core is read here, from
+//! tokio's clock.
 
 use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
