@@ -18,14 +18,13 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
 use crate::FastMap;
 use crate::nat::icmp::{FlowId, IcmpCore, IcmpNatStats, Mode, Request};
 use crate::shell::Engine;
-use crate::shell::udp::{DRAIN_BUDGET, Drained, Flow, MAX_ERRORS_IN_A_ROW};
+use crate::shell::udp::{Drained, Flow, drain_socket, watch_replies};
 
 #[derive(Default)]
 pub struct IcmpNat {
@@ -154,22 +153,10 @@ async fn idle_timer(engine: Rc<Engine>) {
 
 /// Reads one flow's socket and hands what arrives to the core and the
 /// replies on to the guest, until the socket fails for good (or the flow
-/// ends and this task is aborted).
+/// ends and this task is aborted). A raw socket sees every echo reply to
+/// this host: the loop yields when they flood in.
 async fn reply_task(engine: Rc<Engine>, id: FlowId, socket: Rc<UdpSocket>) {
-    loop {
-        let Ok(ready) = socket.ready(Interest::READABLE | Interest::ERROR).await else { break };
-        match drain(&engine, id, &socket) {
-            Drained::Empty => {}
-            // Replies flooding in (a raw socket sees every echo reply to
-            // this host): let the engine's other tasks run.
-            Drained::Budget => tokio::task::yield_now().await,
-            Drained::Failed => break,
-        }
-        if ready.is_error() {
-            let _ = socket.take_error();
-            let _ = socket.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-        }
-    }
+    watch_replies(&socket, || drain(&engine, id, &socket), |_| {}).await;
     let mut nat = engine.icmp.borrow_mut();
     if nat.core.host_failed(id)
         && let Some(mut flow) = nat.flows.remove(&id)
@@ -179,37 +166,28 @@ async fn reply_task(engine: Rc<Engine>, id: FlowId, socket: Rc<UdpSocket>) {
     }
 }
 
-/// Reads what waits on a flow's socket, at most [`DRAIN_BUDGET`] messages.
+/// Reads what waits on a flow's socket, at most
+/// [`DRAIN_BUDGET`](crate::shell::udp::DRAIN_BUDGET) messages.
 fn drain(engine: &Rc<Engine>, id: FlowId, socket: &UdpSocket) -> Drained {
     let mut buf = std::mem::take(&mut engine.icmp.borrow_mut().scratch);
     buf.resize(65536, 0);
-    let mut errors = 0;
-    let mut budget = DRAIN_BUDGET;
-    let drained = loop {
-        if budget == 0 {
-            break Drained::Budget;
-        }
-        budget -= 1;
-        match socket.try_recv(&mut buf) {
-            Ok(n) => {
-                let reply = engine.icmp.borrow_mut().core.host_datagram(Instant::now(), id, &buf[..n]);
-                if let Some(packet) = reply {
-                    engine.send_ip_to_guest(&packet);
-                }
+    let drained = drain_socket(
+        socket,
+        &mut buf,
+        |message| {
+            let reply = engine.icmp.borrow_mut().core.host_datagram(Instant::now(), id, message);
+            if let Some(packet) = reply {
+                engine.send_ip_to_guest(&packet);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Drained::Empty,
-            // Reading consumes an error (an ICMP error for our request: the
-            // guest's ping times out, as it would); only a socket that keeps
-            // failing is given up.
-            Err(e) => {
-                errors += 1;
-                tracing::debug!(flow = id, error = %e, "ping error");
-                if errors > MAX_ERRORS_IN_A_ROW {
-                    break Drained::Failed;
-                }
-            }
-        }
-    };
+        },
+        // Reading consumes an error (an ICMP error for our request: the
+        // guest's ping times out, as it would); only a socket that keeps
+        // failing is given up.
+        |e| {
+            tracing::debug!(flow = id, error = %e, "ping error");
+            true
+        },
+    );
     engine.icmp.borrow_mut().scratch = buf;
     drained
 }

@@ -176,27 +176,17 @@ async fn idle_timer(engine: Rc<Engine>) {
 /// on to the guest, until the socket fails for good (or the flow ends and
 /// this task is aborted).
 async fn reply_task(engine: Rc<Engine>, id: FlowId, socket: Rc<UdpSocket>) {
-    loop {
-        let Ok(ready) = socket.ready(Interest::READABLE | Interest::ERROR).await else { break };
-        match drain(&engine, id, &socket) {
-            Drained::Empty => {}
-            // A host that sends faster than the guest link takes would
-            // otherwise keep the engine thread here: let the other flows and
-            // the packet path run, then go on.
-            Drained::Budget => tokio::task::yield_now().await,
-            Drained::Failed => break,
-        }
-        if ready.is_error() {
-            // An error the drain did not consume (SO_ERROR), then clear
-            // tokio's error readiness so we do not spin.
-            if let Ok(Some(e)) = socket.take_error()
-                && e.kind() == io::ErrorKind::ConnectionRefused
-            {
+    watch_replies(
+        &socket,
+        || drain(&engine, id, &socket),
+        // An error the drain did not consume (SO_ERROR).
+        |e| {
+            if e.kind() == io::ErrorKind::ConnectionRefused {
                 refused(&engine, id);
             }
-            let _ = socket.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-        }
-    }
+        },
+    )
+    .await;
     let mut nat = engine.udp.borrow_mut();
     if nat.core.host_failed(id)
         && let Some(mut flow) = nat.flows.remove(&id)
@@ -206,40 +196,87 @@ async fn reply_task(engine: Rc<Engine>, id: FlowId, socket: Rc<UdpSocket>) {
     }
 }
 
+/// The loop of a datagram flow's reply task (UDP here, ICMP's too): waits
+/// until the socket is readable or has an error, `drain`s it, yields after
+/// a full budget (a host that sends faster than the guest link takes would
+/// otherwise keep the engine thread here), and hands a pending socket error
+/// to `on_error`, clearing tokio's error readiness so the loop does not
+/// spin. Returns once the socket failed for good.
+pub(crate) async fn watch_replies(
+    socket: &UdpSocket,
+    mut drain: impl FnMut() -> Drained,
+    mut on_error: impl FnMut(io::Error),
+) {
+    loop {
+        let Ok(ready) = socket.ready(Interest::READABLE | Interest::ERROR).await else { return };
+        match drain() {
+            Drained::Empty => {}
+            Drained::Budget => tokio::task::yield_now().await,
+            Drained::Failed => return,
+        }
+        if ready.is_error() {
+            if let Ok(Some(e)) = socket.take_error() {
+                on_error(e);
+            }
+            let _ = socket.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+        }
+    }
+}
+
 /// Reads the datagrams waiting on a flow's socket, at most [`DRAIN_BUDGET`],
 /// and sends each to the guest as the core says.
 fn drain(engine: &Rc<Engine>, id: FlowId, socket: &UdpSocket) -> Drained {
     let mut buf = std::mem::take(&mut engine.udp.borrow_mut().scratch);
     buf.resize(SCRATCH, 0);
-    let mut errors = 0;
-    let mut budget = DRAIN_BUDGET;
-    let drained = loop {
-        if budget == 0 {
-            break Drained::Budget;
-        }
-        budget -= 1;
-        match socket.try_recv(&mut buf) {
-            Ok(n) => {
-                let route = engine.udp.borrow_mut().core.host_datagram(Instant::now(), id, n);
-                if let Some((from, to)) = route {
-                    engine.send_udp_reply(from, to, &buf[..n]);
-                }
+    let drained = drain_socket(
+        socket,
+        &mut buf,
+        |datagram| {
+            let route = engine.udp.borrow_mut().core.host_datagram(Instant::now(), id, datagram.len());
+            if let Some((from, to)) = route {
+                engine.send_udp_reply(from, to, datagram);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Drained::Empty,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(engine, id),
-            // Reading consumes the error (host or network unreachable, say);
-            // only a socket that keeps failing ends its flow.
-            Err(e) => {
-                errors += 1;
-                engine.udp.borrow_mut().core.host_error(Instant::now(), id, &e);
-                if errors > MAX_ERRORS_IN_A_ROW {
-                    break Drained::Failed;
-                }
+        },
+        |e| {
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                refused(engine, id);
+                return false;
             }
-        }
-    };
+            // Reading consumes the error (host or network unreachable, say).
+            engine.udp.borrow_mut().core.host_error(Instant::now(), id, &e);
+            true
+        },
+    );
     engine.udp.borrow_mut().scratch = buf;
     drained
+}
+
+/// Reads what waits on a datagram socket into `buf`, at most
+/// [`DRAIN_BUDGET`] reads: each datagram to `on_datagram`, each error to
+/// `on_error`, which says whether it counts towards giving the socket up
+/// (after [`MAX_ERRORS_IN_A_ROW`] of them in one drain).
+pub(crate) fn drain_socket(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    mut on_datagram: impl FnMut(&[u8]),
+    mut on_error: impl FnMut(io::Error) -> bool,
+) -> Drained {
+    let mut errors = 0;
+    for _ in 0..DRAIN_BUDGET {
+        match socket.try_recv(buf) {
+            Ok(n) => on_datagram(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
+            Err(e) => {
+                if on_error(e) {
+                    errors += 1;
+                    if errors > MAX_ERRORS_IN_A_ROW {
+                        return Drained::Failed;
+                    }
+                }
+            }
+        }
+    }
+    Drained::Budget
 }
 
 /// The host refused flow `id`'s datagrams: tell the guest.
