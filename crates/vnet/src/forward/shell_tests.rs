@@ -13,12 +13,12 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UdpSocket, UnixStream};
+use tokio::net::UdpSocket;
 
+use crate::NetConfig;
 use crate::config::DEFAULT_SUBNET6;
+use crate::shell::test_vm::{TestVm, run_engine};
 use crate::shell::{Engine, EngineConfig};
-use crate::{NetConfig, Network};
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x02]);
 
@@ -30,17 +30,11 @@ fn gateway6() -> Ipv6Addr {
     "fd5a:94ef:e40c::1".parse().unwrap()
 }
 
-struct Vm {
-    link: UnixStream,
-    gateway_mac: EthernetAddress,
-}
+struct Vm(TestVm);
 
 impl Vm {
     fn connect(engine: &Rc<Engine>) -> Vm {
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let gateway_mac = engine.net.borrow().cfg.gateway_mac;
-        tokio::task::spawn_local(engine.clone().serve(rdnet_link::LinkStream::Unix(theirs), "test".into(), None));
-        Vm { link: ours, gateway_mac }
+        Vm(TestVm::connect(engine))
     }
 
     async fn send_udp6(&mut self, src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) {
@@ -56,7 +50,7 @@ impl Vm {
         rdnet_wire::frame::ethernet(
             &mut frame,
             GUEST_MAC,
-            self.gateway_mac,
+            self.0.gateway_mac,
             EthernetProtocol::Ipv6,
             40 + ip.payload_len,
             |b| {
@@ -71,51 +65,41 @@ impl Vm {
                 );
             },
         );
-        let mut framed = (frame.len() as u16).to_le_bytes().to_vec();
-        framed.extend_from_slice(&frame);
-        self.link.write_all(&framed).await.unwrap();
+        self.0.send_frame(&frame).await;
     }
 
     /// The next UDP/IPv6 datagram to the guest within `wait` (other frames
     /// skipped): (source, destination, payload).
     async fn recv_udp6(&mut self, wait: Duration) -> Option<(SocketAddrV6, SocketAddrV6, Vec<u8>)> {
-        let next = async {
-            loop {
-                let mut len = [0u8; 2];
-                self.link.read_exact(&mut len).await.ok()?;
-                let mut frame = vec![0u8; usize::from(u16::from_le_bytes(len))];
-                self.link.read_exact(&mut frame).await.ok()?;
-                let Ok(eth) = EthernetFrame::new_checked(&frame[..]) else { continue };
+        self.0
+            .recv_within(wait, |frame| {
+                let eth = EthernetFrame::new_checked(frame).ok()?;
                 if eth.ethertype() != EthernetProtocol::Ipv6 || eth.dst_addr() != GUEST_MAC {
-                    continue;
+                    return None;
                 }
-                let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else { continue };
+                let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
                 if ip.next_header() != IpProtocol::Udp {
-                    continue;
+                    return None;
                 }
                 let udp = UdpPacket::new_checked(ip.payload()).ok()?;
                 let (src, dst) = (ip.src_addr(), ip.dst_addr());
                 assert!(udp.verify_checksum(&IpAddress::Ipv6(src), &IpAddress::Ipv6(dst)));
-                return Some((
+                Some((
                     SocketAddrV6::new(src, udp.src_port(), 0, 0),
                     SocketAddrV6::new(dst, udp.dst_port(), 0, 0),
                     udp.payload().to_vec(),
-                ));
-            }
-        };
-        tokio::time::timeout(wait, next).await.ok().flatten()
+                ))
+            })
+            .await
     }
 }
 
 fn run(ipv6: bool, test: impl AsyncFnOnce(Rc<Engine>)) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, async {
-        let mut cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
-        if ipv6 {
-            cfg = cfg.with_ipv6(Some(DEFAULT_SUBNET6.parse().unwrap())).unwrap();
-        }
-        test(Engine::new(Network::new(cfg), EngineConfig::default())).await;
-    });
+    let mut cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
+    if ipv6 {
+        cfg = cfg.with_ipv6(Some(DEFAULT_SUBNET6.parse().unwrap())).unwrap();
+    }
+    run_engine(cfg, EngineConfig::default(), test);
 }
 
 /// Exposes a UDP forward from a free loopback port to `remote`; returns

@@ -17,6 +17,8 @@ pub mod icmp;
 pub mod tcp;
 #[cfg(all(test, unix))]
 mod tcp_tests;
+#[cfg(all(test, unix))]
+pub(crate) mod test_vm;
 pub mod udp;
 
 use std::cell::RefCell;

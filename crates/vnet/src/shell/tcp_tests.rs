@@ -18,10 +18,10 @@ use smoltcp::wire::{
     TcpPacket, TcpRepr, TcpSeqNumber, TcpTimestampRepr,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
+use crate::NetConfig;
+use crate::shell::test_vm::{TestVm, run_engine};
 use crate::shell::{Engine, EngineConfig};
-use crate::{NetConfig, Network};
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x02]);
 const GUEST: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 2);
@@ -42,17 +42,11 @@ struct Segment {
     window_scale: Option<u8>,
 }
 
-struct Vm {
-    link: UnixStream,
-    gateway_mac: EthernetAddress,
-}
+struct Vm(TestVm);
 
 impl Vm {
     fn connect(engine: &Rc<Engine>) -> Vm {
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let gateway_mac = engine.net.borrow().cfg.gateway_mac;
-        tokio::task::spawn_local(engine.clone().serve(rdnet_link::LinkStream::Unix(theirs), "test".into(), None));
-        Vm { link: ours, gateway_mac }
+        Vm(TestVm::connect(engine))
     }
 
     async fn send_tcp(&mut self, dst: SocketAddrV4, src_port: u16, control: TcpControl, seq: u32, ack: Option<u32>) {
@@ -91,7 +85,7 @@ impl Vm {
             hop_limit: 64,
         };
         let mut frame = Vec::new();
-        rdnet_wire::frame::ipv4(&mut frame, GUEST_MAC, self.gateway_mac, &ip, |buf| {
+        rdnet_wire::frame::ipv4(&mut frame, GUEST_MAC, self.0.gateway_mac, &ip, |buf| {
             tcp.emit(
                 &mut TcpPacket::new_unchecked(buf),
                 &IpAddress::Ipv4(GUEST),
@@ -99,9 +93,7 @@ impl Vm {
                 &ChecksumCapabilities::default(),
             )
         });
-        let mut framed = (frame.len() as u16).to_le_bytes().to_vec();
-        framed.extend_from_slice(&frame);
-        self.link.write_all(&framed).await.unwrap();
+        self.0.send_frame(&frame).await;
     }
 
     /// The next TCP segment to the guest (other frames skipped), if one
@@ -111,19 +103,15 @@ impl Vm {
     }
 
     async fn recv_tcp_within(&mut self, wait: Duration) -> Option<Segment> {
-        let next = async {
-            loop {
-                let mut len = [0u8; 2];
-                self.link.read_exact(&mut len).await.ok()?;
-                let mut frame = vec![0u8; usize::from(u16::from_le_bytes(len))];
-                self.link.read_exact(&mut frame).await.ok()?;
-                let Ok(eth) = EthernetFrame::new_checked(&frame[..]) else { continue };
+        self.0
+            .recv_within(wait, |frame| {
+                let eth = EthernetFrame::new_checked(frame).ok()?;
                 if eth.ethertype() != EthernetProtocol::Ipv4 {
-                    continue;
+                    return None;
                 }
-                let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else { continue };
+                let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
                 if ip.next_header() != IpProtocol::Tcp || ip.dst_addr() != GUEST {
-                    continue;
+                    return None;
                 }
                 let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
                 assert!(tcp.verify_checksum(&IpAddress::Ipv4(ip.src_addr()), &IpAddress::Ipv4(GUEST)));
@@ -134,7 +122,7 @@ impl Vm {
                     &ChecksumCapabilities::default(),
                 )
                 .ok()?;
-                return Some(Segment {
+                Some(Segment {
                     src_port: repr.src_port,
                     dst_port: repr.dst_port,
                     control: repr.control,
@@ -145,10 +133,9 @@ impl Vm {
                     ack_number: repr.ack_number.map_or(0, |a| a.0 as u32),
                     window_len: repr.window_len,
                     window_scale: repr.window_scale,
-                });
-            }
-        };
-        tokio::time::timeout(wait, next).await.ok().flatten()
+                })
+            })
+            .await
     }
 }
 
@@ -157,12 +144,7 @@ fn run(test: impl AsyncFnOnce(Rc<Engine>)) {
 }
 
 fn run_with(config: EngineConfig, test: impl AsyncFnOnce(Rc<Engine>)) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, async {
-        let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
-        let engine = Engine::new(Network::new(cfg), config);
-        test(engine).await;
-    });
+    run_engine(NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap(), config, test);
 }
 
 #[test]
