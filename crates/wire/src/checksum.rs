@@ -108,10 +108,8 @@ pub fn fill_ip_transport(packet: &mut [u8], offset: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    };
+    use crate::test_packets::tcp_packet;
+    use smoltcp::wire::{IpAddress, Ipv4Address, TcpPacket};
 
     /// The textbook definition, 16 bits at a time, for comparison.
     fn reference(data: &[u8]) -> u16 {
@@ -142,36 +140,7 @@ mod tests {
         let (src, dst) = (Ipv4Address::new(192, 168, 127, 254), Ipv4Address::new(192, 168, 127, 2));
         for n in [0usize, 1, 2, 3, 1460, 30_001] {
             let payload: Vec<u8> = (0..n).map(|i| (i * 31) as u8).collect();
-            let repr = TcpRepr {
-                src_port: 80,
-                dst_port: 40000,
-                control: TcpControl::Psh,
-                seq_number: TcpSeqNumber(1),
-                ack_number: Some(TcpSeqNumber(2)),
-                window_len: 100,
-                window_scale: None,
-                max_seg_size: None,
-                sack_permitted: false,
-                sack_ranges: [None; 3],
-                timestamp: None,
-                payload: &payload,
-            };
-            let ip = Ipv4Repr {
-                src_addr: src,
-                dst_addr: dst,
-                next_header: IpProtocol::Tcp,
-                payload_len: repr.buffer_len(),
-                hop_limit: 64,
-            };
-            let mut buf = vec![0u8; 20 + repr.buffer_len()];
-            let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
-            ip.emit(&mut p, &ChecksumCapabilities::default());
-            repr.emit(
-                &mut TcpPacket::new_unchecked(p.payload_mut()),
-                &IpAddress::Ipv4(src),
-                &IpAddress::Ipv4(dst),
-                &ChecksumCapabilities::default(),
-            );
+            let mut buf = tcp_packet(src.into(), dst.into(), &payload);
             let want = buf.clone();
             buf[36] ^= 0x5a;
             assert!(fill_ipv4_transport(&mut buf, 16));
@@ -184,40 +153,11 @@ mod tests {
 
     #[test]
     fn ipv6_transport_checksums_verify_with_smoltcp() {
-        use smoltcp::wire::{Ipv6Address, Ipv6Packet, Ipv6Repr};
+        use smoltcp::wire::{Ipv6Address, Ipv6Packet};
         let (src, dst) = (Ipv6Address::new(0xfd5a, 0, 0, 0, 0, 0, 0, 1), Ipv6Address::new(0xfd5a, 0, 0, 0, 0, 0, 0, 2));
         for payload in [&b""[..], b"a", b"odd length!", &[0xffu8; 3001][..]] {
-            let repr = TcpRepr {
-                src_port: 80,
-                dst_port: 40000,
-                control: TcpControl::Psh,
-                seq_number: TcpSeqNumber(1),
-                ack_number: Some(TcpSeqNumber(2)),
-                window_len: 100,
-                window_scale: None,
-                max_seg_size: None,
-                sack_permitted: false,
-                sack_ranges: [None; 3],
-                timestamp: None,
-                payload,
-            };
-            let ip = Ipv6Repr {
-                src_addr: src,
-                dst_addr: dst,
-                next_header: IpProtocol::Tcp,
-                payload_len: repr.buffer_len(),
-                hop_limit: 64,
-            };
-            let mut p = vec![0u8; 40 + repr.buffer_len()];
-            let mut pkt = Ipv6Packet::new_unchecked(&mut p[..]);
-            ip.emit(&mut pkt);
-            let caps = ChecksumCapabilities::ignored();
-            repr.emit(
-                &mut TcpPacket::new_unchecked(pkt.payload_mut()),
-                &IpAddress::Ipv6(src),
-                &IpAddress::Ipv6(dst),
-                &caps,
-            );
+            let mut p = tcp_packet(src.into(), dst.into(), payload);
+            p[40 + 16] ^= 0x5a;
             assert!(fill_ip_transport(&mut p, 16));
             let pkt = Ipv6Packet::new_checked(&p[..]).unwrap();
             assert!(

@@ -11,6 +11,8 @@ pub mod mac;
 pub mod ndp_dns;
 pub mod offload;
 pub mod ratelimit;
+#[cfg(test)]
+mod test_packets;
 pub mod vnet_hdr;
 
 pub use mac::{Mac, MacDisplay, parse_mac};

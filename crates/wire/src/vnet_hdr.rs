@@ -134,46 +134,12 @@ pub fn header_to_tap(frame: &mut [u8], mtu: usize) -> Option<VnetHdr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    };
+    use smoltcp::wire::{IpAddress, Ipv4Address, Ipv4Packet, TcpPacket};
 
     /// An Ethernet frame holding IPv4 TCP with `payload`, checksums complete.
     fn tcp_frame(payload: &[u8]) -> Vec<u8> {
         let (src, dst) = (Ipv4Address::new(192, 168, 127, 254), Ipv4Address::new(192, 168, 127, 2));
-        let repr = TcpRepr {
-            src_port: 5201,
-            dst_port: 40000,
-            control: TcpControl::Psh,
-            seq_number: TcpSeqNumber(7),
-            ack_number: Some(TcpSeqNumber(9)),
-            window_len: 512,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload,
-        };
-        let ip = Ipv4Repr {
-            src_addr: src,
-            dst_addr: dst,
-            next_header: IpProtocol::Tcp,
-            payload_len: repr.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut f = vec![0u8; ETH + 20 + repr.buffer_len()];
-        f[12..14].copy_from_slice(&[8, 0]);
-        let mut p = Ipv4Packet::new_unchecked(&mut f[ETH..]);
-        ip.emit(&mut p, &ChecksumCapabilities::default());
-        repr.emit(
-            &mut TcpPacket::new_unchecked(p.payload_mut()),
-            &IpAddress::Ipv4(src),
-            &IpAddress::Ipv4(dst),
-            &ChecksumCapabilities::default(),
-        );
-        f
+        crate::test_packets::tcp_frame(src.into(), dst.into(), payload)
     }
 
     fn tcp_checksum_ok(f: &[u8]) -> bool {
@@ -255,41 +221,11 @@ mod tests {
 
     #[test]
     fn large_ipv6_segment_to_tap_then_back_restores_the_checksum() {
-        use smoltcp::wire::{Ipv6Address, Ipv6Packet, Ipv6Repr};
+        use smoltcp::wire::Ipv6Address;
         let (src, dst) =
             (Ipv6Address::new(0xfd5a, 0, 0, 0, 0, 0, 0, 0xfe), Ipv6Address::new(0xfd5a, 0, 0, 0, 0, 0, 0, 2));
         let payload: Vec<u8> = (0..60_000u32).map(|i| (i * 13 + i / 253) as u8).collect();
-        let repr = TcpRepr {
-            src_port: 5201,
-            dst_port: 40000,
-            control: TcpControl::Psh,
-            seq_number: TcpSeqNumber(7),
-            ack_number: Some(TcpSeqNumber(9)),
-            window_len: 512,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload: &payload,
-        };
-        let ip = Ipv6Repr {
-            src_addr: src,
-            dst_addr: dst,
-            next_header: IpProtocol::Tcp,
-            payload_len: repr.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut original = vec![0u8; ETH + 40 + repr.buffer_len()];
-        original[12..14].copy_from_slice(&[0x86, 0xdd]);
-        let mut p = Ipv6Packet::new_unchecked(&mut original[ETH..]);
-        ip.emit(&mut p);
-        repr.emit(
-            &mut TcpPacket::new_unchecked(p.payload_mut()),
-            &IpAddress::Ipv6(src),
-            &IpAddress::Ipv6(dst),
-            &ChecksumCapabilities::default(),
-        );
+        let original = crate::test_packets::tcp_frame(src.into(), dst.into(), &payload);
         let mut f = original.clone();
         let h = header_to_tap(&mut f, 1500).expect("a GSO header");
         assert_eq!((h.flags, h.gso_type, h.csum_start, h.csum_offset), (F_NEEDS_CSUM, GSO_TCPV6, 54, 16));
