@@ -447,13 +447,15 @@ impl Engine {
     /// Ethernet header this writes). Saves the copy of a 64 KiB segment
     /// from a buffer of its own. When that cannot be done (destination
     /// unknown, frame too big for the port, port full) `fill` comes back
-    /// unused, for the general path, which deals with those cases.
+    /// unused, for the general path, which deals with those cases. With
+    /// `fill`'s result comes what the port has queued now (see
+    /// [`Engine::port_backlog`]).
     pub fn build_frame_to_guest<R, F: FnOnce(&mut [u8]) -> R>(
         &self,
         dst: std::net::IpAddr,
         len: usize,
         fill: F,
-    ) -> Result<R, F> {
+    ) -> Result<(R, usize), F> {
         let mut net = self.net.borrow_mut();
         let frame_len = rdnet_wire::frame::ETH_HEADER + len;
         let Some((port, mac)) = net.port_for_guest(dst, frame_len) else { return Err(fill) };
@@ -471,7 +473,7 @@ impl Engine {
         ports.commit(port, frame_len);
         net.stats.frames_out += 1;
         net.stats.bytes_out += frame_len as u64;
-        Ok(r)
+        Ok((r, ports.map.get(&port).map_or(0, |tx| tx.used)))
     }
 
     /// Sends a complete IPv4 packet to the guest owning its destination.
