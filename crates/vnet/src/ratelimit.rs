@@ -53,6 +53,39 @@ macro_rules! limited_warn {
     };
 }
 
+/// At most one probe a second per address (ARP, neighbour solicitation),
+/// remembered for at most `MAX` addresses at once: beyond them, no probe
+/// until some are a second old.
+#[derive(Debug)]
+pub struct ProbeLimit<K, const MAX: usize> {
+    last: crate::FastMap<K, Instant>,
+}
+
+impl<K, const MAX: usize> Default for ProbeLimit<K, MAX> {
+    fn default() -> Self {
+        ProbeLimit { last: crate::FastMap::default() }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, const MAX: usize> ProbeLimit<K, MAX> {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    /// Whether `key` may be probed now (if so, counted as probed).
+    pub fn allow(&mut self, key: K, now: Instant) -> bool {
+        if self.last.get(&key).is_some_and(|last| now.saturating_duration_since(*last) < Self::EVERY) {
+            return false;
+        }
+        if self.last.len() >= MAX {
+            self.last.retain(|_, t| now.saturating_duration_since(*t) < Self::EVERY);
+            if self.last.len() >= MAX {
+                return false;
+            }
+        }
+        self.last.insert(key, now);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +101,18 @@ mod tests {
         assert_eq!(l.check("k", t0), Verdict::Quiet);
         assert_eq!(l.check("other", t0), Verdict::Log { suppressed: 0 });
         assert_eq!(l.check("k", t0 + WINDOW), Verdict::Log { suppressed: 2 });
+    }
+
+    #[test]
+    fn probes_once_a_second_per_key_for_a_bounded_number_of_keys() {
+        let mut p = ProbeLimit::<u32, 2>::default();
+        let t0 = Instant::now();
+        assert!(p.allow(1, t0));
+        assert!(!p.allow(1, t0 + Duration::from_millis(999)));
+        assert!(p.allow(1, t0 + Duration::from_secs(1)));
+        assert!(p.allow(2, t0 + Duration::from_secs(1)));
+        // Full of keys probed within the second: none more until they age.
+        assert!(!p.allow(3, t0 + Duration::from_millis(1500)));
+        assert!(p.allow(3, t0 + Duration::from_secs(2)));
     }
 }

@@ -64,15 +64,9 @@ impl Network {
         if !self.cfg.subnet.contains(&ip) || self.cfg.is_gateway_owned(ip) {
             return;
         }
-        if let Some(last) = self.arp_probes.get(&ip)
-            && now.saturating_duration_since(*last) < std::time::Duration::from_secs(1)
-        {
+        if !self.arp_probes.allow(ip, now) {
             return;
         }
-        if self.arp_probes.len() >= MAX_NEIGHBORS {
-            self.arp_probes.retain(|_, t| now.saturating_duration_since(*t) < std::time::Duration::from_secs(1));
-        }
-        self.arp_probes.insert(ip, now);
         let req = ArpRepr::EthernetIpv4 {
             operation: ArpOperation::Request,
             source_hardware_addr: self.cfg.gateway_mac,

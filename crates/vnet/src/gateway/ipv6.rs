@@ -61,8 +61,8 @@ const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
 pub struct Ipv6State {
     owner: FastMap<Ipv6Addr, EthernetAddress>,
     by_mac: FastMap<EthernetAddress, Vec<(Ipv6Addr, Instant)>>,
-    /// When each address was last solicited (at most once a second each).
-    probes: FastMap<Ipv6Addr, Instant>,
+    /// Guest addresses solicited in the last second.
+    probes: crate::ratelimit::ProbeLimit<Ipv6Addr, MAX_NEIGHBORS6>,
     next_ra: Option<Instant>,
     errors: (Option<Instant>, u32),
 }
@@ -125,23 +125,6 @@ impl Ipv6State {
     }
 
     /// Whether one more ICMPv6 error fits this second's budget.
-    /// Whether `ip` may be solicited now (once a second per address, the
-    /// table bounded as the neighbour table is).
-    fn probe_allowed(&mut self, ip: Ipv6Addr, now: Instant) -> bool {
-        let second = Duration::from_secs(1);
-        if self.probes.get(&ip).is_some_and(|last| now.saturating_duration_since(*last) < second) {
-            return false;
-        }
-        if self.probes.len() >= MAX_NEIGHBORS6 {
-            self.probes.retain(|_, t| now.saturating_duration_since(*t) < second);
-            if self.probes.len() >= MAX_NEIGHBORS6 {
-                return false;
-            }
-        }
-        self.probes.insert(ip, now);
-        true
-    }
-
     fn error_allowed(&mut self, now: Instant) -> bool {
         let (start, count) = &mut self.errors;
         if start.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
@@ -415,7 +398,7 @@ impl Network {
     pub fn neighbor_probe6(&mut self, ip: Ipv6Addr, now: Instant, out: &mut impl FrameSink) {
         let Some(v6) = self.cfg.ipv6.clone() else { return };
         let link_local = is_link_local(&ip);
-        if !(link_local || v6.prefix.contains(&ip)) || v6.owns(&ip) || !self.ipv6.probe_allowed(ip, now) {
+        if !(link_local || v6.prefix.contains(&ip)) || v6.owns(&ip) || !self.ipv6.probes.allow(ip, now) {
             return;
         }
         let o = ip.octets();
