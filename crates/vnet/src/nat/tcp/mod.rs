@@ -839,7 +839,6 @@ impl TcpCore {
     pub fn drive(&mut self, now: Instant, id: FlowId, host: &mut impl HostStream, link: &mut impl GuestLink) -> Step {
         let registered = self.is_registered(id);
         let smol_now = self.smol_now(now);
-        TSVAL_MS.with(|t| t.set(smol_now.total_millis() as u32));
         let TcpCore { flows, iface, admission, reports, mtu, link_mtu, .. } = self;
         let Some(flow) = flows.get_mut(&id) else { return Step::Done(End::Reset) };
         let mut poll = Stack { iface, now: smol_now, mtu: *mtu, link_mtu: *link_mtu, link };
