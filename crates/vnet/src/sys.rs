@@ -214,6 +214,31 @@ impl LazyRegion {
     }
 }
 
+impl LazyRegion {
+    /// Makes the region as good as new for a next user, without giving its
+    /// address space back (the TCP NAT keeps a few for its next flows, see
+    /// `RegionPool`): nothing committed by its count, ready to be split
+    /// again. Where committing costs nothing (Linux release builds) the
+    /// pages themselves stay, so the next user writes them without a page
+    /// fault, reading stale bytes only where it reads what it never wrote,
+    /// which smoltcp's ring buffers do not; elsewhere they are decommitted,
+    /// as [`LazyRegion::release`] does.
+    ///
+    /// # Safety
+    ///
+    /// The slices [`LazyRegion::split`] handed out, and everything they were
+    /// handed to, are dropped or never used again.
+    pub unsafe fn recycle(&mut self) {
+        // SAFETY: `ptr`/`mapped` are exactly the reservation, and nobody
+        // reads the old contents (the caller's contract).
+        unsafe { os::forget(self.ptr.as_ptr(), self.mapped) };
+        COMMITTED.fetch_sub(self.committed(), Ordering::Relaxed);
+        self.bits.fill(0);
+        self.committed_chunks = 0;
+        self.handed_out = false;
+    }
+}
+
 impl Drop for LazyRegion {
     fn drop(&mut self) {
         COMMITTED.fetch_sub(self.committed(), Ordering::Relaxed);
@@ -380,6 +405,20 @@ mod os {
         }
     }
 
+    /// Counts the pages of `p..p+len` as uncommitted again. Release builds
+    /// keep them: a commit is no system call there, and the pages are
+    /// writable already. Debug builds decommit, so the next user's
+    /// uncommitted write still faults.
+    ///
+    /// # Safety
+    /// As [`decommit`].
+    pub unsafe fn forget(p: *mut u8, len: usize) {
+        if STRICT {
+            // SAFETY: the caller's contract.
+            unsafe { decommit(p, len) }
+        }
+    }
+
     pub fn process_memory() -> Option<ProcessMemory> {
         let status = std::fs::read_to_string("/proc/self/status").ok()?;
         let kib = |key: &str| {
@@ -447,6 +486,10 @@ mod os {
         unsafe { VirtualFree(p.cast(), len, MEM_DECOMMIT) };
     }
 
+    /// Commit charge is real here: a recycled region's pages are
+    /// decommitted.
+    pub use decommit as forget;
+
     /// # Safety
     /// `p` is exactly a reservation made by `reserve`, no longer used.
     pub unsafe fn free(p: *mut u8, _len: usize) {
@@ -507,6 +550,7 @@ mod os {
         false
     }
     pub unsafe fn decommit(_: *mut u8, _: usize) {}
+    pub use decommit as forget;
     pub unsafe fn free(_: *mut u8, _: usize) {}
     pub fn process_memory() -> Option<ProcessMemory> {
         None

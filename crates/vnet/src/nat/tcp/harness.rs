@@ -649,7 +649,9 @@ fn time_wait_holds_nothing_and_the_4_tuple_is_reused_at_once() {
     assert!(w.sent().iter().all(|s| s.control != TcpControl::Rst));
     assert_eq!(w.settle(id, &mut host), Step::Done(End::Closed), "the old one ends cleanly");
     assert_eq!(w.core.len(), 1);
+    assert_eq!(w.core.pooled_regions(), 1, "the ended flow's buffers wait for the next flow");
     assert!(w.connected(connect.id, ConnectResult::Connected));
+    assert_eq!(w.core.pooled_regions(), 0, "and the next flow has them");
     again.accept(&w.sent()[0]);
     // And a flow that ends in TIME-WAIT by itself is freed too.
     let mut guest = Guest::v4(40001, alias(80));

@@ -184,6 +184,63 @@ impl FlowMemory {
     }
 }
 
+/// How many ended flows' regions [`RegionPool`] keeps.
+pub const POOL_REGIONS: usize = 16;
+/// The most a kept region may hold on to: one that held more is released
+/// first (so the pool pins at most `POOL_REGIONS` × this much memory). A
+/// connection that moved a few bytes each way counts about 96 KiB here
+/// (a chunk each way, and a host read's [`READ_AHEAD`]), though it wrote
+/// only a page or two of it.
+pub const POOL_KEEP: usize = 8 * crate::sys::CHUNK;
+
+/// The regions of flows that ended, for the next flows: a short connection
+/// then costs no `mmap`, no `munmap` (with its TLB flush) and, where the
+/// pages stay (see [`LazyRegion::recycle`]), no page faults. Those were
+/// about a sixth of host-switch's CPU per connection (issue 18).
+#[derive(Default)]
+pub struct RegionPool {
+    spare: Vec<LazyRegion>,
+}
+
+impl RegionPool {
+    /// A region of `len` bytes: a kept one if it has the size, else new.
+    pub fn take(&mut self, len: usize) -> Option<LazyRegion> {
+        match self.spare.pop() {
+            Some(region) if region.len() == len => Some(region),
+            _ => LazyRegion::new(len),
+        }
+    }
+
+    /// Keeps `memory`'s region for a next flow, if there is room.
+    ///
+    /// # Safety
+    ///
+    /// As [`LazyRegion::recycle`]: the buffers the region was split into
+    /// (the flow's smoltcp socket) are gone.
+    #[allow(unsafe_code)]
+    pub unsafe fn give_back(&mut self, memory: FlowMemory) {
+        let mut region = memory.region;
+        if self.spare.len() >= POOL_REGIONS {
+            return;
+        }
+        if region.committed() > POOL_KEEP {
+            region.release();
+        }
+        // SAFETY: the caller's contract.
+        unsafe { region.recycle() };
+        self.spare.push(region);
+    }
+
+    /// Regions kept now.
+    pub fn len(&self) -> usize {
+        self.spare.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spare.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,5 +513,48 @@ mod tests {
         m.before_guest_data(1000 + RX as u32 - 10, 20, 0).unwrap();
         assert_eq!(m.committed(), 2 * CHUNK, "last chunk and first chunk");
         assert!(flow_memory(3 * CHUNK, CHUNK).is_none(), "the ring must be a power of two");
+    }
+
+    /// An ended flow's region serves the next flow as new (nothing counted
+    /// as committed, splittable again, its writes still needing a commit:
+    /// debug builds decommit it), a region that held much is released first,
+    /// and the pool stays bounded.
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_pool_hands_ended_regions_to_the_next_flows() {
+        let mut pool = RegionPool::default();
+        let len = RX + 4 * CHUNK;
+        let mut region = pool.take(len).unwrap();
+        // SAFETY (every split here): the slices are dropped before the
+        // region goes back to the pool.
+        let (a, _) = unsafe { region.split(RX) }.unwrap();
+        let first = a.as_ptr();
+        region.commit(0, 2 * CHUNK).unwrap();
+        a[..2 * CHUNK].fill(7);
+        // SAFETY: `a` is not used again.
+        unsafe { pool.give_back(FlowMemory::new(region, RX).unwrap()) };
+        assert_eq!(pool.len(), 1);
+
+        let mut again = pool.take(len).unwrap();
+        assert_eq!(again.committed(), 0);
+        let (a, _) = unsafe { again.split(RX) }.unwrap();
+        assert_eq!(a.as_ptr(), first, "the same region");
+        again.commit(0, 1).unwrap();
+        a[0] = 1;
+        assert!(pool.is_empty());
+        // A region of another size is not handed out for this one.
+        unsafe { pool.give_back(FlowMemory::new(again, RX).unwrap()) };
+        assert_ne!(pool.take(2 * len).unwrap().len(), len);
+        assert!(pool.is_empty());
+
+        // Beyond POOL_KEEP: released before it is kept; beyond POOL_REGIONS: freed.
+        let regions: Vec<_> = (0..POOL_REGIONS + 3).map(|_| pool.take(len).unwrap()).collect();
+        for mut r in regions {
+            let _ = unsafe { r.split(RX) }.unwrap();
+            r.commit(0, len).unwrap();
+            unsafe { pool.give_back(FlowMemory::new(r, RX).unwrap()) };
+        }
+        assert_eq!(pool.len(), POOL_REGIONS);
+        assert!(pool.spare.iter().all(|r| r.committed() == 0));
     }
 }

@@ -43,6 +43,8 @@
 //! goes to smoltcp and before a host read fills the send buffer, the bytes
 //! they will write are committed; where the system refuses, the flow is
 //! reset (a new one refused with RST) and counted in `memory_refused`.
+//! An ended flow's region goes to a small pool (`memory::RegionPool`) for
+//! the next flow, so a short connection maps, unmaps and faults in nothing.
 //!
 //! *Closing.* A guest FIN shuts down the host stream's write side once all
 //! data is written; a host EOF closes the smoltcp socket, which sends FIN
@@ -82,10 +84,9 @@ use smoltcp::wire::{
 
 use crate::nat::NatPolicy;
 use crate::nat::tcp::admission::{Admission, Refused};
-use crate::nat::tcp::memory::{FlowMemory, HostRead, PROBE};
+use crate::nat::tcp::memory::{FlowMemory, HostRead, PROBE, RegionPool};
 use crate::ratelimit::LogLimiter;
 use crate::switch::PortId;
-use crate::sys::LazyRegion;
 use crate::{FastMap, FastSet};
 use rdnet_wire::frame::{ETH_HEADER, IPV4_HEADER, IPV6_HEADER};
 
@@ -289,6 +290,20 @@ struct Flow {
     host: HostSide,
 }
 
+impl Flow {
+    /// Ends the flow, keeping its buffer memory in `pool` for a next one.
+    #[allow(unsafe_code)]
+    fn end_into(mut self, pool: &mut RegionPool) {
+        // The socket, whose buffers are the region's slices, goes first.
+        self.sockets = SocketSet::new(Vec::new());
+        if let Some(memory) = self.memory.take() {
+            // SAFETY: the flow's only socket was in the set dropped above,
+            // and nothing else was given the region's slices.
+            unsafe { pool.give_back(memory) };
+        }
+    }
+}
+
 impl Drop for Flow {
     /// The socket set goes first, whatever the order of the fields: its
     /// socket's buffers are slices of `memory`'s region, which is unmapped
@@ -336,6 +351,8 @@ pub struct TcpCore {
     gateways: Gateways,
     services: FastSet<u16>,
     reports: Reports,
+    /// Ended flows' buffer regions, for the next flows.
+    regions: RegionPool,
 }
 
 /// Where flows report: the counters and the log limiter.
@@ -528,6 +545,7 @@ impl TcpCore {
             gateways: Gateways { ipv4: gateway, ipv6: gateway6.map(|(ip, _)| ip) },
             services: FastSet::default(),
             reports: Reports::default(),
+            regions: RegionPool::default(),
         }
     }
 
@@ -560,6 +578,12 @@ impl TcpCore {
         self.flows.values().map(|f| f.memory.as_ref().map_or(0, FlowMemory::committed)).sum()
     }
 
+    /// Ended flows' regions kept for the next ones (tests).
+    #[cfg(test)]
+    pub(crate) fn pooled_regions(&self) -> usize {
+        self.regions.len()
+    }
+
     /// The guest address of flow `id`, while it exists.
     pub fn guest_of(&self, id: FlowId) -> Option<SocketAddr> {
         self.flows.get(&id).map(|f| f.key.guest)
@@ -585,6 +609,7 @@ impl TcpCore {
             if self.by_key.get(&flow.key) == Some(&id) {
                 self.by_key.remove(&flow.key);
             }
+            flow.end_into(&mut self.regions);
         }
     }
 
@@ -740,7 +765,7 @@ impl TcpCore {
             return Connected::Drop;
         }
         let smol_now = self.smol_now(now);
-        let TcpCore { flows, iface, reports, mtu, link_mtu, .. } = self;
+        let TcpCore { flows, iface, reports, mtu, link_mtu, regions, .. } = self;
         let Some(flow) = flows.get_mut(&id) else { return Connected::Drop };
         let Phase::Connecting { syn } = std::mem::replace(&mut flow.phase, Phase::Connecting { syn: Vec::new() })
         else {
@@ -765,7 +790,7 @@ impl TcpCore {
                 return Connected::Drop;
             }
         }
-        let Some((mut socket, memory)) = new_socket() else {
+        let Some((mut socket, memory)) = new_socket(regions) else {
             let key = flow.key;
             reports.memory_refused(now, &key);
             self.remove(id);
@@ -803,7 +828,7 @@ impl TcpCore {
             Refused::TooManyFlows | Refused::TooManyHalfOpen => GuestConnectError::TooManyFlows,
         })?;
         let key = FlowKey { guest, remote: SocketAddr::new(gateway, port) };
-        let Some((mut socket, memory)) = new_socket() else {
+        let Some((mut socket, memory)) = new_socket(&mut self.regions) else {
             self.reports.stats.memory_refused += 1;
             return Err(GuestConnectError::NoMemory);
         };
@@ -1236,8 +1261,8 @@ fn rst_for_packet(link: &mut impl GuestLink, key: &FlowKey, packet: &[u8]) {
 /// when the address space cannot be had. The memory must outlive the
 /// socket: both go into one `Flow` (see its `Drop`).
 #[allow(unsafe_code)]
-fn new_socket() -> Option<(tcp::Socket<'static>, FlowMemory)> {
-    let mut region = LazyRegion::new(RX_BUFFER + TX_BUFFER)?;
+fn new_socket(regions: &mut RegionPool) -> Option<(tcp::Socket<'static>, FlowMemory)> {
+    let mut region = regions.take(RX_BUFFER + TX_BUFFER)?;
     // SAFETY: the slices go only into the socket returned with the region's
     // owner; every caller puts the socket into a `Flow`'s socket set and
     // the memory into the same `Flow`, whose `Drop` drops the socket set
@@ -1246,7 +1271,9 @@ fn new_socket() -> Option<(tcp::Socket<'static>, FlowMemory)> {
     let memory = FlowMemory::new(region, RX_BUFFER)?;
     let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     socket.set_nagle_enabled(false);
-    socket.set_ack_delay(None);
+    socket.set_ack_delay(
+        std::env::var("RDNET_ACK_DELAY_US").ok().and_then(|v| v.parse().ok()).map(smoltcp::time::Duration::from_micros),
+    );
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
     // Dropped again by smoltcp if the guest's SYN has no timestamp option.
     socket.set_tsval_generator(Some(tsval));
