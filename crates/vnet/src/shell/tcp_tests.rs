@@ -444,3 +444,30 @@ fn an_idle_flow_gives_its_buffer_memory_back() {
         assert_eq!((engine.tcp.borrow().committed(), engine.tcp.borrow().len()), (0, 1));
     });
 }
+
+/// Keepalive (a host peer that vanishes is noticed) is turned on once a
+/// flow has lived a second, not at connect: most connections end sooner
+/// and spare the system calls (issue 18). A silent flow gets it too.
+#[test]
+fn a_host_connection_gets_keepalive_once_it_has_lived_a_second() {
+    fn timer(port: u16) -> String {
+        // Our connecting socket: the one whose peer is the listener.
+        let out = std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", "dst", &format!("127.0.0.1:{port}")])
+            .output()
+            .expect("ss (iproute2)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    run(async |engine| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dst = SocketAddrV4::new(ALIAS, port);
+        let mut vm = Vm::connect(&engine);
+        let (_host, ..) = establish(&mut vm, &listener, dst, 41_000).await;
+        let young = timer(port);
+        assert!(!young.is_empty() && !young.contains("keepalive"), "{young}");
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let old = timer(port);
+        assert!(old.contains("keepalive"), "{old}");
+    });
+}
