@@ -910,6 +910,9 @@ def udp_rows(k, s, rate="2G"):
 
 def memory_rows(s):
     pid = s.host_switch_pid()
+    if not listening(s.h, 7000):  # the rr rows' echo server, when they did not run
+        spawn(s.h, os.path.join(REL, "rdnet-bench"), "server", "--listen", "127.0.0.1:7000")
+        wait_for(lambda: listening(s.h, 7000))
     row("host-switch RSS idle", mem_kib(pid, "VmRSS") / 1024, "MiB", target=("<=", 16, "value"))
     held = tool(s.g, "hold", "--connect", f"{HOST_ALIAS}:7000", "--count", "5000", "--hold", "2", timeout=180)
     row("host-switch peak RSS with 5000 connections", mem_kib(pid, "VmHWM") / 1024, "MiB",
