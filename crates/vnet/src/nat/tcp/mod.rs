@@ -337,7 +337,7 @@ impl Gateways {
 }
 
 pub struct TcpCore {
-    iface: Interface,
+    smol: Smol,
     /// Time zero of smoltcp's clock (and of the TCP timestamps).
     epoch: Instant,
     by_key: FastMap<FlowKey, FlowId>,
@@ -345,9 +345,6 @@ pub struct TcpCore {
     next_id: u64,
     /// The bounds on new flows (`--max-flows`, half-open per guest).
     pub admission: Admission,
-    mtu: usize,
-    /// The configured MTU of the VM links.
-    link_mtu: usize,
     gateways: Gateways,
     services: FastSet<u16>,
     reports: Reports,
@@ -534,14 +531,12 @@ impl TcpCore {
             }
         });
         TcpCore {
-            iface,
+            smol: Smol { iface, mtu, link_mtu },
             epoch: now,
             by_key: FastMap::default(),
             flows: FastMap::default(),
             next_id: 0,
             admission: Admission::new(max_flows),
-            mtu,
-            link_mtu,
             gateways: Gateways { ipv4: gateway, ipv6: gateway6.map(|(ip, _)| ip) },
             services: FastSet::default(),
             reports: Reports::default(),
@@ -638,7 +633,7 @@ impl TcpCore {
             } else {
                 // smoltcp's MTU is the largest a link carries, so the MSS is
                 // all that keeps its segments within this guest's MTU.
-                rdnet_wire::frame::clamp_tcp_mss(&mut p, mss(self.link_mtu));
+                rdnet_wire::frame::clamp_tcp_mss(&mut p, mss(self.smol.link_mtu));
             }
             rewritten = p;
             &rewritten[..]
@@ -650,7 +645,7 @@ impl TcpCore {
         let mut outcome = GuestOutcome::default();
         if let Some(&id) = self.by_key.get(&key) {
             let smol_now = self.smol_now(now);
-            let TcpCore { flows, iface, admission, by_key, reports, mtu, link_mtu, .. } = self;
+            let TcpCore { flows, smol, admission, by_key, reports, .. } = self;
             let Some(flow) = flows.get_mut(&id) else {
                 by_key.remove(&key);
                 return outcome;
@@ -681,7 +676,7 @@ impl TcpCore {
                     outcome.wake = Some(id);
                 }
                 Phase::Open { handle } => {
-                    let mut poll = Stack { iface, now: smol_now, mtu: *mtu, link_mtu: *link_mtu, link };
+                    let mut poll = smol.stack(smol_now, link);
                     guest_segment(&mut poll, flow, handle, &seg, packet, reports, now);
                     outcome.wake = Some(id);
                     return outcome;
@@ -765,7 +760,7 @@ impl TcpCore {
             return Connected::Drop;
         }
         let smol_now = self.smol_now(now);
-        let TcpCore { flows, iface, reports, mtu, link_mtu, regions, .. } = self;
+        let TcpCore { flows, smol, reports, regions, .. } = self;
         let Some(flow) = flows.get_mut(&id) else { return Connected::Drop };
         let Phase::Connecting { syn } = std::mem::replace(&mut flow.phase, Phase::Connecting { syn: Vec::new() })
         else {
@@ -809,7 +804,7 @@ impl TcpCore {
         // The SYN was parsed when it came: these cannot fail.
         let Some((_, _, hl)) = ip_addresses(&syn) else { return Connected::Drop };
         let Some(Ok(seg)) = syn.get(hl..).map(TcpPacket::new_checked) else { return Connected::Drop };
-        let mut poll = Stack { iface, now: smol_now, mtu: *mtu, link_mtu: *link_mtu, link };
+        let mut poll = smol.stack(smol_now, link);
         guest_segment(&mut poll, flow, handle, &seg, &syn, reports, now);
         Connected::Run
     }
@@ -834,7 +829,7 @@ impl TcpCore {
         };
         let local = IpListenEndpoint { addr: Some(gateway.into()), port };
         socket
-            .connect(self.iface.context(), (IpAddress::from(guest.ip()), guest.port()), local)
+            .connect(self.smol.iface.context(), (IpAddress::from(guest.ip()), guest.port()), local)
             .map_err(|_| GuestConnectError::Unaddressable(guest))?;
         let mut sockets = SocketSet::new(Vec::with_capacity(1));
         let handle = sockets.add(socket);
@@ -864,9 +859,9 @@ impl TcpCore {
     pub fn drive(&mut self, now: Instant, id: FlowId, host: &mut impl HostStream, link: &mut impl GuestLink) -> Step {
         let registered = self.is_registered(id);
         let smol_now = self.smol_now(now);
-        let TcpCore { flows, iface, admission, reports, mtu, link_mtu, .. } = self;
+        let TcpCore { flows, smol, admission, reports, .. } = self;
         let Some(flow) = flows.get_mut(&id) else { return Step::Done(End::Reset) };
-        let mut poll = Stack { iface, now: smol_now, mtu: *mtu, link_mtu: *link_mtu, link };
+        let mut poll = smol.stack(smol_now, link);
         let step = drive_flow(&mut poll, flow, registered, admission, reports, now, host);
         if let Step::Done(_) = step {
             self.remove(id);
@@ -901,12 +896,25 @@ fn ip_addresses(packet: &[u8]) -> Option<(IpAddr, IpAddr, usize)> {
     }
 }
 
+/// The smoltcp interface all flows are polled through, and its MTUs.
+struct Smol {
+    iface: Interface,
+    /// The largest IP packet smoltcp may build (at least [`IP_MTU`]).
+    mtu: usize,
+    /// The configured MTU of the VM links.
+    link_mtu: usize,
+}
+
+impl Smol {
+    fn stack<'a, L>(&'a mut self, now: SmolInstant, link: &'a mut L) -> Stack<'a, L> {
+        Stack { smol: self, now, link }
+    }
+}
+
 /// What polling a flow needs besides the flow.
 struct Stack<'a, L> {
-    iface: &'a mut Interface,
+    smol: &'a mut Smol,
     now: SmolInstant,
-    mtu: usize,
-    link_mtu: usize,
     link: &'a mut L,
 }
 
@@ -917,9 +925,10 @@ impl<L: GuestLink> Stack<'_, L> {
     fn run(&mut self, flow: &mut Flow, rx: Option<&[u8]>) -> bool {
         TSVAL_MS.with(|t| t.set(self.now.total_millis() as u32));
         let guest = flow.key.guest.ip();
-        let mut dev = FlowDevice { rx, guest, link: self.link, mtu: self.mtu, link_mtu: self.link_mtu };
+        let Smol { iface, mtu, link_mtu } = &mut *self.smol;
+        let mut dev = FlowDevice { rx, guest, link: self.link, mtu: *mtu, link_mtu: *link_mtu };
         if rx.is_some() {
-            self.iface.poll_ingress_single(self.now, &mut dev, &mut flow.sockets);
+            iface.poll_ingress_single(self.now, &mut dev, &mut flow.sockets);
         }
         // One call sends at most one segment per socket: keep going until
         // the window, the congestion window or the data runs out (a single
@@ -929,7 +938,7 @@ impl<L: GuestLink> Stack<'_, L> {
             if dev.link.congested(guest) {
                 return true;
             }
-            if self.iface.poll_egress(self.now, &mut dev, &mut flow.sockets) == smoltcp::iface::PollResult::None {
+            if iface.poll_egress(self.now, &mut dev, &mut flow.sockets) == smoltcp::iface::PollResult::None {
                 return false;
             }
         }
@@ -1208,7 +1217,7 @@ fn drive_flow<L: GuestLink>(
 
         // Nothing to do now: wait for smoltcp's next deadline or our own.
         let smol =
-            poll.iface.poll_delay(poll.now, &flow.sockets).map(|d| now + Duration::from_micros(d.total_micros()));
+            poll.smol.iface.poll_delay(poll.now, &flow.sockets).map(|d| now + Duration::from_micros(d.total_micros()));
         let wake_at = [smol, handshake, release_at].into_iter().flatten().min();
         return Step::Wait(wake_at);
     }
