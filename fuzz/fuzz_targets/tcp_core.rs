@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use rdnet_vnet::NetConfig;
 use rdnet_vnet::nat::NatPolicy;
-use rdnet_vnet::nat::tcp::{ConnectResult, FlowId, GuestLink, HostStream, Step, TcpCore};
+use rdnet_vnet::nat::tcp::{Arrival, ConnectResult, FlowId, GuestLink, HostStream, Step, TcpCore};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
@@ -247,7 +247,10 @@ fuzz_target!(|data: &[u8]| {
                     guest_next.insert(key, seq.wrapping_add(used));
                 }
                 let port = u32::from(guest.ip().is_ipv6()) + 1;
-                let outcome = core.guest_packet(now, port, &policy, &packet, flags & 0x08 != 0, &mut link);
+                // Whether more frames of the same read follow: the ACK of
+                // in-order data then waits for the flow's next drive.
+                let arrival = Arrival { large_frames: flags & 0x08 != 0, more_follow: input.u8() & 1 != 0 };
+                let outcome = core.guest_packet(now, port, &policy, &packet, arrival, &mut link);
                 assert!(!outcome.malformed, "a well-formed segment taken for junk");
                 if let Some(c) = outcome.connect {
                     assert!(c.give_up_at > now);
@@ -262,7 +265,7 @@ fuzz_target!(|data: &[u8]| {
                     *first = (*first & 0x0f) | if *first & 0x10 != 0 { 0x60 } else { 0x40 };
                 }
                 link.junk = true;
-                let _ = core.guest_packet(now, 1, &policy, &packet, false, &mut link);
+                let _ = core.guest_packet(now, 1, &policy, &packet, Arrival::default(), &mut link);
                 link.junk = false;
             }
             3 => {

@@ -74,12 +74,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Like [`next_frame`](Self::next_frame), but the frame may be changed
     /// in place (it is the reader's buffer, valid until the next call).
     pub async fn next_frame_mut(&mut self) -> Result<Option<&mut [u8]>, LinkError> {
+        Ok(self.next_frame_in_batch().await?.map(|(f, _)| f))
+    }
+
+    /// Like [`next_frame_mut`](Self::next_frame_mut), with whether more
+    /// bytes were already read behind the frame: then it is not the last
+    /// of what one read brought, and whatever a receiver would answer it
+    /// with can wait for the rest of the batch.
+    pub async fn next_frame_in_batch(&mut self) -> Result<Option<(&mut [u8], bool)>, LinkError> {
         loop {
             let found = self.decoder.decode(&self.buf[self.start..self.end])?.map(|(f, used)| (f.len(), used));
             if let Some((len, used)) = found {
                 let frame_start = self.start + used - len;
                 self.start += used;
-                return Ok(Some(&mut self.buf[frame_start..frame_start + len]));
+                let more = self.start < self.end;
+                return Ok(Some((&mut self.buf[frame_start..frame_start + len], more)));
             }
             if self.start == self.end {
                 self.start = 0;

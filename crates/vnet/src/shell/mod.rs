@@ -173,6 +173,9 @@ pub struct Engine {
     pub forwarder: crate::forward::Forwarder,
     /// Whether the router advertisement timer runs.
     ra_timer: std::cell::Cell<bool>,
+    /// While a frame is handled: more frames from the same link read
+    /// follow it (see `nat::tcp::Arrival::more_follow`).
+    more_follow: std::cell::Cell<bool>,
 }
 
 impl Engine {
@@ -212,6 +215,7 @@ impl Engine {
             net: RefCell::new(net),
             config,
             ra_timer: std::cell::Cell::new(false),
+            more_follow: std::cell::Cell::new(false),
         })
     }
 
@@ -592,11 +596,13 @@ impl Engine {
                 (frames, bytes) = (0, 0);
                 tokio::task::yield_now().await;
             }
-            match reader.next_frame().await {
-                Ok(Some(frame)) => {
+            match reader.next_frame_in_batch().await {
+                Ok(Some((frame, more))) => {
                     frames += 1;
                     bytes += frame.len();
+                    self.more_follow.set(more);
                     self.handle_frame(port, frame);
+                    self.more_follow.set(false);
                     if !large && self.net.borrow().switch.takes_large_frames(port) {
                         large = true;
                         reader.set_max_frame(self.max_link_frame());

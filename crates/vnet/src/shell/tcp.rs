@@ -26,7 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::nat::tcp::{
-    ConnectResult, Connected, End, FlowId, GuestConnectError, GuestLink, HostStream, Step, Target, TcpCore, TcpStats,
+    Arrival, ConnectResult, Connected, End, FlowId, GuestConnectError, GuestLink, HostStream, Step, Target, TcpCore,
+    TcpStats,
 };
 use crate::shell::Engine;
 use crate::switch::PortId;
@@ -223,7 +224,8 @@ pub fn handle_guest_packet(engine: &Rc<Engine>, port: PortId, packet: &[u8], lar
     let outcome = {
         let mut tcp = engine.tcp.borrow_mut();
         let TcpNat { core, scratch, .. } = &mut *tcp;
-        core.guest_packet(now(), port, &engine.nat, packet, large_frames, &mut EngineLink::new(engine, scratch))
+        let arrival = Arrival { large_frames, more_follow: engine.more_follow.get() };
+        core.guest_packet(now(), port, &engine.nat, packet, arrival, &mut EngineLink::new(engine, scratch))
     };
     if outcome.malformed {
         engine.net.borrow_mut().stats.drops.malformed += 1;

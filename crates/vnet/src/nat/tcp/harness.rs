@@ -192,8 +192,14 @@ impl World {
     }
 
     fn guest(&mut self, seg: &[u8]) -> GuestOutcome {
+        self.guest_in_batch(seg, false)
+    }
+
+    /// A guest segment with (`more_follow`) or without more of the same
+    /// link read behind it.
+    fn guest_in_batch(&mut self, seg: &[u8], more_follow: bool) -> GuestOutcome {
         let World { core, policy, now, out, large_frames } = self;
-        core.guest_packet(*now, PORT, policy, seg, *large_frames, out)
+        core.guest_packet(*now, PORT, policy, seg, Arrival { large_frames: *large_frames, more_follow }, out)
     }
 
     fn connected(&mut self, id: FlowId, result: ConnectResult) -> bool {
@@ -463,6 +469,42 @@ fn data_and_half_close_both_ways() {
     assert_eq!(w.core.len(), 0);
 }
 
+/// In-order data with more of the link's read behind it is acknowledged
+/// once, after the batch, when the flow is driven; the last segment of a
+/// read, out-of-order data and a FIN are acknowledged at once.
+#[test]
+fn a_batch_of_guest_data_is_acknowledged_once() {
+    let mut w = World::new();
+    let mut guest = Guest::v4(40000, alias(80));
+    let (id, mut host) = establish(&mut w, &mut guest);
+    for part in [&b"one "[..], b"two ", b"three "] {
+        assert_eq!(w.guest_in_batch(&guest.send(TcpControl::Psh, part), true).wake, Some(id));
+    }
+    assert!(w.sent().is_empty(), "acknowledged before the batch ended");
+    assert!(matches!(w.settle(id, &mut host), Step::Wait(_)));
+    assert_eq!(host.written, b"one two three ");
+    let acks = w.sent();
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!(acks[0].ack, Some(guest.seq));
+
+    // The last frame of a read: at once.
+    w.guest_in_batch(&guest.send(TcpControl::Psh, b"four"), false);
+    assert_eq!(w.sent().last().and_then(|s| s.ack), Some(guest.seq));
+    // Out of order (a segment lost ahead of it): its duplicate ACK at once.
+    let hole = guest.seq;
+    let lost = guest.send(TcpControl::Psh, b"five");
+    w.guest_in_batch(&guest.send(TcpControl::Psh, b"six"), true);
+    let dup = w.sent();
+    assert_eq!(dup.len(), 1, "{dup:?}");
+    assert_eq!(dup[0].ack, Some(hole));
+    w.guest_in_batch(&lost, true);
+    // A FIN: at once.
+    w.guest_in_batch(&guest.send(TcpControl::Fin, &[]), true);
+    assert_eq!(w.sent().last().and_then(|s| s.ack), Some(guest.seq));
+    assert!(matches!(w.settle(id, &mut host), Step::Wait(_)));
+    assert_eq!((&host.written[..], host.write_shut), (&b"one two three fourfivesix"[..], true));
+}
+
 #[test]
 fn resets_cross_both_ways() {
     let mut w = World::new();
@@ -623,7 +665,7 @@ fn max_flows_and_the_half_open_bound_refuse_with_a_rst() {
     assert!(w.guest(&b.syn()).connect.is_none(), "second half-open flow of port 1");
     let World { core, policy, now, out, .. } = &mut w;
     let other = Guest { me: SocketAddr::new(Ipv4Addr::new(192, 168, 127, 3).into(), 40000), ..Guest::v4(0, alias(80)) };
-    assert!(core.guest_packet(*now, 2, policy, &other.syn(), false, out).connect.is_some());
+    assert!(core.guest_packet(*now, 2, policy, &other.syn(), Arrival::default(), out).connect.is_some());
 }
 
 #[test]

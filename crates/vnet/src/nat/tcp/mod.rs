@@ -367,6 +367,19 @@ impl Reports {
     }
 }
 
+/// How a guest packet came in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Arrival {
+    /// The guest's port takes segments above its MTU, so its SYN's MSS is
+    /// raised to the most a link frame carries before smoltcp sees it; any
+    /// other guest's is capped at what its MTU allows.
+    pub large_frames: bool,
+    /// More frames from the same read of the link follow this one: an
+    /// in-order data segment is then acknowledged when its flow is next
+    /// driven (after the batch), together with the rest of the batch.
+    pub more_follow: bool,
+}
+
 /// The one-packet device a flow is polled with.
 struct FlowDevice<'a, L> {
     rx: Option<&'a [u8]>,
@@ -609,17 +622,14 @@ impl TcpCore {
     }
 
     /// A TCP segment from the guest on switch port `port` (an IP packet of
-    /// either version). `large_frames`: the guest's port takes segments
-    /// above its MTU, so its SYN's MSS is raised to the most a link frame
-    /// carries before smoltcp sees it; any other guest's is capped at what
-    /// its MTU allows.
+    /// either version), arriving as `arrival` says.
     pub fn guest_packet(
         &mut self,
         now: Instant,
         port: PortId,
         policy: &NatPolicy,
         packet: &[u8],
-        large_frames: bool,
+        arrival: Arrival,
         link: &mut impl GuestLink,
     ) -> GuestOutcome {
         let malformed = GuestOutcome { malformed: true, ..GuestOutcome::default() };
@@ -628,7 +638,7 @@ impl TcpCore {
         let packet = if rdnet_wire::frame::is_tcp_syn(packet) {
             let mut p = packet.to_vec();
             let mss = |mtu: usize| u16::try_from(mtu.saturating_sub(ip_header + TCP_HEADER)).unwrap_or(u16::MAX);
-            if large_frames {
+            if arrival.large_frames {
                 rdnet_wire::frame::set_tcp_mss(&mut p, mss(IP_MTU));
             } else {
                 // smoltcp's MTU is the largest a link carries, so the MSS is
@@ -677,7 +687,7 @@ impl TcpCore {
                 }
                 Phase::Open { handle } => {
                     let mut poll = smol.stack(smol_now, link);
-                    guest_segment(&mut poll, flow, handle, &seg, packet, reports, now);
+                    guest_segment(&mut poll, flow, handle, &seg, packet, arrival.more_follow, reports, now);
                     outcome.wake = Some(id);
                     return outcome;
                 }
@@ -805,7 +815,7 @@ impl TcpCore {
         let Some((_, _, hl)) = ip_addresses(&syn) else { return Connected::Drop };
         let Some(Ok(seg)) = syn.get(hl..).map(TcpPacket::new_checked) else { return Connected::Drop };
         let mut poll = smol.stack(smol_now, link);
-        guest_segment(&mut poll, flow, handle, &seg, &syn, reports, now);
+        guest_segment(&mut poll, flow, handle, &seg, &syn, false, reports, now);
         Connected::Run
     }
 
@@ -923,12 +933,20 @@ impl<L: GuestLink> Stack<'_, L> {
     /// feeding it one packet from the guest. True when it stopped sending
     /// because the way to the guest is congested.
     fn run(&mut self, flow: &mut Flow, rx: Option<&[u8]>) -> bool {
+        self.run_with(flow, rx, true)
+    }
+
+    /// [`Stack::run`], and with `egress` false only the packet in.
+    fn run_with(&mut self, flow: &mut Flow, rx: Option<&[u8]>, egress: bool) -> bool {
         TSVAL_MS.with(|t| t.set(self.now.total_millis() as u32));
         let guest = flow.key.guest.ip();
         let Smol { iface, mtu, link_mtu } = &mut *self.smol;
         let mut dev = FlowDevice { rx, guest, link: self.link, mtu: *mtu, link_mtu: *link_mtu };
         if rx.is_some() {
             iface.poll_ingress_single(self.now, &mut dev, &mut flow.sockets);
+        }
+        if !egress {
+            return false;
         }
         // One call sends at most one segment per socket: keep going until
         // the window, the congestion window or the data runs out (a single
@@ -956,12 +974,14 @@ fn settle_half_open(admission: &mut Admission, flow: &mut Flow) {
 /// buffer bytes its payload may land in (where that fails the connection
 /// is reset instead), and learns where the guest's data starts once smoltcp
 /// accepted its SYN.
+#[allow(clippy::too_many_arguments)]
 fn guest_segment<L: GuestLink>(
     poll: &mut Stack<'_, L>,
     flow: &mut Flow,
     handle: SocketHandle,
     seg: &TcpPacket<&[u8]>,
     packet: &[u8],
+    more_follow: bool,
     reports: &mut Reports,
     now: Instant,
 ) {
@@ -975,7 +995,20 @@ fn guest_segment<L: GuestLink>(
         poll.run(flow, None);
         return;
     }
-    poll.run(flow, Some(packet));
+    // In-order data with more of the link's batch behind it is
+    // acknowledged when the flow's task next drives it (after the batch,
+    // once the data went on to the host, with the window that opened): one
+    // ACK per batch instead of one per segment and then window updates,
+    // each a tap write and a guest TCP input in vm-switch. The last frame
+    // of a read is answered at once, as is anything else: out-of-order
+    // data gets its duplicate ACK, SYN and FIN theirs.
+    let socket = flow.sockets.get::<tcp::Socket>(handle);
+    let data = seg.payload().len();
+    let defer = more_follow && data > 0 && !seg.syn() && !seg.fin() && !seg.rst() && handshake_done(socket.state());
+    poll.run_with(flow, Some(packet), !defer);
+    if defer && flow.sockets.get::<tcp::Socket>(handle).recv_queue() != queued + data {
+        poll.run(flow, None);
+    }
     if seg.syn()
         && let Some(memory) = &mut flow.memory
         && !memory.has_origin()
