@@ -218,17 +218,26 @@ impl LazyRegion {
     /// Makes the region as good as new for a next user, without giving its
     /// address space back (the TCP NAT keeps a few for its next flows, see
     /// `RegionPool`): nothing committed by its count, ready to be split
-    /// again. Where committing costs nothing (Linux release builds) the
-    /// pages themselves stay, so the next user writes them without a page
-    /// fault, reading stale bytes only where it reads what it never wrote,
-    /// which smoltcp's ring buffers do not; elsewhere they are decommitted,
-    /// as [`LazyRegion::release`] does.
+    /// again, reading as zeros. Where committing costs nothing (Linux
+    /// release builds) the pages themselves stay, zeroed, so the next user
+    /// writes them without a page fault; elsewhere they are decommitted, as
+    /// [`LazyRegion::release`] does.
     ///
     /// # Safety
     ///
     /// The slices [`LazyRegion::split`] handed out, and everything they were
     /// handed to, are dropped or never used again.
     pub unsafe fn recycle(&mut self) {
+        if os::KEEPS_PAGES {
+            // Zeros, as a new region reads: smoltcp reads only what it
+            // wrote, but should a bug of its (or ours) ever read further,
+            // it must not find another connection's bytes there.
+            for c in (0..self.mapped / CHUNK).filter(|c| self.is_committed(*c)) {
+                // SAFETY: chunk `c` lies inside the mapping and is writable
+                // (committed; the caller's slices are gone).
+                unsafe { self.ptr.as_ptr().add(c * CHUNK).write_bytes(0, CHUNK) };
+            }
+        }
         // SAFETY: `ptr`/`mapped` are exactly the reservation, and nobody
         // reads the old contents (the caller's contract).
         unsafe { os::forget(self.ptr.as_ptr(), self.mapped) };
@@ -405,6 +414,9 @@ mod os {
         }
     }
 
+    /// Whether [`forget`] keeps the pages (release builds).
+    pub const KEEPS_PAGES: bool = !STRICT;
+
     /// Counts the pages of `p..p+len` as uncommitted again. Release builds
     /// keep them: a commit is no system call there, and the pages are
     /// writable already. Debug builds decommit, so the next user's
@@ -489,6 +501,7 @@ mod os {
     /// Commit charge is real here: a recycled region's pages are
     /// decommitted.
     pub use decommit as forget;
+    pub const KEEPS_PAGES: bool = false;
 
     /// # Safety
     /// `p` is exactly a reservation made by `reserve`, no longer used.
@@ -551,6 +564,7 @@ mod os {
     }
     pub unsafe fn decommit(_: *mut u8, _: usize) {}
     pub use decommit as forget;
+    pub const KEEPS_PAGES: bool = false;
     pub unsafe fn free(_: *mut u8, _: usize) {}
     pub fn process_memory() -> Option<ProcessMemory> {
         None

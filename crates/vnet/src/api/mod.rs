@@ -448,6 +448,7 @@ struct Flows {
     forward_udp: usize,
     /// TCP connections refused or reset for want of buffer memory.
     tcp_memory_refused: u64,
+    tcp_beyond_window: u64,
 }
 
 /// Where memory goes: TCP buffers (committed as data reaches them) and the
@@ -506,6 +507,7 @@ fn stats(engine: &Engine) -> StatsView {
             forwards: engine.forwarder.len(),
             forward_udp: engine.forwarder.udp_flows(),
             tcp_memory_refused: tcp.stats().memory_refused,
+            tcp_beyond_window: tcp.stats().beyond_window,
         },
         dhcp_leases: leases,
         ipv6_neighbors,

@@ -505,6 +505,33 @@ fn a_batch_of_guest_data_is_acknowledged_once() {
     assert_eq!((&host.written[..], host.write_shut), (&b"one two three fourfivesix"[..], true));
 }
 
+/// Before the gateway has sent anything after its SYN-ACK, smoltcp checks
+/// guest data against that SYN-ACK's unscaled window shifted by the
+/// window scale: twice the receive buffer. Data the guest sends there
+/// (past any window it was given) is cut off before smoltcp sees it,
+/// which otherwise counts bytes its ring never got (a debug assertion in
+/// smoltcp; in release builds, stale ring bytes sent to the host). Fuzz
+/// finding (`tcp_core`).
+#[test]
+fn guest_data_past_the_receive_buffer_is_cut_off() {
+    let mut w = World::new();
+    let mut guest = Guest::v4(40000, alias(80));
+    let (id, mut host) = establish(&mut w, &mut guest);
+    let start = guest.seq;
+    guest.seq = start.wrapping_add(3 << 20);
+    w.guest(&guest.send(TcpControl::Psh, &[0x61; 1400]));
+    assert_eq!(w.core.stats().beyond_window, 1);
+    // Across the buffer's end: the part inside goes on, the rest is cut.
+    guest.seq = start.wrapping_add((RX_BUFFER - 100) as u32);
+    w.guest(&guest.send(TcpControl::Fin, &[0x62; 1400]));
+    assert_eq!(w.core.stats().beyond_window, 2);
+    // The guest's real data still goes through, and nothing else does.
+    guest.seq = start;
+    w.guest(&guest.send(TcpControl::Psh, b"hello"));
+    assert!(matches!(w.settle(id, &mut host), Step::Wait(_)));
+    assert_eq!(host.written, b"hello");
+}
+
 #[test]
 fn resets_cross_both_ways() {
     let mut w = World::new();

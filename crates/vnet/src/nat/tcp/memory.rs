@@ -100,6 +100,30 @@ impl FlowMemory {
         self.before_guest_data(seq, len, recv_queue)
     }
 
+    /// How much of a guest segment's data fits the receive buffer's free
+    /// space: `None` when all of it does (or it has none), else how many
+    /// of its first bytes. A guest never sends past the window it was
+    /// given, which is never more than that space; smoltcp, though, checks
+    /// a segment that comes before it sent anything after its SYN-ACK
+    /// against that SYN-ACK's unscaled 65535 shifted by the window scale
+    /// (4 MiB for our 2 MiB buffer), takes data up to there, and cannot
+    /// place all of it: its assembler then counts bytes the ring never got,
+    /// and the host is sent whatever the ring held there. So the part past
+    /// the buffer is cut off before smoltcp sees the segment.
+    pub fn room_for(&self, seg: &TcpPacket<&[u8]>, recv_queue: usize) -> Option<usize> {
+        let len = seg.payload().len();
+        let origin = self.origin?;
+        let free = self.rx_len.saturating_sub(recv_queue) as i64;
+        // A zero window's probes are smoltcp's to answer (it takes none of
+        // their data).
+        if len == 0 || free == 0 {
+            return None;
+        }
+        let seq = (seg.seq_number().0 as u32).wrapping_add(u32::from(seg.syn()));
+        let rel = i64::from(seq.wrapping_sub(self.rcv_nxt(origin, recv_queue)) as i32);
+        (rel + len as i64 > free).then(|| (free - rel).clamp(0, len as i64) as usize)
+    }
+
     /// `len` bytes from sequence number `seq` are about to reach smoltcp.
     fn before_guest_data(&mut self, seq: u32, len: usize, recv_queue: usize) -> Result<(), CommitError> {
         self.dirty = true;
@@ -539,7 +563,8 @@ mod tests {
         assert_eq!(again.committed(), 0);
         let (a, _) = unsafe { again.split(RX) }.unwrap();
         assert_eq!(a.as_ptr(), first, "the same region");
-        again.commit(0, 1).unwrap();
+        again.commit(0, 2 * CHUNK).unwrap();
+        assert!(a[..2 * CHUNK].iter().all(|b| *b == 0), "the last flow's bytes are gone");
         a[0] = 1;
         assert!(pool.is_empty());
         // A region of another size is not handed out for this one.

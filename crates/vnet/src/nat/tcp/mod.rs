@@ -250,6 +250,8 @@ pub struct TcpStats {
     /// Flows refused or reset because their buffer memory could not be
     /// reserved or committed.
     pub memory_refused: u64,
+    /// Guest segments dropped for reaching past the receive buffer.
+    pub beyond_window: u64,
 }
 
 enum Phase {
@@ -360,6 +362,13 @@ struct Reports {
 }
 
 impl Reports {
+    /// Counts and logs a guest segment dropped for reaching past the
+    /// receive buffer (see `FlowMemory::fits`).
+    fn beyond_window(&mut self, now: Instant, key: &FlowKey) {
+        self.stats.beyond_window += 1;
+        crate::limited_warn!(self.logs, now, "tcp-beyond-window", flow = %key, "dropping guest data past the window it was given");
+    }
+
     /// Counts and logs a flow refused because its memory could not be had.
     fn memory_refused(&mut self, now: Instant, key: &FlowKey) {
         self.stats.memory_refused += 1;
@@ -986,6 +995,20 @@ fn guest_segment<L: GuestLink>(
     now: Instant,
 ) {
     let queued = flow.sockets.get::<tcp::Socket>(handle).recv_queue();
+    let cut;
+    let (seg, packet) = match flow.memory.as_ref().and_then(|m| m.room_for(seg, queued)) {
+        None => (seg.clone(), packet),
+        Some(keep) => {
+            reports.beyond_window(now, &flow.key);
+            cut = truncate_payload(packet, seg, keep);
+            let ip_header = cut.len() - usize::from(seg.header_len()) - keep;
+            match cut.get(ip_header..).map(TcpPacket::new_checked) {
+                Some(Ok(seg)) if keep > 0 => (seg, &cut[..]),
+                _ => return,
+            }
+        }
+    };
+    let seg = &seg;
     if let Some(memory) = &mut flow.memory
         && let Err(e) = memory.before_guest_segment(seg, queued)
     {
@@ -1019,6 +1042,25 @@ fn guest_segment<L: GuestLink>(
     {
         memory.set_origin(seg.seq_number());
     }
+}
+
+/// IP packet `packet`, which holds TCP segment `seg`, with the segment's
+/// payload cut to its first `keep` bytes (and no FIN, which came after).
+fn truncate_payload(packet: &[u8], seg: &TcpPacket<&[u8]>, keep: usize) -> Vec<u8> {
+    let tcp_header = usize::from(seg.header_len());
+    let ip_header = packet.len() - seg.as_ref().len();
+    let mut p = packet[..ip_header + tcp_header + keep].to_vec();
+    let len = p.len();
+    match p[0] >> 4 {
+        4 => {
+            let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+            ip.set_total_len(len as u16);
+            ip.fill_checksum();
+        }
+        _ => Ipv6Packet::new_unchecked(&mut p[..]).set_payload_len((len - IPV6_HEADER) as u16),
+    }
+    TcpPacket::new_unchecked(&mut p[ip_header..]).set_fin(false);
+    p
 }
 
 /// Whether a socket in `state` has completed its handshake with the guest.
