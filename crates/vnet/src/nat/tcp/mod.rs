@@ -363,7 +363,7 @@ struct Reports {
 
 impl Reports {
     /// Counts and logs a guest segment dropped for reaching past the
-    /// receive buffer (see `FlowMemory::fits`).
+    /// receive buffer (see `FlowMemory::room_for`).
     fn beyond_window(&mut self, now: Instant, key: &FlowKey) {
         self.stats.beyond_window += 1;
         crate::limited_warn!(self.logs, now, "tcp-beyond-window", flow = %key, "dropping guest data past the window it was given");
