@@ -904,8 +904,18 @@ def idle_rows(quiet_s, idle_s, sleep_s):
 def udp_rows(k, s, rate="2G"):
     kr = iperf(k.client, k.server_ip, 5201, udp_rate=rate)
     row(f"kernel veth UDP at {rate}", gbps(kr), "Gbit/s", gbps(kr), f"loss {kr['loss']:.1f}%" if kr else "")
+    # Where datagrams are lost: the guest's tap queue (vm-switch not
+    # reading fast enough) or the receiving socket's buffer on the host.
+    def tap_drops():
+        out = nsx(s.g, "cat", "/sys/class/net/eth0/statistics/tx_dropped", check=False).strip()
+        return int(out) if out.isdigit() else 0
+    h0, t0 = tcp_counters(s.h), tap_drops()
     sr = iperf(s.g, HOST_ALIAS, 5201, udp_rate=rate)
-    row(f"host-switch UDP guest→host at {rate}", gbps(sr), "Gbit/s", gbps(kr), f"loss {sr['loss']:.1f}%" if sr else "")
+    h1, t1 = tcp_counters(s.h), tap_drops()
+    where = (f"; lost at the guest's tap {t1 - t0:,}, in the receiver's socket buffer "
+             f"{h1.get('UdpRcvbufErrors', 0) - h0.get('UdpRcvbufErrors', 0):,} datagrams")
+    row(f"host-switch UDP guest→host at {rate}", gbps(sr), "Gbit/s", gbps(kr),
+        f"loss {sr['loss']:.1f}%{where}" if sr else "")
 
 
 def memory_rows(s):
