@@ -20,10 +20,7 @@ use libfuzzer_sys::fuzz_target;
 use rdnet_vnet::NetConfig;
 use rdnet_vnet::nat::NatPolicy;
 use rdnet_vnet::nat::tcp::{Arrival, ConnectResult, FlowId, GuestLink, HostStream, Step, TcpCore};
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{
-    IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-};
+use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
 
 const MAX_FLOWS: usize = 6;
 const MTU: usize = 1500;
@@ -187,14 +184,7 @@ fn segment(
         timestamp: None,
         payload,
     };
-    let (src, dst) = (IpAddress::from(guest.ip()), IpAddress::from(remote.ip()));
-    let ip = IpRepr::new(src, dst, IpProtocol::Tcp, tcp.buffer_len(), 64);
-    let hl = ip.header_len();
-    let mut p = vec![0u8; hl + tcp.buffer_len()];
-    let caps = ChecksumCapabilities::default();
-    ip.emit(&mut p[..], &caps);
-    tcp.emit(&mut TcpPacket::new_unchecked(&mut p[hl..]), &src, &dst, &caps);
-    p
+    rdnet_wire::frame::ip_tcp_packet(guest.ip().into(), remote.ip().into(), &tcp)
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -10,8 +10,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
-    UdpPacket, UdpRepr,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol, IpRepr, Ipv4Packet,
+    Ipv4Repr, TcpPacket, TcpRepr, UdpPacket, UdpRepr,
 };
 
 pub use crate::mac::Mac;
@@ -56,6 +56,19 @@ pub fn ipv4(
         ip.emit(&mut pkt, &ChecksumCapabilities::default());
         fill(pkt.payload_mut());
     });
+}
+
+/// An IP packet (of the family of `src` and `dst`) holding `tcp`, every
+/// checksum complete: the segments the tests and fuzz targets play a
+/// guest's TCP with.
+pub fn ip_tcp_packet(src: IpAddress, dst: IpAddress, tcp: &TcpRepr) -> Vec<u8> {
+    let ip = IpRepr::new(src, dst, IpProtocol::Tcp, tcp.buffer_len(), 64);
+    let header = ip.header_len();
+    let mut packet = vec![0u8; header + tcp.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    ip.emit(&mut packet[..], &caps);
+    tcp.emit(&mut TcpPacket::new_unchecked(&mut packet[header..]), &src, &dst, &caps);
+    packet
 }
 
 /// A complete Ethernet/IPv4/UDP frame.

@@ -1,8 +1,7 @@
 //! Packets for this crate's tests, built by smoltcp (the reference the
 //! code under test is checked against).
 
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+use smoltcp::wire::{IpAddress, TcpControl, TcpRepr, TcpSeqNumber};
 
 /// An IP packet (the family of `src` and `dst`) holding a TCP segment
 /// with `payload`, every checksum complete.
@@ -21,13 +20,7 @@ pub fn tcp_packet(src: IpAddress, dst: IpAddress, payload: &[u8]) -> Vec<u8> {
         timestamp: None,
         payload,
     };
-    let ip = IpRepr::new(src, dst, IpProtocol::Tcp, tcp.buffer_len(), 64);
-    let header = ip.header_len();
-    let mut packet = vec![0u8; header + tcp.buffer_len()];
-    let caps = ChecksumCapabilities::default();
-    ip.emit(&mut packet[..], &caps);
-    tcp.emit(&mut TcpPacket::new_unchecked(&mut packet[header..]), &src, &dst, &caps);
-    packet
+    crate::frame::ip_tcp_packet(src, dst, &tcp)
 }
 
 /// The same behind an Ethernet header of the right EtherType.

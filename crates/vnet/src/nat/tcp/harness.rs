@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    TcpTimestampRepr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, TcpTimestampRepr,
 };
 
 use super::*;
@@ -282,14 +281,7 @@ impl Guest {
             timestamp: self.timestamps.then(|| TcpTimestampRepr::new(7 + seq, 0)),
             payload,
         };
-        let (src, dst) = (IpAddress::from(self.me.ip()), IpAddress::from(self.peer.ip()));
-        let ip = IpRepr::new(src, dst, IpProtocol::Tcp, tcp.buffer_len(), 64);
-        let header = ip.header_len();
-        let mut packet = vec![0u8; header + tcp.buffer_len()];
-        let caps = ChecksumCapabilities::default();
-        ip.emit(&mut packet[..], &caps);
-        tcp.emit(&mut TcpPacket::new_unchecked(&mut packet[header..]), &src, &dst, &caps);
-        packet
+        rdnet_wire::frame::ip_tcp_packet(self.me.ip().into(), self.peer.ip().into(), &tcp)
     }
 
     fn syn(&self) -> Vec<u8> {
