@@ -306,6 +306,20 @@ impl Flow {
     }
 }
 
+impl Flow {
+    /// Whether the flow has at most [`SMALL_SEND`] to send (or resend).
+    fn sends_little(&self) -> bool {
+        match self.phase {
+            Phase::Open { handle } => self.sockets.get::<tcp::Socket>(handle).send_queue() <= SMALL_SEND,
+            Phase::Connecting { .. } => true,
+        }
+    }
+}
+
+/// A flow with no more than this in its send buffer is never held back by
+/// a congested guest queue (see [`Stack::run_with`]).
+const SMALL_SEND: usize = 16 * 1024;
+
 impl Drop for Flow {
     /// The socket set goes first, whatever the order of the fields: its
     /// socket's buffers are slices of `memory`'s region, which is unmapped
@@ -960,9 +974,15 @@ impl<L: GuestLink> Stack<'_, L> {
         // One call sends at most one segment per socket: keep going until
         // the window, the congestion window or the data runs out (a single
         // call left most of a 2 MiB buffer waiting for the next ACK), or
-        // the guest's queue holds enough.
+        // the guest's queue holds enough. Only a flow with much to send
+        // stops for a full queue: a response or an ACK stuck behind a bulk
+        // transfer's backlog would wait until it won the race for the
+        // queue against the bulk flows woken with it, each time the queue
+        // drained (tens of ms with a small link buffer, issue 18), and
+        // what it adds to the queue is small.
+        let may_stop = !flow.sends_little();
         loop {
-            if dev.link.congested(guest) {
+            if may_stop && dev.link.congested(guest) {
                 return true;
             }
             if iface.poll_egress(self.now, &mut dev, &mut flow.sockets) == smoltcp::iface::PollResult::None {
