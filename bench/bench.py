@@ -1097,6 +1097,13 @@ def machine_row(when):
         load1 = f.read().split()[0]
     row(f"machine busy {when} the run (1 s, nothing of ours)", machine_busy() - m0, "cores",
         note=f"of {os.cpu_count()}; load average {load1}")
+    if when == "before":
+        # The link asks for 4 MiB socket buffers; the kernel caps them here,
+        # and the latency-under-load rows move with what it gets.
+        with open("/proc/sys/net/core/wmem_max") as f:
+            wmem_max = int(f.read())
+        row("link socket send buffer limit (net.core.wmem_max)", wmem_max / 1024, "KiB",
+            note=f"the link gets {2 * min(wmem_max, 4 << 20) // 1024} KiB; Linux's default limit is 208 KiB")
 
 
 def ipv6_rows(mtu):

@@ -260,28 +260,8 @@ while True:
     assert_eq!(api(&world, &sock, "POST", "/services/forwarder/expose", Some(expose)), (200, String::new()));
 
     // Two host clients, each its own flow; each gets its own answers.
-    let out = run_python(
-        &world,
-        &world.host,
-        r#"
-import socket, time
-a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.settimeout(0.5)
-b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); b.settimeout(0.5)
-def ask(s, msg):
-    for _ in range(20):
-        s.sendto(msg, ("127.0.0.1", 15353))
-        try:
-            data, _ = s.recvfrom(65535)
-            return data
-        except socket.timeout:
-            pass
-    return b"timeout"
-r1 = ask(a, b"one"); r2 = ask(b, b"two"); r3 = ask(a, b"x" * 1400)
-print(r1.decode(), r2.decode(), len(r3), r3[:6].decode())
-"#,
-        &[],
-    );
-    assert_eq!(out, "echo:one echo:two 1405 echo:x", "{}", world.logs());
+    let out = run_python(&world, &world.host, HOST_ASK_UDP, &["127.0.0.1", "15353"]);
+    assert_eq!(out, "echo:one | echo:two | 1405 echo:x", "{}", world.logs());
 
     // unix: a socket file on the host, a TCP server in the guest. The reply
     // stays small (see the slow-reader test for why).
@@ -557,6 +537,27 @@ while True:
 print(data.decode())
 "#;
 
+/// On the host: two UDP clients (each its own flow) ask argv[1]:argv[2]
+/// ("one" from the first, "two" from the second, 1400 bytes from the first
+/// again, each retried until answered); prints the answers.
+const HOST_ASK_UDP: &str = r#"
+import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+a = socket.socket(family, socket.SOCK_DGRAM); a.settimeout(0.5)
+b = socket.socket(family, socket.SOCK_DGRAM); b.settimeout(0.5)
+def ask(s, msg):
+    for _ in range(20):
+        s.sendto(msg, (sys.argv[1], int(sys.argv[2])))
+        try:
+            data, _ = s.recvfrom(65535)
+            return data
+        except socket.timeout:
+            pass
+    return b"timeout"
+r1 = ask(a, b"one"); r2 = ask(b, b"two"); r3 = ask(a, b"x" * 1400)
+print(r1.decode(), "|", r2.decode(), "|", len(r3), r3[:6].decode())
+"#;
+
 #[test]
 fn tcp_udp_and_unix_forwards_reach_an_ipv6_guest() {
     if !privileged() {
@@ -600,27 +601,7 @@ fn tcp_udp_and_unix_forwards_reach_an_ipv6_guest() {
     assert_eq!(run_python(&world, &world.host, HOST_ASK_TCP, &[&path, "unix"]), want, "{}", world.logs());
 
     // UDP: two host clients, each its own flow and its own answers.
-    let out = run_python(
-        &world,
-        &world.host,
-        r#"
-import socket
-a = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); a.settimeout(0.5)
-b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); b.settimeout(0.5)
-def ask(s, msg):
-    for _ in range(20):
-        s.sendto(msg, ("::1", 17201))
-        try:
-            data, _ = s.recvfrom(65535)
-            return data
-        except socket.timeout:
-            pass
-    return b"timeout"
-r1 = ask(a, b"one"); r2 = ask(b, b"two"); r3 = ask(a, b"x" * 1400)
-print(r1.decode(), "|", r2.decode(), "|", len(r3), r3[:6].decode())
-"#,
-        &[],
-    );
+    let out = run_python(&world, &world.host, HOST_ASK_UDP, &["::1", "17201"]);
     let gw_len = GATEWAY6.len() + " from ".len();
     assert_eq!(
         out,
