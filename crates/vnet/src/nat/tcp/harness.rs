@@ -601,7 +601,7 @@ fn a_full_guest_queue_stops_the_flow_until_it_drains() {
         // the last SMALL_SEND bytes of its buffer), and asks for no
         // wake-up of its own: smoltcp's "send now" would spin.
         let acknowledged: usize = sent.iter().map(|s: &Seg| s.payload.len()).sum();
-        let little_left = 1_000_000 - acknowledged <= SMALL_SEND;
+        let little_left = 1_000_000usize.saturating_sub(acknowledged) <= SMALL_SEND;
         let step = w.settle(id, &mut host);
         let queued: usize = w.out.packets.iter().map(Vec::len).sum();
         let tail = if little_left { SMALL_SEND } else { 0 };

@@ -293,6 +293,14 @@ struct Flow {
 }
 
 impl Flow {
+    /// Whether the flow has at most [`SMALL_SEND`] to send (or resend).
+    fn sends_little(&self) -> bool {
+        match self.phase {
+            Phase::Open { handle } => self.sockets.get::<tcp::Socket>(handle).send_queue() <= SMALL_SEND,
+            Phase::Connecting { .. } => true,
+        }
+    }
+
     /// Ends the flow, keeping its buffer memory in `pool` for a next one.
     #[allow(unsafe_code)]
     fn end_into(mut self, pool: &mut RegionPool) {
@@ -302,16 +310,6 @@ impl Flow {
             // SAFETY: the flow's only socket was in the set dropped above,
             // and nothing else was given the region's slices.
             unsafe { pool.give_back(memory) };
-        }
-    }
-}
-
-impl Flow {
-    /// Whether the flow has at most [`SMALL_SEND`] to send (or resend).
-    fn sends_little(&self) -> bool {
-        match self.phase {
-            Phase::Open { handle } => self.sockets.get::<tcp::Socket>(handle).send_queue() <= SMALL_SEND,
-            Phase::Connecting { .. } => true,
         }
     }
 }
