@@ -556,6 +556,11 @@ mod tests {
         pkt
     }
 
+    /// `core` handles an echo request from the guest to the host alias.
+    fn from_guest(core: &mut IcmpCore, t: Instant, req: &[u8], api: bool) -> Request {
+        core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), req, api)
+    }
+
     /// The echo reply a ping socket would read: ICMP only, the kernel's identifier.
     fn ping_socket_reply(seq_no: u16, data: &[u8]) -> Vec<u8> {
         echo_reply_packet(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 999, seq_no, data)[IPV4_HEADER..].to_vec()
@@ -566,9 +571,7 @@ mod tests {
         let t = Instant::now();
         let mut core = IcmpCore::new();
         let req = request(GUEST, ALIAS, 7, 1, b"ping");
-        let Request::Open { id, target, known, icmp } =
-            core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &req, false)
-        else {
+        let Request::Open { id, target, known, icmp } = from_guest(&mut core, t, &req, false) else {
             panic!("expected a new flow")
         };
         assert_eq!((target, known), (IpAddr::V4(Ipv4Addr::LOCALHOST), None));
@@ -577,10 +580,7 @@ mod tests {
         core.sent(t, id, Ok(()));
         // The next request of the same ping goes on the same flow.
         let req2 = request(GUEST, ALIAS, 7, 2, b"ping");
-        assert_eq!(
-            core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &req2, false),
-            Request::Send { id, icmp: req2[IPV4_HEADER..].to_vec() }
-        );
+        assert_eq!(from_guest(&mut core, t, &req2, false), Request::Send { id, icmp: req2[IPV4_HEADER..].to_vec() });
         // A reply comes back from the address pinged, with the guest's identifier.
         let reply = core.host_datagram(t, id, &ping_socket_reply(2, b"ping")).unwrap();
         assert_eq!(reply, echo_reply_packet(ALIAS, GUEST, 7, 2, b"ping"));
@@ -590,9 +590,7 @@ mod tests {
         let s = core.stats();
         assert_eq!((s.requests, s.replies, s.flows_opened), (2, 1, 1));
         // A new request learns the kind that worked.
-        let Request::Open { known, .. } =
-            core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &request(GUEST, ALIAS, 8, 1, b""), false)
-        else {
+        let Request::Open { known, .. } = from_guest(&mut core, t, &request(GUEST, ALIAS, 8, 1, b""), false) else {
             panic!()
         };
         assert_eq!(known, Some(Mode::Ping));
@@ -605,7 +603,7 @@ mod tests {
         // Not an echo request; a refused destination.
         let mut not_echo = request(GUEST, ALIAS, 1, 1, b"");
         not_echo[IPV4_HEADER] = 13;
-        assert_eq!(core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &not_echo, false), Request::Drop);
+        assert_eq!(from_guest(&mut core, t, &not_echo, false), Request::Drop);
         let bcast = Ipv4Addr::BROADCAST;
         assert_eq!(
             core.guest_packet(t, &policy(), (GUEST.into(), bcast.into()), &request(GUEST, bcast, 1, 1, b""), false),
@@ -617,10 +615,7 @@ mod tests {
         for ident in 0..=MAX_FLOWS as u16 {
             let at = t + Duration::from_millis(u64::from(ident));
             let req = request(GUEST, ALIAS, ident, 1, b"");
-            let Request::Open { id, .. } = core.guest_packet(at, &policy(), (GUEST.into(), ALIAS.into()), &req, false)
-            else {
-                panic!()
-            };
+            let Request::Open { id, .. } = from_guest(&mut core, at, &req, false) else { panic!() };
             let gone = core.opened(at, (GUEST.into(), ALIAS.into(), ident), id, Mode::Raw);
             if usize::from(ident) < MAX_FLOWS {
                 assert!(gone.is_empty());
@@ -650,16 +645,12 @@ mod tests {
         let mut waiting = Vec::new();
         for seq in 0..MAX_IN_FLIGHT_PER_GUEST as u16 {
             let req = request(GUEST, ALIAS, 1, seq, b"x");
-            let Request::Api { target, data, echo } =
-                core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &req, true)
-            else {
-                panic!()
-            };
+            let Request::Api { target, data, echo } = from_guest(&mut core, t, &req, true) else { panic!() };
             assert_eq!((target, &data[..]), (Ipv4Addr::LOCALHOST, &b"x"[..]));
             waiting.push(echo);
         }
         let one_more = request(GUEST, ALIAS, 1, 99, b"x");
-        assert_eq!(core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &one_more, true), Request::Drop);
+        assert_eq!(from_guest(&mut core, t, &one_more, true), Request::Drop);
         assert_eq!((core.stats().busy, core.len(), core.mode()), (1, MAX_IN_FLIGHT_PER_GUEST, Some(Mode::Api)));
         let reply = core.api_done(t, waiting[3], ApiOutcome::Reply(b"x".to_vec()));
         assert_eq!(reply, Some(echo_reply_packet(ALIAS, GUEST, 1, 3, b"x")));
@@ -667,10 +658,7 @@ mod tests {
         assert!(core.api_done(t, waiting[5], ApiOutcome::Failed(io::Error::other("x"))).is_none());
         let s = core.stats();
         assert_eq!((s.replies, s.no_reply, s.send_errors, core.len()), (1, 1, 1, MAX_IN_FLIGHT_PER_GUEST - 3));
-        assert!(matches!(
-            core.guest_packet(t, &policy(), (GUEST.into(), ALIAS.into()), &one_more, true),
-            Request::Api { .. }
-        ));
+        assert!(matches!(from_guest(&mut core, t, &one_more, true), Request::Api { .. }));
     }
 
     #[test]
@@ -704,21 +692,8 @@ mod tests {
 
     #[test]
     fn echo_request_parse_and_reply_build() {
-        let guest = Ipv4Addr::new(192, 168, 127, 2);
-        let host = Ipv4Addr::new(192, 168, 127, 254);
-        // A request is a reply with the type flipped: build one by hand.
-        let req = Icmpv4Repr::EchoRequest { ident: 7, seq_no: 3, data: b"abcdefgh" };
-        let ip = Ipv4Repr {
-            src_addr: guest,
-            dst_addr: host,
-            next_header: IpProtocol::Icmp,
-            payload_len: req.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut pkt = vec![0u8; IPV4_HEADER + req.buffer_len()];
-        let caps = ChecksumCapabilities::default();
-        ip.emit(&mut Ipv4Packet::new_unchecked(&mut pkt[..]), &caps);
-        req.emit(&mut Icmpv4Packet::new_unchecked(&mut pkt[IPV4_HEADER..]), &caps);
+        let (guest, host) = (GUEST, ALIAS);
+        let pkt = request(guest, host, 7, 3, b"abcdefgh");
         assert_eq!(parse_echo_request(&pkt), Some((7, 3, &b"abcdefgh"[..])));
         for cut in 0..pkt.len() {
             assert!(parse_echo_request(&pkt[..cut]).is_none());

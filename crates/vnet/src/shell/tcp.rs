@@ -94,7 +94,7 @@ impl TcpNat {
         self.core.stats()
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, unix))]
     pub(crate) fn committed(&self) -> usize {
         self.core.committed()
     }
