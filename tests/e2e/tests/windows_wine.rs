@@ -165,6 +165,52 @@ fn wine_command(w: &Wine, ns: &Netns, prefix: &Path) -> Command {
 /// the registry and probes each one's Hyper-V port 6669 once a second. Wine
 /// has no Hyper-V sockets, so every probe fails: this checks the wiring
 /// (registry → probe → probe again), not a pairing.
+/// Starts host-switch.exe (`cmd`, from [`wine_command`]) and waits until it
+/// listens on every one of `ports` in `host`.
+fn spawn_listening(cmd: &mut Command, dir: &TempDir, host: &Netns, ports: &[u16]) -> Proc {
+    let mut host_switch = Proc::spawn(dir, cmd);
+    let up = wait_until(Duration::from_secs(120), || {
+        ports.iter().all(|&port| tcp_ready_in(host, port)) || host_switch.try_wait().is_some()
+    });
+    assert!(
+        up && host_switch.try_wait().is_none(),
+        "host-switch.exe did not listen under Wine:\n{}",
+        host_switch.logs()
+    );
+    host_switch
+}
+
+/// The relay: a unix socket (reachable from a guest namespace) to the
+/// .exe's TCP link port, inside the host namespace.
+fn relay_to_link(host: &Netns, dir: &TempDir) -> (Proc, PathBuf) {
+    let relay_sock = dir.join("relay.sock");
+    let relay = host.spawn(
+        dir,
+        "socat",
+        &[format!("UNIX-LISTEN:{},fork", relay_sock.display()), format!("TCP:127.0.0.1:{LINK_PORT}")],
+    );
+    assert!(wait_until(Duration::from_secs(10), || socket_exists(&relay_sock)), "socat did not listen");
+    (relay, relay_sock)
+}
+
+/// A web server on the host namespace's loopback (port WEB_PORT) serving
+/// `files`.
+fn host_web_server(host: &Netns, dir: &TempDir, files: &[(&str, &[u8])]) -> Proc {
+    let www = dir.join("www");
+    fs::create_dir_all(&www).unwrap();
+    for (name, data) in files {
+        fs::write(www.join(name), data).unwrap();
+    }
+    let args = ["-m", "http.server", &WEB_PORT.to_string(), "--bind", "127.0.0.1", "--directory"]
+        .map(String::from)
+        .into_iter()
+        .chain([www.display().to_string()])
+        .collect::<Vec<_>>();
+    let web = host.spawn(dir, "python3", &args);
+    assert!(wait_until(Duration::from_secs(10), || tcp_ready_in(host, WEB_PORT)), "web server did not start");
+    web
+}
+
 #[test]
 fn host_switch_exe_without_listen_probes_the_registry_vms() {
     if !privileged() {
@@ -216,46 +262,12 @@ fn host_switch_exe_under_wine_serves_a_linux_guest() {
         .args(["--api", &format!("tcp://127.0.0.1:{API_PORT}")])
         .args(["--api", &format!("npipe://{API_PIPE}")])
         .args(["--dns-upstream", "127.0.0.1:53", "-debug", "--capture="]);
-    let mut host_switch = Proc::spawn(&dir, &mut cmd);
-    let up = wait_until(Duration::from_secs(120), || {
-        tcp_ready_in(&host, LINK_PORT) && tcp_ready_in(&host, API_PORT) || host_switch.try_wait().is_some()
-    });
-    assert!(
-        up && host_switch.try_wait().is_none(),
-        "host-switch.exe did not listen under Wine:\n{}",
-        host_switch.logs()
-    );
-
-    // The relay: a unix socket (reachable from the guest namespace) to the
-    // .exe's TCP port, inside the host namespace.
-    let relay_sock = dir.join("relay.sock");
-    let relay = host.spawn(
-        &dir,
-        "socat",
-        &[format!("UNIX-LISTEN:{},fork", relay_sock.display()), format!("TCP:127.0.0.1:{LINK_PORT}")],
-    );
-    assert!(wait_until(Duration::from_secs(10), || socket_exists(&relay_sock)), "socat did not listen");
+    let host_switch = spawn_listening(&mut cmd, &dir, &host, &[LINK_PORT, API_PORT]);
+    let (relay, relay_sock) = relay_to_link(&host, &dir);
 
     // A web server on the host namespace's loopback, for the NAT check.
-    let www = dir.join("www");
-    fs::create_dir_all(&www).unwrap();
-    fs::write(www.join("hello.txt"), "hello from the host namespace\n").unwrap();
     let big: Vec<u8> = (0..(2u32 << 20)).map(|i| (i * 31 + i / 977) as u8).collect();
-    fs::write(www.join("big.bin"), &big).unwrap();
-    let web = host.spawn(
-        &dir,
-        "python3",
-        &[
-            "-m".to_string(),
-            "http.server".to_string(),
-            WEB_PORT.to_string(),
-            "--bind".to_string(),
-            "127.0.0.1".to_string(),
-            "--directory".to_string(),
-            www.display().to_string(),
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(10), || tcp_ready_in(&host, WEB_PORT)), "web server did not start");
+    let web = host_web_server(&host, &dir, &[("hello.txt", b"hello from the host namespace\n"), ("big.bin", &big)]);
 
     // The guest: vm-switch dialing the relay.
     let mut world = World { guests: Vec::new(), host_switch: Some(host_switch), host, socket: relay_sock, dir };
@@ -395,39 +407,10 @@ fn host_switch_exe_serves_guests_through_the_hyper_v_socket_code() {
         "-debug",
         "--capture=",
     ]);
-    let mut host_switch = Proc::spawn(&dir, &mut cmd);
-    let up =
-        wait_until(Duration::from_secs(120), || tcp_ready_in(&host, LINK_PORT) || host_switch.try_wait().is_some());
-    assert!(
-        up && host_switch.try_wait().is_none(),
-        "host-switch.exe did not listen under Wine:\n{}",
-        host_switch.logs()
-    );
-    let relay_sock = dir.join("relay.sock");
-    let relay = host.spawn(
-        &dir,
-        "socat",
-        &[format!("UNIX-LISTEN:{},fork", relay_sock.display()), format!("TCP:127.0.0.1:{LINK_PORT}")],
-    );
-    assert!(wait_until(Duration::from_secs(10), || socket_exists(&relay_sock)), "socat did not listen");
-    let www = dir.join("www");
-    fs::create_dir_all(&www).unwrap();
+    let host_switch = spawn_listening(&mut cmd, &dir, &host, &[LINK_PORT]);
+    let (relay, relay_sock) = relay_to_link(&host, &dir);
     let big: Vec<u8> = (0..(2u32 << 20)).map(|i| (i * 29 + i / 1009) as u8).collect();
-    fs::write(www.join("big.bin"), &big).unwrap();
-    let web = host.spawn(
-        &dir,
-        "python3",
-        &[
-            "-m".to_string(),
-            "http.server".to_string(),
-            WEB_PORT.to_string(),
-            "--bind".to_string(),
-            "127.0.0.1".to_string(),
-            "--directory".to_string(),
-            www.display().to_string(),
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(10), || tcp_ready_in(&host, WEB_PORT)), "web server did not start");
+    let web = host_web_server(&host, &dir, &[("big.bin", &big)]);
 
     let hs_pid = host_switch.pid();
     let mut world = World { guests: Vec::new(), host_switch: Some(host_switch), host, socket: relay_sock, dir };
@@ -513,18 +496,8 @@ impl ExeWorld {
             .args(["--api", &format!("tcp://127.0.0.1:{API_PORT}")])
             .args(["--dns-upstream", "127.0.0.1:53", "-debug", "--capture="])
             .args(extra);
-        let mut host_switch = Proc::spawn(&dir, &mut cmd);
-        let up = wait_until(Duration::from_secs(120), || {
-            tcp_ready_in(&host, LINK_PORT) && tcp_ready_in(&host, API_PORT) || host_switch.try_wait().is_some()
-        });
-        assert!(up && host_switch.try_wait().is_none(), "host-switch.exe did not start:\n{}", host_switch.logs());
-        let relay_sock = dir.join("relay.sock");
-        let relay = host.spawn(
-            &dir,
-            "socat",
-            &[format!("UNIX-LISTEN:{},fork", relay_sock.display()), format!("TCP:127.0.0.1:{LINK_PORT}")],
-        );
-        assert!(wait_until(Duration::from_secs(10), || socket_exists(&relay_sock)), "socat did not listen");
+        let host_switch = spawn_listening(&mut cmd, &dir, &host, &[LINK_PORT, API_PORT]);
+        let (relay, relay_sock) = relay_to_link(&host, &dir);
         let mut world = World { guests: Vec::new(), host_switch: Some(host_switch), host, socket: relay_sock, dir };
         let g = world.add_guest(DEVICE_MAC, &[]);
         let addr = world.guest(g).wait_for_address(Duration::from_secs(60));
