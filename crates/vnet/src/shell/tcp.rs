@@ -146,9 +146,11 @@ impl<T: Copy + Eq + std::hash::Hash> ThrottleQueue<T> {
     }
 
     /// Every member, in turn order; the queue is empty afterwards.
-    fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+    fn take_all(&mut self) -> Vec<T> {
         let ThrottleQueue { members, waited, served } = self;
-        waited.drain(..).chain(served.drain(..)).filter(move |id| members.remove(id))
+        let turns = waited.drain(..).chain(served.drain(..)).filter(|id| members.remove(id)).collect();
+        members.clear();
+        turns
     }
 }
 
@@ -214,7 +216,7 @@ pub fn wake_throttled(engine: &Engine) {
             return;
         }
         let TcpNat { throttled, wakers, .. } = &mut *tcp;
-        throttled.drain().filter_map(|id| wakers.remove(&id)).collect()
+        throttled.take_all().into_iter().filter_map(|id| wakers.remove(&id)).collect()
     };
     for w in wakers {
         w.wake();
@@ -494,7 +496,7 @@ mod throttle_tests {
         }
         let mut first = Vec::new();
         for _ in 0..8 {
-            let order: Vec<u64> = q.drain().collect();
+            let order = q.take_all();
             assert_eq!(order.len(), 4, "{order:?}");
             first.push(order[0]);
             q.insert(order[0], true);
@@ -513,11 +515,11 @@ mod throttle_tests {
         q.insert(3, false);
         q.insert(1, true);
         q.remove(3);
-        assert_eq!(q.drain().collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(q.take_all(), [1, 2]);
         assert!(q.is_empty());
         q.insert(4, false);
         q.remove(4);
         q.insert(4, true);
-        assert_eq!(q.drain().collect::<Vec<_>>(), [4]);
+        assert_eq!(q.take_all(), [4]);
     }
 }
