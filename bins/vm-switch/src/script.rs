@@ -73,11 +73,21 @@ impl Script {
         }
         cmd.envs(event.environment(ifname));
         let started = Instant::now();
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                warn!("cannot run -dhcp-script {} {name}: {e}", self.path.display());
-                return Outcome::NotStarted;
+        // ETXTBSY: the script was just written, and a process forked
+        // elsewhere meanwhile still holds the writer's descriptor until it
+        // execs (seen with tests running in parallel); it passes quickly.
+        let mut attempts = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Ok(c) => break c,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 20 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => {
+                    warn!("cannot run -dhcp-script {} {name}: {e}", self.path.display());
+                    return Outcome::NotStarted;
+                }
             }
         };
         let mut group = Group(child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw));
