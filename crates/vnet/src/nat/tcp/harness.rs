@@ -586,15 +586,22 @@ fn a_guest_that_does_not_acknowledge_stops_the_host_reads() {
     assert!(4 * TX_BUFFER - host.incoming.len() > read);
 }
 
-#[test]
-fn a_full_guest_queue_stops_the_flow_until_it_drains() {
-    let mut w = World::new();
+/// An open flow whose host has 1 MB for a guest with a full-size window,
+/// the guest's queue full at 10 000 bytes.
+fn bulk_into_a_small_guest_queue(w: &mut World) -> (FlowId, Host, Guest) {
     let mut guest = Guest::v4(40000, alias(80));
     guest.window = u16::MAX;
-    let (id, mut host) = establish(&mut w, &mut guest);
+    let (id, mut host) = establish(w, &mut guest);
     w.sent();
     w.out.queue_limit = Some(10_000);
     host.incoming.extend(vec![3u8; 1_000_000]);
+    (id, host, guest)
+}
+
+#[test]
+fn a_full_guest_queue_stops_the_flow_until_it_drains() {
+    let mut w = World::new();
+    let (id, mut host, mut guest) = bulk_into_a_small_guest_queue(&mut w);
     let mut sent = Vec::new();
     for _ in 0..200 {
         // The core stops at the limit (one segment past it at most, or
@@ -628,14 +635,9 @@ fn a_flow_with_little_to_send_is_not_held_back_by_a_full_guest_queue() {
     // still goes out. Held back, it waited until it won the race for the
     // drained queue against the bulk flow (tens of ms, issue 18).
     let mut w = World::new();
-    let mut bulk_guest = Guest::v4(40000, alias(80));
-    bulk_guest.window = u16::MAX;
-    let (bulk, mut bulk_host) = establish(&mut w, &mut bulk_guest);
+    let (bulk, mut bulk_host, mut bulk_guest) = bulk_into_a_small_guest_queue(&mut w);
     let mut rr_guest = Guest::v4(40001, alias(81));
     let (rr, mut rr_host) = establish(&mut w, &mut rr_guest);
-    w.sent();
-    w.out.queue_limit = Some(10_000);
-    bulk_host.incoming.extend(vec![3u8; 1_000_000]);
     // Past slow start: rounds of acknowledgements until a drive fills it.
     for _ in 0..50 {
         w.settle(bulk, &mut bulk_host);
