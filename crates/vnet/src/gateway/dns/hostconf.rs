@@ -9,7 +9,8 @@
 //! suffix (from the registry, policy first), and the resolver's own search
 //! list (`DnsQueryConfig`, used only when it reads as a plain list of names,
 //! which is what Wine returns). [`watch`] reads once at once and then again
-//! every [`RECHECK`] on a thread of its own, so neither the engine thread
+//! every [`RECHECK`] (every [`RECHECK_WITHOUT_SERVERS`] while the settings
+//! list no server) on a thread of its own, so neither the engine thread
 //! nor a query ever waits for a file or the OS; whoever holds the returned
 //! receiver sees the newest settings (a VPN that connects or drops shows
 //! within [`RECHECK`]). The thread ends once every receiver is gone. Search
@@ -24,6 +25,10 @@ use tokio::sync::watch;
 
 /// How often the host's settings are read again.
 pub const RECHECK: Duration = Duration::from_secs(5);
+/// How often they are read again while they list no server: a host whose
+/// network is still coming up (or Wine, whose first answer can lack the
+/// servers) gets its resolver back within a second rather than five.
+pub const RECHECK_WITHOUT_SERVERS: Duration = Duration::from_secs(1);
 /// Most DNS servers kept (glibc uses three; Windows adapters may list more).
 pub const MAX_SERVERS: usize = 8;
 /// Most search domains handed to guests.
@@ -209,14 +214,16 @@ fn windows_registry_search() -> Vec<String> {
 pub fn watch() -> watch::Receiver<Arc<HostDnsConfig>> {
     let first = read();
     log_config(&first);
+    let mut pause = recheck_after(&first);
     let (tx, rx) = watch::channel(Arc::new(first));
     let spawned = std::thread::Builder::new().name("rdnet-host-dns".into()).spawn(move || {
         loop {
-            std::thread::sleep(RECHECK);
+            std::thread::sleep(pause);
             if tx.is_closed() {
                 return;
             }
             let next = read();
+            pause = recheck_after(&next);
             tx.send_if_modified(|current| {
                 if **current == next {
                     return false;
@@ -233,6 +240,10 @@ pub fn watch() -> watch::Receiver<Arc<HostDnsConfig>> {
     rx
 }
 
+fn recheck_after(c: &HostDnsConfig) -> Duration {
+    if c.servers.is_empty() { RECHECK_WITHOUT_SERVERS } else { RECHECK }
+}
+
 fn log_config(c: &HostDnsConfig) {
     let servers: Vec<String> = c.servers.iter().map(ToString::to_string).collect();
     tracing::info!(servers = %servers.join(" "), search = %c.search.join(" "), "host DNS settings");
@@ -244,6 +255,15 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn settings_without_a_server_are_read_again_sooner() {
+        let none = HostDnsConfig { servers: vec![], search: vec!["corp.test".into()] };
+        let one = HostDnsConfig { servers: vec![addr("127.0.0.1:53")], search: vec![] };
+        assert_eq!(recheck_after(&none), RECHECK_WITHOUT_SERVERS);
+        assert_eq!(recheck_after(&one), RECHECK);
+        assert!(RECHECK_WITHOUT_SERVERS < RECHECK);
     }
 
     #[test]
