@@ -61,9 +61,9 @@ use crate::Opts;
 use crate::script::Script;
 use crate::signals::{Event as SignalEvent, Signals};
 
-/// Bytes queued for the link before a flush even if the tap has more.
 /// A deadline that never comes (a year), for settings with nothing to expire.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Bytes queued for the link before a flush even if the tap has more.
 const BATCH_BYTES: usize = 256 * 1024;
 const REDIAL_MIN: Duration = Duration::from_millis(100);
 const REDIAL_MAX: Duration = Duration::from_secs(2);
