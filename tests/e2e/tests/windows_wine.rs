@@ -161,10 +161,6 @@ fn wine_command(w: &Wine, ns: &Netns, prefix: &Path) -> Command {
     cmd
 }
 
-/// Windows without --listen: host-switch.exe lists the compute systems in
-/// the registry and probes each one's Hyper-V port 6669 once a second. Wine
-/// has no Hyper-V sockets, so every probe fails: this checks the wiring
-/// (registry → probe → probe again), not a pairing.
 /// Starts host-switch.exe (`cmd`, from [`wine_command`]) and waits until it
 /// listens on every one of `ports` in `host`.
 fn spawn_listening(cmd: &mut Command, dir: &TempDir, host: &Netns, ports: &[u16]) -> Proc {
@@ -211,6 +207,10 @@ fn host_web_server(host: &Netns, dir: &TempDir, files: &[(&str, &[u8])]) -> Proc
     web
 }
 
+/// Windows without --listen: host-switch.exe lists the compute systems in
+/// the registry and probes each one's Hyper-V port 6669 once a second. Wine
+/// has no Hyper-V sockets, so every probe fails: this checks the wiring
+/// (registry → probe → probe again), not a pairing.
 #[test]
 fn host_switch_exe_without_listen_probes_the_registry_vms() {
     if !privileged() {

@@ -1359,6 +1359,17 @@ fn rst_for_packet(link: &mut impl GuestLink, key: &FlowKey, packet: &[u8]) {
     }
 }
 
+/// No delayed ACKs: a guest's data is acknowledged once per link read
+/// (see `guest_segment`); smoltcp's own delay (1 ms tried) cost
+/// request/response a fifth and saved nothing (bench/RESULTS.md). For
+/// experiments, `RDNET_ACK_DELAY_US` sets one, read once per process.
+fn ack_delay() -> Option<smoltcp::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<smoltcp::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("RDNET_ACK_DELAY_US").ok().and_then(|v| v.parse().ok()).map(smoltcp::time::Duration::from_micros)
+    })
+}
+
 /// A tuned socket whose buffers live in a lazily committed region; `None`
 /// when the address space cannot be had. The memory must outlive the
 /// socket: both go into one `Flow` (see its `Drop`).
@@ -1373,9 +1384,7 @@ fn new_socket(regions: &mut RegionPool) -> Option<(tcp::Socket<'static>, FlowMem
     let memory = FlowMemory::new(region, RX_BUFFER)?;
     let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     socket.set_nagle_enabled(false);
-    socket.set_ack_delay(
-        std::env::var("RDNET_ACK_DELAY_US").ok().and_then(|v| v.parse().ok()).map(smoltcp::time::Duration::from_micros),
-    );
+    socket.set_ack_delay(ack_delay());
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
     // Dropped again by smoltcp if the guest's SYN has no timestamp option.
     socket.set_tsval_generator(Some(tsval));
