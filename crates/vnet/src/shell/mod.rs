@@ -594,6 +594,7 @@ impl Engine {
             // fill their buffers before they got to drain any).
             if frames >= 64 || bytes >= 256 * 1024 {
                 (frames, bytes) = (0, 0);
+                UdpNat::flush(&self);
                 tokio::task::yield_now().await;
             }
             match reader.next_frame_in_batch().await {
@@ -603,6 +604,10 @@ impl Engine {
                     self.more_follow.set(more);
                     self.handle_frame(port, frame);
                     self.more_follow.set(false);
+                    if !more {
+                        // The read's last frame need not have been UDP.
+                        UdpNat::flush(&self);
+                    }
                     if !large && self.net.borrow().switch.takes_large_frames(port) {
                         large = true;
                         reader.set_max_frame(self.max_link_frame());
@@ -612,6 +617,8 @@ impl Engine {
                 Err(e) => break Err(e),
             }
         };
+        // A read that ended in a cut frame left the frames before it queued.
+        UdpNat::flush(&self);
         match &result {
             Ok(()) => tracing::info!(port, %peer, "VM disconnected"),
             Err(LinkError::Frame(FrameError::TooLong { len, max })) => {

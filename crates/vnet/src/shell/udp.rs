@@ -5,7 +5,15 @@
 //! to send it on or asks for a new one; the shell opens a non-blocking UDP
 //! socket bound to the wildcard address and connected to the target (so the
 //! kernel delivers only that peer's replies to it), starts a task reading
-//! it, and sends with one `send` straight to the kernel. Each read is shown
+//! it, and sends straight to the kernel. On Linux, datagrams that arrive
+//! with more of the same link read behind them wait in an outbox until the
+//! end of that read (the engine's `more_follow`, or at most 64 frames, when
+//! the link reader yields); then each run of them for one flow goes out
+//! with one `sendmmsg`, so a bulk UDP sender's datagrams cost one system
+//! call per batch, not one each. A lone datagram (request/response, DNS)
+//! goes at once, and elsewhere every datagram does. The outbox is emptied
+//! before a new flow may evict an old one, so nothing in it waits for
+//! another task or loses its socket. Each read is shown
 //! to the core, which says where the guest gets it from; socket errors go
 //! to the core too. A flow the core ends (evicted, idle, failed) loses its
 //! socket and task here. One timer task sleeps until the core's next idle
@@ -41,6 +49,11 @@ pub(crate) enum Drained {
     Failed,
 }
 
+/// Whether guest datagrams wait for the end of their link read to leave in
+/// batches: only where `sendmmsg` makes a batch one system call; elsewhere
+/// the outbox would only add a copy.
+const BATCH_SENDS: bool = cfg!(target_os = "linux");
+
 /// Size of the shared receive buffer: the largest UDP payload there is, so
 /// an oversized reply is seen whole and counted rather than cut.
 const SCRATCH: usize = 65536;
@@ -70,6 +83,27 @@ pub struct UdpNat {
     timer: Option<JoinHandle<()>>,
     /// One receive buffer shared by every flow's task (one thread).
     scratch: Vec<u8>,
+    /// Guest datagrams waiting for the end of the link read they came in.
+    outbox: Outbox,
+}
+
+/// Guest datagrams held until the end of a link read, in arrival order.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    /// Each datagram's flow and where its payload ends in `bytes`.
+    datagrams: Vec<(FlowId, usize)>,
+}
+
+impl Outbox {
+    fn push(&mut self, id: FlowId, payload: &[u8]) {
+        self.bytes.extend_from_slice(payload);
+        self.datagrams.push((id, self.bytes.len()));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.datagrams.is_empty()
+    }
 }
 
 impl UdpNat {
@@ -80,6 +114,7 @@ impl UdpNat {
             flows: FastMap::default(),
             timer: None,
             scratch: Vec::new(),
+            outbox: Outbox::default(),
         }
     }
 
@@ -100,6 +135,31 @@ impl UdpNat {
     /// a host socket. False when the host has no socket for it (no route to
     /// the destination, say): the caller may tell the guest so.
     pub fn send(engine: &Rc<Engine>, src: SocketAddr, dst: SocketAddr, payload: &[u8], now: Instant) -> bool {
+        let mut unreachable = Vec::new();
+        let sent = Self::send_or_queue(engine, src, dst, payload, now, &mut unreachable);
+        for packet in unreachable {
+            port_unreachable(engine, &packet);
+        }
+        sent
+    }
+
+    /// Sends whatever the outbox holds (the end of a link read).
+    pub fn flush(engine: &Rc<Engine>) {
+        let mut unreachable = Vec::new();
+        engine.udp.borrow_mut().send_outbox(Instant::now(), &mut unreachable);
+        for packet in unreachable {
+            port_unreachable(engine, &packet);
+        }
+    }
+
+    fn send_or_queue(
+        engine: &Rc<Engine>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &[u8],
+        now: Instant,
+        unreachable: &mut Vec<Vec<u8>>,
+    ) -> bool {
         let mut guard = engine.udp.borrow_mut();
         let nat = &mut *guard;
         let id = match nat.core.route_guest(now, &engine.nat, src, dst) {
@@ -109,6 +169,8 @@ impl UdpNat {
                 Ok(socket) => {
                     let socket = Rc::new(socket);
                     let task = tokio::task::spawn_local(reply_task(engine.clone(), id, socket.clone()));
+                    // The new flow may evict one with datagrams waiting.
+                    nat.send_outbox(now, unreachable);
                     for old in nat.core.opened(now, (src, dst), id) {
                         nat.flows.remove(&old);
                     }
@@ -124,16 +186,59 @@ impl UdpNat {
                 }
             },
         };
-        let Some(flow) = nat.flows.get(&id) else { return true };
-        // Straight to the kernel: tokio's `try_send` would refuse until the
-        // reactor has seen the new socket writable, losing first datagrams.
-        let result = socket2::SockRef::from(&*flow.socket).send(payload).map(drop);
-        let unreachable = nat.core.sent(now, id, payload.len(), result);
-        drop(guard);
-        if let Some(packet) = unreachable {
-            port_unreachable(engine, &packet);
+        if !nat.flows.contains_key(&id) {
+            return true;
+        }
+        if BATCH_SENDS && (engine.more_follow.get() || !nat.outbox.is_empty()) {
+            nat.outbox.push(id, payload);
+            if !engine.more_follow.get() {
+                nat.send_outbox(now, unreachable);
+            }
+            return true;
+        }
+        if let Some(flow) = nat.flows.get(&id) {
+            // Straight to the kernel: tokio's `try_send` would refuse until
+            // the reactor has seen the new socket writable, losing first
+            // datagrams.
+            let result = socket2::SockRef::from(&*flow.socket).send(payload).map(drop);
+            unreachable.extend(nat.core.sent(now, id, payload.len(), result));
         }
         true
+    }
+
+    /// Sends the outbox, one batch per run of datagrams for the same flow;
+    /// ICMP port-unreachable packets for the guest go to `unreachable`.
+    fn send_outbox(&mut self, now: Instant, unreachable: &mut Vec<Vec<u8>>) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let outbox = std::mem::take(&mut self.outbox);
+        let mut results = Vec::new();
+        let mut payloads: Vec<&[u8]> = Vec::new();
+        let (mut first, mut start) = (0, 0);
+        while first < outbox.datagrams.len() {
+            let id = outbox.datagrams[first].0;
+            let run = outbox.datagrams[first..].iter().take_while(|(flow, _)| *flow == id).count();
+            payloads.clear();
+            for &(_, end) in &outbox.datagrams[first..first + run] {
+                payloads.push(&outbox.bytes[start..end]);
+                start = end;
+            }
+            first += run;
+            // A flow ended meanwhile (its socket closed with it): its
+            // datagrams go nowhere, as they would have had they come later.
+            let Some(flow) = self.flows.get(&id) else { continue };
+            results.clear();
+            send_batch(&flow.socket, &payloads, &mut results);
+            for (payload, result) in payloads.iter().zip(results.drain(..)) {
+                unreachable.extend(self.core.sent(now, id, payload.len(), result));
+            }
+        }
+        // Keep the buffers for the next batch.
+        let Outbox { mut bytes, mut datagrams } = outbox;
+        bytes.clear();
+        datagrams.clear();
+        self.outbox = Outbox { bytes, datagrams };
     }
 
     /// Drops the sockets and tasks of flows the core ended.
@@ -142,6 +247,61 @@ impl UdpNat {
             self.flows.remove(&id);
         }
     }
+}
+
+/// Sends each of `payloads` on `socket` (connected), pushing one result per
+/// payload to `results`, in order: one `sendmmsg` for all of them, again
+/// from the first one it did not take (whose error is that datagram's).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn send_batch(socket: &UdpSocket, payloads: &[&[u8]], results: &mut Vec<io::Result<()>>) {
+    use std::os::fd::AsRawFd;
+    let mut iovecs: Vec<libc::iovec> =
+        payloads.iter().map(|p| libc::iovec { iov_base: p.as_ptr().cast_mut().cast(), iov_len: p.len() }).collect();
+    let mut messages: Vec<libc::mmsghdr> = iovecs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: an all-zero mmsghdr is a valid value (no name, no
+            // control data, null pointers with zero lengths).
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let mut done = 0;
+    while done < messages.len() {
+        let rest = &mut messages[done..];
+        let count = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+        // SAFETY: `rest` holds `count` initialised headers whose single iovec
+        // each points at a payload borrowed for this whole call; the kernel
+        // only reads them (and writes each header's msg_len).
+        let n = unsafe { libc::sendmmsg(socket.as_raw_fd(), rest.as_mut_ptr(), count, 0) };
+        if n == 0 {
+            // Not what the kernel does for a non-empty batch; never loop on it.
+            results.push(Err(io::ErrorKind::WriteZero.into()));
+            done += 1;
+            continue;
+        }
+        if n > 0 {
+            let n = n as usize;
+            results.extend((0..n).map(|_| Ok(())));
+            done += n;
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        results.push(Err(e));
+        done += 1;
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_batch(socket: &UdpSocket, payloads: &[&[u8]], results: &mut Vec<io::Result<()>>) {
+    let socket = socket2::SockRef::from(socket);
+    results.extend(payloads.iter().map(|p| socket.send(p).map(drop)));
 }
 
 /// A non-blocking UDP socket bound to the wildcard address of `target`'s
@@ -342,6 +502,69 @@ mod tests {
             tokio::time::sleep(idle * 3).await;
             assert_eq!(engine.udp.borrow().len(), 0);
             assert_eq!(engine.udp.borrow().stats().flows_expired, 2);
+        });
+    }
+
+    /// Datagrams with more of their link read behind them wait for its
+    /// end and then leave in order, each flow's as one batch; a read that
+    /// ends in a frame that is not UDP sends them too.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn datagrams_of_one_link_read_leave_together_and_in_order() {
+        use crate::shell::EngineConfig;
+        use crate::{NetConfig, Network};
+
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let cfg = NetConfig::new("192.168.127.0/24".parse().unwrap(), 1500).unwrap();
+            let engine = Engine::new(Network::new(cfg), EngineConfig::default());
+            let receiver = || {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.set_nonblocking(true).unwrap();
+                let alias = SocketAddr::from((Ipv4Addr::new(192, 168, 127, 254), s.local_addr().unwrap().port()));
+                (s, alias)
+            };
+            let ((a, to_a), (b, to_b)) = (receiver(), receiver());
+            let received = |s: &std::net::UdpSocket| {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.recv(&mut buf) {
+                    got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+                got
+            };
+            let guest = |p| SocketAddr::from((Ipv4Addr::new(192, 168, 127, 2), p));
+            let send = |from, to, what: &str| UdpNat::send(&engine, guest(from), to, what.as_bytes(), Instant::now());
+
+            // Lone datagrams open the two flows (a new flow sends what
+            // waits first: it may evict a flow with datagrams waiting).
+            assert!(send(1000, to_a, "a0") && send(1001, to_b, "b0"));
+            assert_eq!((received(&a), received(&b)), (vec!["a0".to_string()], vec!["b0".to_string()]));
+            engine.more_follow.set(true);
+            for (from, to, what) in [(1000, to_a, "a1"), (1000, to_a, "a2"), (1001, to_b, "b1"), (1000, to_a, "a3")] {
+                assert!(send(from, to, what));
+            }
+            // Loopback delivers within the send: nothing was sent yet.
+            assert!(received(&a).is_empty() && received(&b).is_empty());
+            assert_eq!(engine.udp.borrow().stats().datagrams_out, 2);
+            // The read's last frame sends everything.
+            engine.more_follow.set(false);
+            assert!(send(1001, to_b, "b2"));
+            assert_eq!(received(&a), ["a1", "a2", "a3"]);
+            assert_eq!(received(&b), ["b1", "b2"]);
+            assert_eq!(engine.udp.borrow().stats().datagrams_out, 7);
+
+            // A read whose last frame was not UDP: the reader flushes.
+            engine.more_follow.set(true);
+            assert!(send(1000, to_a, "a4"));
+            engine.more_follow.set(false);
+            assert!(received(&a).is_empty());
+            UdpNat::flush(&engine);
+            assert_eq!(received(&a), ["a4"]);
+            // A lone datagram goes at once.
+            assert!(send(1001, to_b, "b3"));
+            assert_eq!(received(&b), ["b3"]);
+            assert_eq!(engine.udp.borrow().stats().datagrams_out, 9);
         });
     }
 }
