@@ -7,8 +7,8 @@
 //! kernel delivers only that peer's replies to it), starts a task reading
 //! it, and sends straight to the kernel. On Linux, datagrams that arrive
 //! with more of the same link read behind them wait in an outbox until the
-//! end of that read (the engine's `more_follow`, or at most 64 frames, when
-//! the link reader yields); then each run of them for one flow goes out
+//! end of that read (the engine's `more_follow`; at most 64 frames or
+//! 256 KiB, when the link reader yields); then each run for one flow goes out
 //! with one `sendmmsg`, so a bulk UDP sender's datagrams cost one system
 //! call per batch, not one each. A lone datagram (request/response, DNS)
 //! goes at once, and elsewhere every datagram does. The outbox is emptied
