@@ -186,22 +186,19 @@ impl UdpNat {
                 }
             },
         };
-        if !nat.flows.contains_key(&id) {
-            return true;
-        }
-        if BATCH_SENDS && (engine.more_follow.get() || !nat.outbox.is_empty()) {
-            nat.outbox.push(id, payload);
-            if !engine.more_follow.get() {
-                nat.send_outbox(now, unreachable);
-            }
-            return true;
-        }
-        if let Some(flow) = nat.flows.get(&id) {
+        let Some(flow) = nat.flows.get(&id) else { return true };
+        let more_follow = engine.more_follow.get();
+        if !(BATCH_SENDS && (more_follow || !nat.outbox.is_empty())) {
             // Straight to the kernel: tokio's `try_send` would refuse until
             // the reactor has seen the new socket writable, losing first
             // datagrams.
             let result = socket2::SockRef::from(&*flow.socket).send(payload).map(drop);
             unreachable.extend(nat.core.sent(now, id, payload.len(), result));
+            return true;
+        }
+        nat.outbox.push(id, payload);
+        if !more_follow {
+            nat.send_outbox(now, unreachable);
         }
         true
     }
@@ -212,7 +209,7 @@ impl UdpNat {
         if self.outbox.is_empty() {
             return;
         }
-        let outbox = std::mem::take(&mut self.outbox);
+        let mut outbox = std::mem::take(&mut self.outbox);
         let mut results = Vec::new();
         let mut payloads: Vec<&[u8]> = Vec::new();
         let (mut first, mut start) = (0, 0);
@@ -235,10 +232,9 @@ impl UdpNat {
             }
         }
         // Keep the buffers for the next batch.
-        let Outbox { mut bytes, mut datagrams } = outbox;
-        bytes.clear();
-        datagrams.clear();
-        self.outbox = Outbox { bytes, datagrams };
+        outbox.bytes.clear();
+        outbox.datagrams.clear();
+        self.outbox = outbox;
     }
 
     /// Drops the sockets and tasks of flows the core ended.
