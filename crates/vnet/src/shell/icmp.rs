@@ -78,7 +78,7 @@ impl IcmpNat {
                         for old in nat.core.opened(now, key, id, mode) {
                             nat.flows.remove(&old);
                         }
-                        nat.flows.insert(id, Flow { socket, task: Some(task) });
+                        nat.flows.insert(id, Flow { socket, task: Some(task), segment: false });
                         if nat.timer.as_ref().is_none_or(JoinHandle::is_finished) {
                             nat.timer = Some(tokio::task::spawn_local(idle_timer(engine.clone())));
                         }

@@ -10,7 +10,11 @@
 //! end of that read (the engine's `more_follow`; at most 64 frames or
 //! 256 KiB, when the link reader yields); then each run for one flow goes out
 //! with one `sendmmsg`, so a bulk UDP sender's datagrams cost one system
-//! call per batch, not one each. A lone datagram (request/response, DNS)
+//! call per batch, not one each, and datagrams of one size in it go as one
+//! segmented message (`UDP_SEGMENT`: the host's stack handles them as one
+//! packet until it cuts them apart, on loopback at the receiving socket; a
+//! flow whose path refuses that sends one datagram per message from then
+//! on). A lone datagram (request/response, DNS)
 //! goes at once, and elsewhere every datagram does. The outbox is emptied
 //! before a new flow may evict an old one, so nothing in it waits for
 //! another task or loses its socket. Each read is shown
@@ -66,6 +70,9 @@ pub(crate) const MAX_ERRORS_IN_A_ROW: u32 = 8;
 pub(crate) struct Flow {
     pub(crate) socket: Rc<UdpSocket>,
     pub(crate) task: Option<JoinHandle<()>>,
+    /// UDP: whether batches still go with segmentation offload (see
+    /// [`send_batch`]); off once the host's stack refused it for this flow.
+    pub(crate) segment: bool,
 }
 
 impl Drop for Flow {
@@ -174,7 +181,7 @@ impl UdpNat {
                     for old in nat.core.opened(now, (src, dst), id) {
                         nat.flows.remove(&old);
                     }
-                    nat.flows.insert(id, Flow { socket, task: Some(task) });
+                    nat.flows.insert(id, Flow { socket, task: Some(task), segment: true });
                     if nat.timer.as_ref().is_none_or(JoinHandle::is_finished) {
                         nat.timer = Some(tokio::task::spawn_local(idle_timer(engine.clone())));
                     }
@@ -224,9 +231,9 @@ impl UdpNat {
             first += run;
             // A flow ended meanwhile (its socket closed with it): its
             // datagrams go nowhere, as they would have had they come later.
-            let Some(flow) = self.flows.get(&id) else { continue };
+            let Some(flow) = self.flows.get_mut(&id) else { continue };
             results.clear();
-            send_batch(&flow.socket, &payloads, &mut results);
+            send_batch(&flow.socket, &payloads, &mut flow.segment, &mut results);
             for (payload, result) in payloads.iter().zip(results.drain(..)) {
                 unreachable.extend(self.core.sent(now, id, payload.len(), result));
             }
@@ -245,57 +252,166 @@ impl UdpNat {
     }
 }
 
+/// Most datagrams one segmented send carries (the kernel's
+/// `UDP_MAX_SEGMENTS`, 64 before Linux 6.9 and 128 since).
+#[cfg(target_os = "linux")]
+const SEGMENTS_PER_SEND: usize = 64;
+/// Most payload bytes one segmented send carries: an IPv4 datagram's
+/// limit, which the kernel checks before it segments.
+#[cfg(target_os = "linux")]
+const BYTES_PER_SEND: usize = 65_507;
+
+/// How `payloads` split into sends with UDP segmentation offload: runs of
+/// datagrams of one size, the last of a run possibly shorter (what
+/// `UDP_SEGMENT` cuts a buffer into), each as (first index, count).
+#[cfg(target_os = "linux")]
+fn segment_runs(payloads: &[&[u8]], runs: &mut Vec<(usize, usize)>) {
+    let mut first = 0;
+    while first < payloads.len() {
+        let size = payloads[first].len();
+        let (mut count, mut bytes) = (1, size);
+        // An empty datagram has nothing to segment, so goes alone.
+        if size > 0 {
+            while let Some(next) = payloads.get(first + count)
+                && count < SEGMENTS_PER_SEND
+                && bytes + next.len() <= BYTES_PER_SEND
+                && (1..=size).contains(&next.len())
+            {
+                count += 1;
+                bytes += next.len();
+                if next.len() < size {
+                    break;
+                }
+            }
+        }
+        runs.push((first, count));
+        first += count;
+    }
+}
+
 /// Sends each of `payloads` on `socket` (connected), pushing one result per
-/// payload to `results`, in order: one `sendmmsg` for all of them, again
-/// from the first one it did not take (whose error is that datagram's).
+/// payload to `results`, in order. With `segment` each run of same-sized
+/// datagrams is one message the kernel cuts up (`UDP_SEGMENT`), so it goes
+/// through the host's stack once; a socket or route that cannot do that (no
+/// checksum offload on the way out, a path MTU below the datagrams) turns
+/// `segment` off and the datagrams go one per message. A failed send is
+/// its first datagram's error, as if each had gone alone (the kernel
+/// reports one error per send: a refusal the host got earlier, a full
+/// buffer), and the ones after it are tried again.
+#[cfg(target_os = "linux")]
+fn send_batch(socket: &UdpSocket, payloads: &[&[u8]], segment: &mut bool, results: &mut Vec<io::Result<()>>) {
+    let mut start = 0;
+    while start < payloads.len() {
+        let Err(failed) = send_messages(socket, &payloads[start..], *segment, results) else { return };
+        start += failed.first;
+        if failed.datagrams > 1 && cannot_segment(&failed.error) {
+            *segment = false;
+            continue;
+        }
+        results.push(Err(failed.error));
+        start += 1;
+    }
+}
+
+/// A message `sendmmsg` did not take: where its datagrams start in the
+/// payloads given, how many it held, and why.
+#[cfg(target_os = "linux")]
+struct FailedSend {
+    first: usize,
+    datagrams: usize,
+    error: io::Error,
+}
+
+/// One pass of [`send_batch`]: `sendmmsg` until every message went (one
+/// `Ok` per datagram pushed) or one failed (the `Ok`s of those before it
+/// pushed, none for it or after).
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn send_batch(socket: &UdpSocket, payloads: &[&[u8]], results: &mut Vec<io::Result<()>>) {
+fn send_messages(
+    socket: &UdpSocket,
+    payloads: &[&[u8]],
+    segment: bool,
+    results: &mut Vec<io::Result<()>>,
+) -> Result<(), FailedSend> {
     use std::os::fd::AsRawFd;
+    /// One control message holding a `u16`, 8-byte aligned as `cmsghdr` wants.
+    type Control = [u64; 3];
+    // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+    let (space, len) = unsafe { (libc::CMSG_SPACE(2) as usize, libc::CMSG_LEN(2) as usize) };
+    debug_assert!(space <= std::mem::size_of::<Control>());
+
+    let mut runs = Vec::new();
+    if segment {
+        segment_runs(payloads, &mut runs);
+    } else {
+        runs.extend((0..payloads.len()).map(|i| (i, 1)));
+    }
     let mut iovecs: Vec<libc::iovec> =
         payloads.iter().map(|p| libc::iovec { iov_base: p.as_ptr().cast_mut().cast(), iov_len: p.len() }).collect();
-    let mut messages: Vec<libc::mmsghdr> = iovecs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: an all-zero mmsghdr is a valid value (no name, no
-            // control data, null pointers with zero lengths).
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut controls: Vec<Control> = vec![[0; 3]; runs.iter().filter(|(_, count)| *count > 1).count()];
+    let mut messages: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
+    let mut next_control = controls.iter_mut();
+    for &(first, count) in &runs {
+        // SAFETY: an all-zero mmsghdr is a valid value (no name, no
+        // control data, null pointers with zero lengths).
+        let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        m.msg_hdr.msg_iov = iovecs[first..].as_mut_ptr();
+        m.msg_hdr.msg_iovlen = count as _;
+        if count > 1
+            && let Some(control) = next_control.next()
+        {
+            m.msg_hdr.msg_control = control.as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = space as _;
+            // SAFETY: the control buffer is `space` bytes, aligned, and
+            // holds exactly one header with a u16 after it.
+            unsafe {
+                let header = libc::CMSG_FIRSTHDR(&m.msg_hdr);
+                (*header).cmsg_level = libc::SOL_UDP;
+                (*header).cmsg_type = libc::UDP_SEGMENT;
+                (*header).cmsg_len = len as _;
+                let size = u16::try_from(payloads[first].len()).unwrap_or(u16::MAX);
+                std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<u16>(), size);
+            }
+        }
+        messages.push(m);
+    }
     let mut done = 0;
     while done < messages.len() {
         let rest = &mut messages[done..];
         let count = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-        // SAFETY: `rest` holds `count` initialised headers whose single iovec
-        // each points at a payload borrowed for this whole call; the kernel
-        // only reads them (and writes each header's msg_len).
+        // SAFETY: `rest` holds `count` initialised headers whose iovecs
+        // point at payloads borrowed for this whole call and whose control
+        // buffers live in `controls` until it returns; the kernel only reads
+        // them (and writes each header's msg_len).
         let n = unsafe { libc::sendmmsg(socket.as_raw_fd(), rest.as_mut_ptr(), count, 0) };
-        if n == 0 {
+        let error = match usize::try_from(n) {
             // Not what the kernel does for a non-empty batch; never loop on it.
-            results.push(Err(io::ErrorKind::WriteZero.into()));
-            done += 1;
+            Ok(0) => io::ErrorKind::WriteZero.into(),
+            Ok(n) => {
+                let sent: usize = runs[done..done + n].iter().map(|&(_, datagrams)| datagrams).sum();
+                results.extend((0..sent).map(|_| Ok(())));
+                done += n;
+                continue;
+            }
+            Err(_) => io::Error::last_os_error(),
+        };
+        if error.kind() == io::ErrorKind::Interrupted {
             continue;
         }
-        if n > 0 {
-            let n = n as usize;
-            results.extend((0..n).map(|_| Ok(())));
-            done += n;
-            continue;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        results.push(Err(e));
-        done += 1;
+        let (first, datagrams) = runs[done];
+        return Err(FailedSend { first, datagrams, error });
     }
+    Ok(())
+}
+
+/// Errors a segmented send gets where one datagram per send would work.
+#[cfg(target_os = "linux")]
+fn cannot_segment(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EIO | libc::EMSGSIZE | libc::EOPNOTSUPP | libc::ENOPROTOOPT))
 }
 
 #[cfg(not(target_os = "linux"))]
-fn send_batch(socket: &UdpSocket, payloads: &[&[u8]], results: &mut Vec<io::Result<()>>) {
+fn send_batch(socket: &UdpSocket, payloads: &[&[u8]], _segment: &mut bool, results: &mut Vec<io::Result<()>>) {
     let socket = socket2::SockRef::from(socket);
     results.extend(payloads.iter().map(|p| socket.send(p).map(drop)));
 }
@@ -562,5 +678,189 @@ mod tests {
             assert_eq!(received(&b), ["b3"]);
             assert_eq!(engine.udp.borrow().stats().datagrams_out, 9);
         });
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn segment_runs_are_what_udp_segment_cuts_a_buffer_into() {
+        let sizes = |payloads: &[Vec<u8>]| {
+            let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            let mut runs = Vec::new();
+            segment_runs(&slices, &mut runs);
+            runs
+        };
+        let of = |lens: &[usize]| lens.iter().map(|&n| vec![0u8; n]).collect::<Vec<_>>();
+        // Same sizes, a shorter one ends a run; a longer one starts the next.
+        assert_eq!(sizes(&of(&[100, 100, 100, 40, 100, 200, 200])), [(0, 4), (4, 1), (5, 2)]);
+        // Empty datagrams go alone, and end nothing else's run early.
+        assert_eq!(sizes(&of(&[0, 0, 10, 10, 0])), [(0, 1), (1, 1), (2, 2), (4, 1)]);
+        // At most 64 datagrams and 65 507 bytes a send.
+        let runs = sizes(&of(&[10; 130]));
+        assert_eq!(runs, [(0, 64), (64, 64), (128, 2)]);
+        let runs = sizes(&of(&[30_000, 30_000, 30_000, 5_000]));
+        assert_eq!(runs, [(0, 2), (2, 2)]);
+        assert_eq!(sizes(&of(&[65_507, 65_507])), [(0, 1), (1, 1)]);
+        assert!(sizes(&[]).is_empty());
+    }
+
+    /// `count` payloads of `len` bytes, each filled with its own number.
+    #[cfg(target_os = "linux")]
+    fn numbered(lens: &[usize]) -> Vec<Vec<u8>> {
+        lens.iter().enumerate().map(|(i, &n)| vec![i as u8; n]).collect()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn receive_all(s: &std::net::UdpSocket) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = s.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    /// A batch of same-sized datagrams leaves as one segmented send, and
+    /// the receiver still gets each datagram as it was, in order.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn segmented_batches_arrive_as_the_datagrams_they_were() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            plain.set_nonblocking(true).unwrap();
+            // A receiver that takes segmented sends whole (UDP_GRO) shows the
+            // kernel got one send for several datagrams.
+            let whole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            whole.set_nonblocking(true).unwrap();
+            set_udp_gro(&whole);
+
+            let lens = [1400, 1400, 1400, 700, 0, 9000, 9000, 3, 1400];
+            let payloads = numbered(&lens);
+            let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            for (receiver, expect_whole) in [(&plain, false), (&whole, true)] {
+                let sender = connect_udp(receiver.local_addr().unwrap()).unwrap();
+                let (mut segment, mut results) = (true, Vec::new());
+                send_batch(&sender, &slices, &mut segment, &mut results);
+                assert!(segment && results.len() == lens.len() && results.iter().all(Result::is_ok), "{results:?}");
+                let got = receive_all(receiver);
+                if expect_whole {
+                    assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [4900, 0, 18003, 1400]);
+                    assert_eq!(got.concat(), payloads.concat());
+                } else {
+                    assert_eq!(got, payloads);
+                }
+            }
+        });
+    }
+
+    /// A refusal the host reported (ICMP port unreachable for an earlier
+    /// send) is one datagram's error, as when each datagram goes alone, and
+    /// the datagrams after it still go.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_refusal_is_one_datagrams_error_in_a_segmented_batch() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = closed.local_addr().unwrap();
+            drop(closed);
+            let sender = connect_udp(to).unwrap();
+            let payloads = numbered(&[500; 5]);
+            let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            let (mut segment, mut results) = (true, Vec::new());
+            // Loopback answers with the ICMP error within this send.
+            send_batch(&sender, &slices, &mut segment, &mut results);
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            results.clear();
+            send_batch(&sender, &slices, &mut segment, &mut results);
+            let kinds: Vec<_> = results.iter().map(|r| r.as_ref().map_err(io::Error::kind)).collect();
+            assert_eq!(kinds, [Err(io::ErrorKind::ConnectionRefused), Ok(&()), Ok(&()), Ok(&()), Ok(&())]);
+            assert!(segment);
+        });
+    }
+
+    /// Where the path cannot take segmented sends (here a loopback MTU
+    /// below the datagrams' size, in a network namespace of this test's
+    /// own thread), the datagrams go one by one and the flow stops trying.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_path_that_refuses_segmented_sends_gets_the_datagrams_one_by_one() {
+        if !is_root() {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        std::thread::spawn(|| {
+            loopback_in_own_namespace(1500);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                receiver.set_nonblocking(true).unwrap();
+                let sender = connect_udp(receiver.local_addr().unwrap()).unwrap();
+                // 1600-byte segments do not fit a 1500-byte MTU; whole
+                // datagrams of that size still go (fragmented).
+                let payloads = numbered(&[1600, 1600, 1600, 1000, 1000]);
+                let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+                let (mut segment, mut results) = (true, Vec::new());
+                send_batch(&sender, &slices, &mut segment, &mut results);
+                assert!(results.len() == 5 && results.iter().all(Result::is_ok), "{results:?}");
+                assert!(!segment, "the flow should have stopped segmenting");
+                assert_eq!(receive_all(&receiver), payloads);
+                // Later batches go one by one from the start.
+                results.clear();
+                send_batch(&sender, &slices, &mut segment, &mut results);
+                assert!(results.iter().all(Result::is_ok) && results.len() == 5);
+                assert_eq!(receive_all(&receiver), payloads);
+            });
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn set_udp_gro(socket: &std::net::UdpSocket) {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: an int option read from a local that outlives the call.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// Moves this thread into a new network namespace and brings its
+    /// loopback up with `mtu`.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn loopback_in_own_namespace(mtu: i32) {
+        // SAFETY: plain system calls on a socket this function owns, with an
+        // ifreq that names "lo" and lives across each call.
+        unsafe {
+            assert_eq!(libc::unshare(libc::CLONE_NEWNET), 0, "{}", io::Error::last_os_error());
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            assert!(fd >= 0);
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
+                *dst = *src as libc::c_char;
+            }
+            req.ifr_ifru.ifru_mtu = mtu;
+            assert_eq!(libc::ioctl(fd, libc::SIOCSIFMTU, &req), 0, "{}", io::Error::last_os_error());
+            req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &req), 0, "{}", io::Error::last_os_error());
+            libc::close(fd);
+        }
     }
 }
