@@ -61,6 +61,11 @@ const BATCH_SENDS: bool = cfg!(target_os = "linux");
 /// Size of the shared receive buffer: the largest UDP payload there is, so
 /// an oversized reply is seen whole and counted rather than cut.
 const SCRATCH: usize = 65536;
+/// Receive buffer asked for each flow's host socket: the default (~90
+/// full-size datagrams) overflows whenever this thread is busy for half a
+/// millisecond while a host peer streams (2 Gbit/s host→guest lost 15–30 %
+/// there, bench/RESULTS.md); memory is only taken while datagrams wait.
+const REPLY_BUFFER: usize = 1024 * 1024;
 /// A socket whose reads fail this many times in a row ends its flow.
 pub(crate) const MAX_ERRORS_IN_A_ROW: u32 = 8;
 
@@ -426,6 +431,8 @@ fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
     let s = std::net::UdpSocket::bind(bind)?;
     s.connect(target)?;
     s.set_nonblocking(true)?;
+    // Best effort: the system's limit may cap it, and a flow works without.
+    let _ = socket2::SockRef::from(&s).set_recv_buffer_size(REPLY_BUFFER);
     UdpSocket::from_std(s)
 }
 
@@ -677,6 +684,23 @@ mod tests {
             assert!(send(1001, to_b, "b3"));
             assert_eq!(received(&b), ["b3"]);
             assert_eq!(engine.udp.borrow().stats().datagrams_out, 9);
+        });
+    }
+
+    /// A flow's host socket holds more than the system's default buffer,
+    /// as far as the system's limit lets it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn flow_sockets_get_a_larger_receive_buffer() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let read = |name| {
+                std::fs::read_to_string(format!("/proc/sys/net/core/{name}")).unwrap().trim().parse::<usize>().unwrap()
+            };
+            let socket = connect_udp("127.0.0.1:9".parse().unwrap()).unwrap();
+            let got = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+            // The kernel doubles what it is given (for its own overhead).
+            assert_eq!(got, 2 * REPLY_BUFFER.min(read("rmem_max")), "default {}", read("rmem_default"));
         });
     }
 
