@@ -924,6 +924,20 @@ def udp_rows(k, s, rate="2G"):
              f"{h1.get('UdpRcvbufErrors', 0) - h0.get('UdpRcvbufErrors', 0):,} datagrams")
     row(f"host-switch UDP guest→host at {rate}", gbps(sr), "Gbit/s", gbps(kr),
         f"loss {sr['loss']:.1f}%{where}" if sr else "")
+    # The other way: the host's sender to host-switch's socket for the
+    # flow, then through vm-switch to the guest's receiving socket.
+    krr = iperf(k.client, k.server_ip, 5201, udp_rate=rate, reverse=True)
+    row(f"kernel veth UDP at {rate}, b→a (-R)", gbps(krr), "Gbit/s", gbps(krr),
+        f"loss {krr['loss']:.1f}%" if krr else "")
+    h0, g0 = tcp_counters(s.h), tcp_counters(s.g)
+    srr = iperf(s.g, HOST_ALIAS, 5201, udp_rate=rate, reverse=True)
+    h1, g1 = tcp_counters(s.h), tcp_counters(s.g)
+    def overflowed(a, b):
+        return b.get("UdpRcvbufErrors", 0) - a.get("UdpRcvbufErrors", 0)
+    where = (f"; lost in host-switch's socket {overflowed(h0, h1):,}, "
+             f"in the guest receiver's socket buffer {overflowed(g0, g1):,} datagrams")
+    row(f"host-switch UDP host→guest at {rate}", gbps(srr), "Gbit/s", gbps(krr),
+        f"loss {srr['loss']:.1f}%{where}" if srr else "")
 
 
 def memory_rows(s):
