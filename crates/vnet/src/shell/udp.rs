@@ -750,28 +750,33 @@ mod tests {
     fn segmented_batches_arrive_as_the_datagrams_they_were() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            plain.set_nonblocking(true).unwrap();
-            // A receiver that takes segmented sends whole (UDP_GRO) shows the
-            // kernel got one send for several datagrams.
-            let whole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            whole.set_nonblocking(true).unwrap();
-            set_udp_gro(&whole);
-
             let lens = [1400, 1400, 1400, 700, 0, 9000, 9000, 3, 1400];
             let payloads = numbered(&lens);
             let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-            for (receiver, expect_whole) in [(&plain, false), (&whole, true)] {
-                let sender = connect_udp(receiver.local_addr().unwrap()).unwrap();
-                let (mut segment, mut results) = (true, Vec::new());
-                send_batch(&sender, &slices, &mut segment, &mut results);
-                assert!(segment && results.len() == lens.len() && results.iter().all(Result::is_ok), "{results:?}");
-                let got = receive_all(receiver);
-                if expect_whole {
-                    assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [4900, 0, 18003, 1400]);
-                    assert_eq!(got.concat(), payloads.concat());
-                } else {
-                    assert_eq!(got, payloads);
+            // IPv6 where the machine has ::1 (some containers do not).
+            for local in ["127.0.0.1:0", "[::1]:0"] {
+                let Ok(plain) = std::net::UdpSocket::bind(local) else {
+                    assert!(local.starts_with('['), "no {local}");
+                    continue;
+                };
+                plain.set_nonblocking(true).unwrap();
+                // A receiver that takes segmented sends whole (UDP_GRO) shows
+                // the kernel got one send for several datagrams.
+                let whole = std::net::UdpSocket::bind(local).unwrap();
+                whole.set_nonblocking(true).unwrap();
+                set_udp_gro(&whole);
+                for (receiver, expect_whole) in [(&plain, false), (&whole, true)] {
+                    let sender = connect_udp(receiver.local_addr().unwrap()).unwrap();
+                    let (mut segment, mut results) = (true, Vec::new());
+                    send_batch(&sender, &slices, &mut segment, &mut results);
+                    assert!(segment && results.len() == lens.len() && results.iter().all(Result::is_ok), "{results:?}");
+                    let got = receive_all(receiver);
+                    if expect_whole {
+                        assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [4900, 0, 18003, 1400], "{local}");
+                        assert_eq!(got.concat(), payloads.concat());
+                    } else {
+                        assert_eq!(got, payloads, "{local}");
+                    }
                 }
             }
         });
