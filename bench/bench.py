@@ -1055,6 +1055,7 @@ def main():
     ap.add_argument("--churn-seconds", type=int, help="length of the connection churn rows (60; --quick 15)")
     ap.add_argument("--idle-seconds", type=int, help="idle wake-up rows with flows open (30; --quick 10)")
     ap.add_argument("--sleep-seconds", type=int, help="how long the guest side is stopped (60; --quick 10)")
+    ap.add_argument("--json", metavar="FILE", help="also write every row to FILE as JSON (bench/ab.py reads it)")
     ap.add_argument("--nice", type=int, default=0,
                     help="run the suite (baseline and measured paths alike) at this nice level, e.g. -10 so that "
                          "builds on the same cores disturb it less (they slow down meanwhile)")
@@ -1108,6 +1109,9 @@ def main():
         idle_rows(5 if a.quick else 10, a.idle_seconds or (10 if a.quick else 30),
                   a.sleep_seconds or (10 if a.quick else 60))
     machine_row("after")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{"name": n, "value": v, "unit": u, "ratio": r, "note": note} for n, v, u, r, note in rows], f)
 
 
 def machine_row(when):
