@@ -8,9 +8,11 @@ with the median of each and their quotient.
     sudo bench/ab.py BEFORE AFTER [--rounds 2] [bench.py arguments, e.g. --quick --no-windows --only tcp,latency]
 
 BEFORE and AFTER are directories holding release builds of host-switch,
-vm-switch and rdnet-bench, or git revisions, which are built (in a
-temporary worktree sharing this checkout's target directory) and copied to
-/tmp/rdnet-ab/REV first. Needs root, as bench.py does.
+vm-switch and rdnet-bench, or git revisions, which are built first (in a
+temporary worktree, with a target directory of their own under
+/tmp/rdnet-ab: one shared with this checkout would be left holding the
+revision's binaries) and copied to /tmp/rdnet-ab/REV. Needs root, as
+bench.py does.
 """
 
 import argparse
@@ -42,7 +44,7 @@ def binaries(spec):
     if all(os.path.exists(os.path.join(out, b)) for b in BINARIES):
         return out
     tree = tempfile.mkdtemp(prefix=f"rdnet-ab-{rev}-")
-    target = os.path.join(ROOT, "target")
+    target = "/tmp/rdnet-ab/target"
     try:
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, rev], check=True,
                        stdout=subprocess.DEVNULL)

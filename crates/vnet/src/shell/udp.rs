@@ -353,6 +353,8 @@ fn send_messages(
     }
     let mut iovecs: Vec<libc::iovec> =
         payloads.iter().map(|p| libc::iovec { iov_base: p.as_ptr().cast_mut().cast(), iov_len: p.len() }).collect();
+    // One pointer for all messages: each takes its run of iovecs from it.
+    let iovec_base = iovecs.as_mut_ptr();
     let mut controls: Vec<Control> = vec![[0; 3]; runs.iter().filter(|(_, count)| *count > 1).count()];
     let mut messages: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
     let mut next_control = controls.iter_mut();
@@ -360,7 +362,9 @@ fn send_messages(
         // SAFETY: an all-zero mmsghdr is a valid value (no name, no
         // control data, null pointers with zero lengths).
         let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-        m.msg_hdr.msg_iov = iovecs[first..].as_mut_ptr();
+        // SAFETY: the run's iovecs lie within the vector (`first + count <=
+        // payloads.len()`), which outlives the messages.
+        m.msg_hdr.msg_iov = unsafe { iovec_base.add(first) };
         m.msg_hdr.msg_iovlen = count as _;
         if count > 1
             && let Some(control) = next_control.next()
