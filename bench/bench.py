@@ -917,11 +917,13 @@ def udp_rows(k, s, rate="2G"):
     def tap_drops():
         out = nsx(s.g, "cat", "/sys/class/net/eth0/statistics/tx_dropped", check=False).strip()
         return int(out) if out.isdigit() else 0
+    def overflowed(before, after):
+        return after.get("UdpRcvbufErrors", 0) - before.get("UdpRcvbufErrors", 0)
     h0, t0 = tcp_counters(s.h), tap_drops()
     sr = iperf(s.g, HOST_ALIAS, 5201, udp_rate=rate)
     h1, t1 = tcp_counters(s.h), tap_drops()
     where = (f"; lost at the guest's tap {t1 - t0:,}, in the receiver's socket buffer "
-             f"{h1.get('UdpRcvbufErrors', 0) - h0.get('UdpRcvbufErrors', 0):,} datagrams")
+             f"{overflowed(h0, h1):,} datagrams")
     row(f"host-switch UDP guest→host at {rate}", gbps(sr), "Gbit/s", gbps(kr),
         f"loss {sr['loss']:.1f}%{where}" if sr else "")
     # The other way: the host's sender to host-switch's socket for the
@@ -932,8 +934,6 @@ def udp_rows(k, s, rate="2G"):
     h0, g0 = tcp_counters(s.h), tcp_counters(s.g)
     srr = iperf(s.g, HOST_ALIAS, 5201, udp_rate=rate, reverse=True)
     h1, g1 = tcp_counters(s.h), tcp_counters(s.g)
-    def overflowed(a, b):
-        return b.get("UdpRcvbufErrors", 0) - a.get("UdpRcvbufErrors", 0)
     where = (f"; lost in host-switch's socket {overflowed(h0, h1):,}, "
              f"in the guest receiver's socket buffer {overflowed(g0, g1):,} datagrams")
     row(f"host-switch UDP host→guest at {rate}", gbps(srr), "Gbit/s", gbps(krr),

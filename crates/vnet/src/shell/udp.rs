@@ -157,8 +157,14 @@ impl UdpNat {
 
     /// Sends whatever the outbox holds (the end of a link read).
     pub fn flush(engine: &Rc<Engine>) {
+        let mut nat = engine.udp.borrow_mut();
+        // Called at the end of every link read: most hold no UDP.
+        if nat.outbox.is_empty() {
+            return;
+        }
         let mut unreachable = Vec::new();
-        engine.udp.borrow_mut().send_outbox(Instant::now(), &mut unreachable);
+        nat.send_outbox(Instant::now(), &mut unreachable);
+        drop(nat);
         for packet in unreachable {
             port_unreachable(engine, &packet);
         }
@@ -649,12 +655,7 @@ mod tests {
             };
             let ((a, to_a), (b, to_b)) = (receiver(), receiver());
             let received = |s: &std::net::UdpSocket| {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 64];
-                while let Ok(n) = s.recv(&mut buf) {
-                    got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-                }
-                got
+                receive_all(s).into_iter().map(|d| String::from_utf8_lossy(&d).into_owned()).collect::<Vec<_>>()
             };
             let guest = |p| SocketAddr::from((Ipv4Addr::new(192, 168, 127, 2), p));
             let send = |from, to, what: &str| UdpNat::send(&engine, guest(from), to, what.as_bytes(), Instant::now());
@@ -731,12 +732,13 @@ mod tests {
         assert!(sizes(&[]).is_empty());
     }
 
-    /// `count` payloads of `len` bytes, each filled with its own number.
+    /// Payloads of the lengths given, each filled with its own index.
     #[cfg(target_os = "linux")]
     fn numbered(lens: &[usize]) -> Vec<Vec<u8>> {
         lens.iter().enumerate().map(|(i, &n)| vec![i as u8; n]).collect()
     }
 
+    /// Every datagram waiting on `s` (non-blocking), in order.
     #[cfg(target_os = "linux")]
     fn receive_all(s: &std::net::UdpSocket) -> Vec<Vec<u8>> {
         let mut got = Vec::new();
