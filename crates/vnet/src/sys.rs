@@ -96,6 +96,11 @@ pub struct LazyRegion {
     /// One bit per chunk: committed since the last release.
     bits: Box<[u64]>,
     committed_chunks: usize,
+    /// One bit per chunk: written since the last release or recycle, as the
+    /// writers report it ([`LazyRegion::wrote`]). A recycled region's pages
+    /// stay (Linux release builds) and only these chunks are zeroed: a
+    /// short connection commits a read-ahead it never fills.
+    written: Box<[u64]>,
 }
 
 impl LazyRegion {
@@ -108,7 +113,15 @@ impl LazyRegion {
         let mapped = len.checked_next_multiple_of(CHUNK)?;
         let ptr = os::reserve(mapped)?;
         let words = (mapped / CHUNK).div_ceil(64);
-        Some(LazyRegion { ptr, len, mapped, handed_out: false, bits: vec![0; words].into(), committed_chunks: 0 })
+        Some(LazyRegion {
+            ptr,
+            len,
+            mapped,
+            handed_out: false,
+            bits: vec![0; words].into(),
+            committed_chunks: 0,
+            written: vec![0; words].into(),
+        })
     }
 
     /// Splits the region at `at` into two disjoint slices. Only once: a
@@ -199,6 +212,47 @@ impl LazyRegion {
         self.bits[chunk / 64] & (1 << (chunk % 64)) != 0
     }
 
+    /// `len` bytes from `offset` were written (or may have been): the
+    /// chunks around them are zeroed when the region is recycled.
+    pub fn wrote(&mut self, offset: usize, len: usize) {
+        let end = offset.saturating_add(len).min(self.len);
+        if offset >= end {
+            return;
+        }
+        for c in offset / CHUNK..=(end - 1) / CHUNK {
+            self.written[c / 64] |= 1 << (c % 64);
+        }
+    }
+
+    /// Committed chunks holding something other than zeros that no
+    /// writer reported (tests: a recycle would leave their bytes).
+    #[cfg(test)]
+    pub fn unreported_writes(&self) -> Vec<usize> {
+        (0..self.mapped / CHUNK)
+            .filter(|c| self.is_committed(*c) && self.written[c / 64] & (1 << (c % 64)) == 0)
+            .filter(|c| {
+                // SAFETY: chunk `c` is committed, so readable; a test calls
+                // this while nothing writes the region.
+                let chunk = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(c * CHUNK), CHUNK) };
+                chunk.iter().any(|b| *b != 0)
+            })
+            .collect()
+    }
+
+    /// Zeroes every committed chunk reported written, and forgets the
+    /// reports.
+    fn zero_written(&mut self) {
+        for c in 0..self.mapped / CHUNK {
+            if self.written[c / 64] & (1 << (c % 64)) != 0 && self.is_committed(c) {
+                // SAFETY: chunk `c` lies inside the mapping and is writable
+                // (committed), and nothing reads the region meanwhile (the
+                // callers' contracts).
+                unsafe { self.ptr.as_ptr().add(c * CHUNK).write_bytes(0, CHUNK) };
+            }
+        }
+        self.written.fill(0);
+    }
+
     /// Gives the region's memory back to the system: it reads as zeros
     /// again and must be committed anew before it is written. Only for a
     /// region whose contents nobody will read: a flow calls it while both
@@ -211,6 +265,7 @@ impl LazyRegion {
         COMMITTED.fetch_sub(self.committed(), Ordering::Relaxed);
         self.bits.fill(0);
         self.committed_chunks = 0;
+        self.written.fill(0);
     }
 }
 
@@ -231,12 +286,9 @@ impl LazyRegion {
         if os::KEEPS_PAGES {
             // Zeros, as a new region reads: smoltcp reads only what it
             // wrote, but should a bug of its (or ours) ever read further,
-            // it must not find another connection's bytes there.
-            for c in (0..self.mapped / CHUNK).filter(|c| self.is_committed(*c)) {
-                // SAFETY: chunk `c` lies inside the mapping and is writable
-                // (committed; the caller's slices are gone).
-                unsafe { self.ptr.as_ptr().add(c * CHUNK).write_bytes(0, CHUNK) };
-            }
+            // it must not find another connection's bytes there. Only
+            // chunks written can hold any; the rest were never touched.
+            self.zero_written();
         }
         // SAFETY: `ptr`/`mapped` are exactly the reservation, and nobody
         // reads the old contents (the caller's contract).
@@ -244,6 +296,7 @@ impl LazyRegion {
         COMMITTED.fetch_sub(self.committed(), Ordering::Relaxed);
         self.bits.fill(0);
         self.committed_chunks = 0;
+        self.written.fill(0);
         self.handed_out = false;
     }
 }
@@ -589,6 +642,27 @@ mod tests {
         b[b.len() - 1] = 2;
         assert!(unsafe { r.split(10) }.is_none());
         assert!(LazyRegion::new(0).is_none());
+    }
+
+    /// What a recycled region keeps zeroes (Linux release builds): the
+    /// chunks reported written, whole, and not the ones only committed.
+    #[test]
+    fn zeroes_the_chunks_reported_written() {
+        let mut r = LazyRegion::new(6 * CHUNK).unwrap();
+        let (a, _) = unsafe { r.split(6 * CHUNK) }.unwrap();
+        r.commit(0, 6 * CHUNK).unwrap();
+        a.fill(5);
+        r.wrote(CHUNK - 1, 2);
+        r.wrote(4 * CHUNK + 10, 0);
+        r.wrote(5 * CHUNK + 3, 1);
+        r.zero_written();
+        let zeroed: Vec<bool> = a.chunks(CHUNK).map(|c| c.iter().all(|x| *x == 0)).collect();
+        assert_eq!(zeroed, [true, true, false, false, false, true]);
+        assert!(a.chunks(CHUNK).all(|c| c.iter().all(|x| *x == c[0])), "whole chunks");
+        // Reports are forgotten once acted on.
+        a.fill(5);
+        r.zero_written();
+        assert!(a.iter().all(|x| *x == 5));
     }
 
     #[test]

@@ -12,9 +12,11 @@
 //!   bytes that arrived are committed and copied in, so a connection whose
 //!   host is silent commits nothing however often its task is woken. Where
 //!   it is committed (data is flowing), the read goes straight into the
-//!   buffer, committing ahead [`READ_AHEAD`] bytes or as many as the region
-//!   already holds when that is more (growth by doubling, as a `Vec` grows):
-//!   a bulk flow soon reads as much per call as with no commits at all.
+//!   buffer, committing ahead [`READ_AHEAD`] bytes or as many as the host
+//!   has sent since the last release when that is more (growth by doubling,
+//!   as a `Vec` grows): a bulk flow soon reads as much per call as with no
+//!   commits at all. Growth follows bytes that arrived, not commits: a read
+//!   that finds nothing leaves the next one as large as it was.
 //! - *smoltcp*, placing a guest segment's payload into the receive ring.
 //!   That ring maps sequence numbers onto positions linearly: the byte with
 //!   sequence number S sits at (S − origin) mod capacity, where origin is the
@@ -64,6 +66,8 @@ pub struct FlowMemory {
     furthest: Option<u32>,
     /// Written since the last release.
     dirty: bool,
+    /// Bytes host reads brought since the last release (saturating).
+    from_host: usize,
 }
 
 impl FlowMemory {
@@ -76,7 +80,7 @@ impl FlowMemory {
         if !rx_len.is_power_of_two() || rx_len > 1 << 31 || rx_len > region.len() {
             return None;
         }
-        Some(FlowMemory { region, rx_len, origin: None, taken: 0, furthest: None, dirty: false })
+        Some(FlowMemory { region, rx_len, origin: None, taken: 0, furthest: None, dirty: false, from_host: 0 })
     }
 
     /// The guest's SYN (sequence number `syn_seq`) was accepted by smoltcp.
@@ -130,6 +134,7 @@ impl FlowMemory {
         let Some(origin) = self.origin else {
             // smoltcp writes no data before it accepted a SYN; should it,
             // the whole receive buffer is ready.
+            self.region.wrote(0, self.rx_len);
             return self.region.commit(0, self.rx_len);
         };
         let rcv_nxt = self.rcv_nxt(origin, recv_queue);
@@ -148,6 +153,8 @@ impl FlowMemory {
         let n = (hi - lo) as usize;
         let first = n.min(self.rx_len - pos);
         // The receive buffer starts the region: ring positions are offsets.
+        self.region.wrote(pos, first);
+        self.region.wrote(0, n - first);
         self.region.commit(pos, first)?;
         self.region.commit(0, n - first)
     }
@@ -164,10 +171,19 @@ impl FlowMemory {
         if buf.is_empty() || !self.region.is_committed_at(offset) {
             return Ok(HostRead::Probe);
         }
-        let n = buf.len().min(READ_AHEAD.max(self.region.committed()));
+        let n = buf.len().min(READ_AHEAD.max(self.from_host));
         self.region.commit(offset, n)?;
         self.dirty = true;
         Ok(HostRead::Direct(n))
+    }
+
+    /// A direct host read filled `filled`, the start of the slice it was
+    /// given.
+    pub fn read_from_host(&mut self, filled: &[u8]) {
+        self.from_host = self.from_host.saturating_add(filled.len());
+        if let Some(offset) = self.region.offset_of(filled.as_ptr()) {
+            self.region.wrote(offset, filled.len());
+        }
     }
 
     /// A probing read brought `n` bytes: commits the start of `buf` for
@@ -175,7 +191,11 @@ impl FlowMemory {
     pub fn commit_probe(&mut self, buf: &[u8], n: usize) -> Result<(), CommitError> {
         let Some(offset) = self.region.offset_of(buf.as_ptr()) else { return Ok(()) };
         self.dirty = true;
-        self.region.commit(offset, n.min(buf.len()))
+        let n = n.min(buf.len());
+        self.from_host = self.from_host.saturating_add(n);
+        self.region.commit(offset, n)?;
+        self.region.wrote(offset, n);
+        Ok(())
     }
 
     /// `n` bytes were taken out of the receive buffer.
@@ -200,11 +220,18 @@ impl FlowMemory {
     pub fn release(&mut self) {
         self.region.release();
         self.dirty = false;
+        self.from_host = 0;
     }
 
     /// Bytes committed now.
     pub fn committed(&self) -> usize {
         self.region.committed()
+    }
+
+    /// See [`LazyRegion::unreported_writes`].
+    #[cfg(test)]
+    pub fn unreported_writes(&self) -> Vec<usize> {
+        self.region.unreported_writes()
     }
 }
 
@@ -498,6 +525,7 @@ mod tests {
                 let HostRead::Direct(room) = memory.before_host_read(buf).unwrap() else { panic!("a probe again") };
                 let n = room.min(2000);
                 buf[..n].copy_from_slice(&out[1000..1000 + n]);
+                memory.read_from_host(&buf[..n]);
                 (n, n)
             })
             .unwrap();
@@ -505,6 +533,7 @@ mod tests {
         rig.now += 1;
         rig.iface.poll(Instant::from_millis(rig.now), &mut rig.wire, &mut rig.sockets);
         assert!(rig.wire.tx.iter().any(|p| p.len() > 40), "data went out");
+        assert_eq!(rig.memory.unreported_writes(), Vec::<usize>::new(), "chunks a recycle would not zero");
 
         // Nothing queued and everything in order: the memory goes back, and
         // data afterwards is committed again.
@@ -519,7 +548,40 @@ mod tests {
         rig.feed(segment(seq.wrapping_add(1400), Some(acked), TcpControl::Psh, &last[1400..2800]));
         assert_eq!(rig.take(), last[..2800]);
         assert!(rig.memory.committed() <= 2 * CHUNK, "{}", rig.memory.committed());
+        assert_eq!(rig.memory.unreported_writes(), Vec::<usize>::new());
         assert_eq!(crate::sys::fault_commits_on_this_thread(), faults, "writes nobody committed first");
+    }
+
+    /// A host that sent a byte and then nothing, its flow woken again and
+    /// again (each wake-up tries a read that finds nothing): what is
+    /// committed stays what one read ahead needs. It used to double with
+    /// every empty read, up to the whole transmit buffer (commit charge on
+    /// Windows; a `madvise` and a 128 KiB memset per short connection when
+    /// the pool took the region back).
+    #[test]
+    fn empty_host_reads_do_not_grow_the_commit() {
+        const TX: usize = 2048 * 1024;
+        let (mut m, _rx, tx) = flow_memory(RX, TX).unwrap();
+        assert_eq!(m.before_host_read(tx).unwrap(), HostRead::Probe);
+        m.commit_probe(tx, 1).unwrap();
+        tx[0] = 1;
+        let mut committed = Vec::new();
+        for _ in 0..8 {
+            assert_eq!(m.before_host_read(&tx[1..]).unwrap(), HostRead::Direct(READ_AHEAD));
+            committed.push(m.committed());
+        }
+        assert!(committed.iter().all(|c| *c == READ_AHEAD + CHUNK), "{committed:?}");
+
+        // Data that does arrive lets reads grow, doubling.
+        m.read_from_host(&tx[1..1 + READ_AHEAD]);
+        assert_eq!(m.before_host_read(&tx[1..]).unwrap(), HostRead::Direct(READ_AHEAD + 1));
+        m.read_from_host(&tx[1..READ_AHEAD + 2]);
+        assert_eq!(m.before_host_read(&tx[1..]).unwrap(), HostRead::Direct(2 * READ_AHEAD + 2));
+        // A release starts over.
+        m.release();
+        assert_eq!(m.before_host_read(tx).unwrap(), HostRead::Probe);
+        m.commit_probe(tx, 1).unwrap();
+        assert_eq!(m.before_host_read(&tx[1..]).unwrap(), HostRead::Direct(READ_AHEAD));
     }
 
     #[test]

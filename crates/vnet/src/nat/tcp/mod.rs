@@ -1107,7 +1107,12 @@ fn host_to_socket(
             };
             match plan {
                 Ok(HostRead::Direct(room)) => match host.read(&mut buf[..room]) {
-                    Poll::Ready(Ok(n)) => (n, Poll::Ready(Ok(n))),
+                    Poll::Ready(Ok(n)) => {
+                        if let Some(m) = memory.as_mut() {
+                            m.read_from_host(&buf[..n]);
+                        }
+                        (n, Poll::Ready(Ok(n)))
+                    }
                     other => (0, other),
                 },
                 // Nothing committed where the data would go: read what is
