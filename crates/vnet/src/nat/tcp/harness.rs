@@ -702,6 +702,32 @@ fn an_idle_flow_gives_its_memory_back_after_the_idle_release() {
     assert_eq!((w.core.committed(), w.core.len()), (0, 1), "an idle flow keeps no memory, and stays");
 }
 
+/// A host that sent a byte and then stays quiet while the guest keeps
+/// talking: every guest segment wakes the flow, whose host read finds
+/// nothing. The memory counted stays what one read ahead needs (it used to
+/// double with every such read, to the whole 2 MiB transmit buffer).
+#[test]
+fn a_quiet_host_does_not_make_the_flow_commit_more() {
+    let mut w = World::new();
+    let mut guest = Guest::v4(40000, alias(80));
+    let (id, mut host) = establish(&mut w, &mut guest);
+    host.incoming.push_back(b'!');
+    let (sent, _) = acknowledge_all(&mut w, &mut guest, id, &mut host);
+    assert_eq!(sent.iter().map(|s| s.payload.len()).sum::<usize>(), 1);
+    let after_one_byte = w.core.committed();
+    for i in 0..20u8 {
+        let reads = host.pending_reads;
+        w.guest(&guest.send(TcpControl::Psh, &[i; 10]));
+        w.settle(id, &mut host);
+        assert!(host.pending_reads > reads, "the flow read the host again");
+        guest.acknowledge(&w.sent());
+    }
+    assert_eq!(host.written.len(), 200);
+    let committed = w.core.committed();
+    assert!(committed <= after_one_byte + crate::sys::CHUNK, "{after_one_byte} → {committed}");
+    assert!(committed <= 128 * 1024, "{committed}");
+}
+
 #[test]
 fn max_flows_and_the_half_open_bound_refuse_with_a_rst() {
     let mut w = World::with_max_flows(2);
