@@ -461,9 +461,88 @@ fn data_and_half_close_both_ways() {
     assert_eq!(w.core.len(), 0);
 }
 
+/// The guest closes first: its FIN is acknowledged by our own FIN once the
+/// host closes too, one frame instead of two; a host that keeps its end
+/// open gets the guest its ACK alone after `FIN_ACK_DELAY`; host data
+/// carries it sooner. When we closed first, the guest's FIN is
+/// acknowledged at once (no FIN of ours is coming).
+#[test]
+fn a_guest_fin_is_acknowledged_with_ours() {
+    let mut w = World::new();
+    let mut guest = Guest::v4(40000, alias(80));
+    let (id, mut host) = establish(&mut w, &mut guest);
+    w.guest(&guest.send(TcpControl::Psh, b"request"));
+    w.settle(id, &mut host);
+    w.sent();
+    w.guest(&guest.send(TcpControl::Fin, &[]));
+    let fin_at = w.now;
+    let Step::Wait(Some(at)) = w.settle(id, &mut host) else { panic!("no wake-up for the held ACK") };
+    assert_eq!(at, fin_at + FIN_ACK_DELAY);
+    assert!(host.write_shut, "the host is told");
+    let early = w.sent();
+    assert!(early.is_empty(), "no ACK alone: {early:?}");
+    w.advance(Duration::from_micros(300));
+    host.eof = true;
+    w.settle(id, &mut host);
+    let sent = w.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!((sent[0].control, sent[0].ack), (TcpControl::Fin, Some(guest.seq)));
+    guest.acknowledge(&sent);
+    w.guest(&guest.send(TcpControl::None, &[]));
+    assert_eq!(w.settle(id, &mut host), Step::Done(End::Closed));
+
+    // The host keeps its end open: the ACK goes alone, FIN_ACK_DELAY later.
+    let mut guest = Guest::v4(40001, alias(80));
+    let (id, mut host) = establish(&mut w, &mut guest);
+    w.sent();
+    w.guest(&guest.send(TcpControl::Fin, &[]));
+    w.settle(id, &mut host);
+    w.advance(FIN_ACK_DELAY - Duration::from_micros(1));
+    w.settle(id, &mut host);
+    assert!(w.sent().is_empty());
+    let step = w.run_timers(id, &mut host, Duration::from_micros(1));
+    let sent = w.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!((sent[0].control, sent[0].ack, sent[0].payload.len()), (TcpControl::None, Some(guest.seq), 0));
+    assert!(!matches!(step, Step::Wait(Some(at)) if at <= w.now), "no busy loop: {step:?}");
+    // ... and the host's data and FIN still go out later.
+    host.incoming.extend(b"late");
+    host.eof = true;
+    w.settle(id, &mut host);
+    let sent = w.sent();
+    assert_eq!(sent.iter().flat_map(|s| s.payload.clone()).collect::<Vec<u8>>(), b"late");
+    assert!(sent.iter().any(|s| s.control == TcpControl::Fin), "{sent:?}");
+
+    // Host data carries the ACK sooner.
+    let mut guest = Guest::v4(40002, alias(80));
+    let (id, mut host) = establish(&mut w, &mut guest);
+    w.sent();
+    w.guest(&guest.send(TcpControl::Fin, &[]));
+    w.settle(id, &mut host);
+    host.incoming.extend(b"more");
+    w.settle(id, &mut host);
+    let sent = w.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!((&sent[0].payload[..], sent[0].ack), (&b"more"[..], Some(guest.seq)));
+
+    // We closed first: the guest's FIN is acknowledged at once.
+    let mut guest = Guest::v4(40003, alias(80));
+    let (id, mut host) = establish(&mut w, &mut guest);
+    host.eof = true;
+    w.settle(id, &mut host);
+    let sent = w.sent();
+    assert_eq!(sent[0].control, TcpControl::Fin);
+    guest.acknowledge(&sent);
+    w.guest(&guest.send(TcpControl::Fin, &[]));
+    w.settle(id, &mut host);
+    let sent = w.sent();
+    assert_eq!((sent.len(), sent[0].ack), (1, Some(guest.seq)), "{sent:?}");
+}
+
 /// In-order data with more of the link's read behind it is acknowledged
 /// once, after the batch, when the flow is driven; the last segment of a
-/// read, out-of-order data and a FIN are acknowledged at once.
+/// read and out-of-order data are acknowledged at once (a FIN with our own
+/// FIN: see `a_guest_fin_is_acknowledged_with_ours`).
 #[test]
 fn a_batch_of_guest_data_is_acknowledged_once() {
     let mut w = World::new();
@@ -490,11 +569,16 @@ fn a_batch_of_guest_data_is_acknowledged_once() {
     assert_eq!(dup.len(), 1, "{dup:?}");
     assert_eq!(dup[0].ack, Some(hole));
     w.guest_in_batch(&lost, true);
-    // A FIN: at once.
-    w.guest_in_batch(&guest.send(TcpControl::Fin, &[]), true);
+    // The segment that fills the hole: at once.
     assert_eq!(w.sent().last().and_then(|s| s.ack), Some(guest.seq));
+    // A FIN: with ours, once the host closes too.
+    w.guest_in_batch(&guest.send(TcpControl::Fin, &[]), true);
     assert!(matches!(w.settle(id, &mut host), Step::Wait(_)));
     assert_eq!((&host.written[..], host.write_shut), (&b"one two three fourfivesix"[..], true));
+    host.eof = true;
+    w.settle(id, &mut host);
+    let fin = w.sent();
+    assert_eq!((fin.len(), fin[0].control, fin[0].ack), (1, TcpControl::Fin, Some(guest.seq)), "{fin:?}");
 }
 
 /// Before the gateway has sent anything after its SYN-ACK, smoltcp checks

@@ -94,6 +94,11 @@ use rdnet_wire::frame::{ETH_HEADER, IPV4_HEADER, IPV6_HEADER};
 /// (a 2 MiB buffer each way, committed as traffic touches it: thousands of
 /// connections that once moved data and now idle would otherwise keep it).
 pub const IDLE_RELEASE: Duration = Duration::from_secs(1);
+/// How long the ACK of a guest's FIN may wait for our own FIN (see
+/// `guest_segment`): a server closes within a few hundred microseconds of
+/// its client's shutdown here; the guest retransmits its FIN after 200 ms
+/// at the soonest.
+pub const FIN_ACK_DELAY: Duration = Duration::from_millis(5);
 /// Host bytes a flow moves before it lets other tasks run.
 const YIELD_AFTER: usize = 256 * 1024;
 /// How long a host `connect()` may take before the flow is forgotten.
@@ -275,6 +280,9 @@ struct HostSide {
     established: bool,
     /// Since when both socket buffers have been empty.
     idle_since: Option<Instant>,
+    /// The guest closed first: the ACK of its FIN waits for the host to
+    /// close too (our FIN then carries it), until this time at most.
+    fin_ack_until: Option<Instant>,
 }
 
 struct Flow {
@@ -299,6 +307,16 @@ impl Flow {
             Phase::Open { handle } => self.sockets.get::<tcp::Socket>(handle).send_queue() <= SMALL_SEND,
             Phase::Connecting { .. } => true,
         }
+    }
+
+    /// Whether the ACK of the guest's FIN is held back now: the guest
+    /// closed first, nothing of ours waits to be sent or acknowledged (so
+    /// the ACK is all smoltcp would send), and the host has not closed yet
+    /// (the socket would be past CLOSE-WAIT then, its FIN carrying the ACK).
+    fn holds_fin_ack(&self) -> bool {
+        let Phase::Open { handle } = self.phase else { return false };
+        let socket = self.sockets.get::<tcp::Socket>(handle);
+        self.host.fin_ack_until.is_some() && socket.state() == tcp::State::CloseWait && socket.send_queue() == 0
     }
 
     /// Ends the flow, keeping its buffer memory in `pool` for a next one.
@@ -966,7 +984,7 @@ impl<L: GuestLink> Stack<'_, L> {
         if rx.is_some() {
             iface.poll_ingress_single(self.now, &mut dev, &mut flow.sockets);
         }
-        if !egress {
+        if !egress || flow.holds_fin_ack() {
             return false;
         }
         // One call sends at most one segment per socket: keep going until
@@ -1046,7 +1064,20 @@ fn guest_segment<L: GuestLink>(
     let socket = flow.sockets.get::<tcp::Socket>(handle);
     let data = seg.payload().len();
     let defer = more_follow && data > 0 && !seg.syn() && !seg.fin() && !seg.rst() && handshake_done(socket.state());
-    poll.run_with(flow, Some(packet), !defer);
+    // The guest closes first (a client done with its request): the ACK of
+    // its FIN waits for our own FIN, which follows once the host, told by a
+    // shutdown, closes too, as most servers do at once: one frame instead
+    // of two. For [`FIN_ACK_DELAY`] at most; host data carries it sooner.
+    // (smoltcp acknowledges a segment without payload at once: its delayed
+    // ACK starts only for data.)
+    let bare_fin = seg.fin() && data == 0 && !seg.syn() && !seg.rst() && socket.state() == tcp::State::Established;
+    poll.run_with(flow, Some(packet), !defer && !bare_fin);
+    if bare_fin {
+        if flow.sockets.get::<tcp::Socket>(handle).state() == tcp::State::CloseWait {
+            flow.host.fin_ack_until = Some(now + FIN_ACK_DELAY);
+        }
+        poll.run(flow, None);
+    }
     if defer && flow.sockets.get::<tcp::Socket>(handle).recv_queue() != queued + data {
         poll.run(flow, None);
     }
@@ -1259,6 +1290,9 @@ fn drive_flow<L: GuestLink>(
             progressed = true;
         }
 
+        if flow.host.fin_ack_until.is_some_and(|until| now >= until) {
+            flow.host.fin_ack_until = None;
+        }
         // Let smoltcp send what was queued (and window updates).
         let throttled = poll.run(flow, None);
 
@@ -1314,8 +1348,12 @@ fn drive_flow<L: GuestLink>(
         };
 
         // Nothing to do now: wait for smoltcp's next deadline or our own.
-        let smol =
-            poll.smol.iface.poll_delay(poll.now, &flow.sockets).map(|d| now + Duration::from_micros(d.total_micros()));
+        // (While the FIN's ACK is held smoltcp would ask to send it now.)
+        let smol = if flow.holds_fin_ack() {
+            flow.host.fin_ack_until
+        } else {
+            poll.smol.iface.poll_delay(poll.now, &flow.sockets).map(|d| now + Duration::from_micros(d.total_micros()))
+        };
         let wake_at = [smol, handshake, release_at].into_iter().flatten().min();
         return Step::Wait(wake_at);
     }
