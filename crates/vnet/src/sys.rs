@@ -212,6 +212,10 @@ impl LazyRegion {
         self.bits[chunk / 64] & (1 << (chunk % 64)) != 0
     }
 
+    fn is_written(&self, chunk: usize) -> bool {
+        self.written[chunk / 64] & (1 << (chunk % 64)) != 0
+    }
+
     /// `len` bytes from `offset` were written (or may have been): the
     /// chunks around them are zeroed when the region is recycled.
     pub fn wrote(&mut self, offset: usize, len: usize) {
@@ -229,7 +233,7 @@ impl LazyRegion {
     #[cfg(test)]
     pub fn unreported_writes(&self) -> Vec<usize> {
         (0..self.mapped / CHUNK)
-            .filter(|c| self.is_committed(*c) && self.written[c / 64] & (1 << (c % 64)) == 0)
+            .filter(|c| self.is_committed(*c) && !self.is_written(*c))
             .filter(|c| {
                 // SAFETY: chunk `c` lies inside the mapping and is committed,
                 // so readable; a test calls this while nothing writes the
@@ -244,7 +248,7 @@ impl LazyRegion {
     /// reports.
     fn zero_written(&mut self) {
         for c in 0..self.mapped / CHUNK {
-            if self.written[c / 64] & (1 << (c % 64)) != 0 && self.is_committed(c) {
+            if self.is_written(c) && self.is_committed(c) {
                 // SAFETY: chunk `c` lies inside the mapping and is writable
                 // (committed), and nothing reads the region meanwhile (the
                 // callers' contracts).

@@ -192,9 +192,8 @@ impl FlowMemory {
         let Some(offset) = self.region.offset_of(buf.as_ptr()) else { return Ok(()) };
         self.dirty = true;
         let n = n.min(buf.len());
-        self.from_host = self.from_host.saturating_add(n);
         self.region.commit(offset, n)?;
-        self.region.wrote(offset, n);
+        self.read_from_host(&buf[..n]);
         Ok(())
     }
 
